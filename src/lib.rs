@@ -1,0 +1,5 @@
+//! connection-operator: a Kubernetes operator that manages teams' connections to CRM systems
+//! (Salesforce Production and Sandbox orgs, Microsoft Dynamics 365 environments).
+
+pub mod api;
+pub mod cli;
