@@ -1,0 +1,179 @@
+//! Salesforce: refresh-token grant at the login host, signature check, identity URL.
+
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenType,
+};
+use oauth2::{
+    AuthType, Client, ClientId, ClientSecret, EndpointNotSet, EndpointSet, ExtraTokenFields, RefreshToken,
+    RequestTokenError, StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::classify::{self, Endpoint};
+use super::http::{Http, HttpFailure, OAuthHttp, host_label};
+use super::{Credentials, Failure, Session, reason, rotated, rules};
+use crate::api::ConnectionSpec;
+
+/// The Salesforce-specific fields of the token response (there is no `expires_in`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SalesforceTokenFields {
+    instance_url: String,
+    /// `https://<host>/id/<orgId>/<userId>`.
+    id: String,
+    /// Epoch milliseconds, as a string.
+    issued_at: String,
+    /// Base64 HMAC-SHA256 of `id` + `issued_at`, keyed with the client secret.
+    #[serde(default)]
+    signature: Option<String>,
+}
+
+impl ExtraTokenFields for SalesforceTokenFields {}
+
+type SalesforceTokenResponse = StandardTokenResponse<SalesforceTokenFields, BasicTokenType>;
+
+type SalesforceClient = Client<
+    BasicErrorResponse,
+    SalesforceTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// The identity URL's answer (only what we use).
+#[derive(Debug, Deserialize)]
+struct Identity {
+    organization_id: String,
+    username: String,
+}
+
+/// Maps the oauth2 crate's error to our classification (HTTP-level failures are already classified).
+pub(crate) fn grant_error<TE: oauth2::ErrorResponse>(
+    endpoint: Endpoint,
+    host: &str,
+    error: RequestTokenError<HttpFailure, TE>,
+) -> Failure {
+    match error {
+        RequestTokenError::Request(HttpFailure(failure)) => failure,
+        RequestTokenError::Parse(e, _) => classify::malformed_success(
+            endpoint,
+            host,
+            &format!("missing or invalid JSON at `{}`", e.path()),
+        ),
+        RequestTokenError::Other(problem) => classify::malformed_success(endpoint, host, &problem),
+        RequestTokenError::ServerResponse(_) => {
+            classify::malformed_success(endpoint, host, "an error object")
+        }
+    }
+}
+
+pub(crate) async fn validate(
+    http: &Http,
+    spec: &ConnectionSpec,
+    creds: &Credentials,
+    previous_remote_id: Option<&str>,
+) -> Result<Session, Failure> {
+    let login = rules::salesforce_login_base(spec)?;
+    let token_url = rules::salesforce_token_url(&login);
+    let login_host = host_label(&token_url);
+
+    let mut client: SalesforceClient = Client::new(ClientId::new(creds.client_id.clone()))
+        .set_token_uri(TokenUrl::from_url(token_url))
+        .set_auth_type(AuthType::RequestBody);
+    if let Some(secret) = &creds.client_secret {
+        client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
+    }
+    let refresh_token = RefreshToken::new(creds.refresh_token.expose_secret().to_string());
+    let send = OAuthHttp {
+        http,
+        endpoint: Endpoint::SalesforceToken,
+    };
+    let token = client
+        .exchange_refresh_token(&refresh_token)
+        .request_async(&send)
+        .await
+        .map_err(|e| grant_error(Endpoint::SalesforceToken, &login_host, e))?;
+    let fields = token.extra_fields();
+
+    // Verify before trusting anything in the answer, including a rotated refresh token.
+    if let Some(secret) = &creds.client_secret
+        && !rules::salesforce_signature_valid(
+            &fields.id,
+            &fields.issued_at,
+            fields.signature.as_deref(),
+            secret.expose_secret(),
+        )
+    {
+        return Err(Failure::permanent(
+            reason::SIGNATURE_MISMATCH,
+            format!(
+                "Connection inactive: the token response from {login_host} has a {} signature (HMAC-SHA256 of id + issued_at with the client secret); the answer is not trusted — check client_secret in the Secret and re-authorize",
+                if fields.signature.is_some() {
+                    "wrong"
+                } else {
+                    "missing"
+                }
+            ),
+        ));
+    }
+
+    // From here on the old refresh token may be dead: every failure carries the new one.
+    let rotated_refresh_token = rotated(&creds.refresh_token, token.refresh_token());
+    let with_rotated = |mut failure: Failure| {
+        failure.rotated_refresh_token = rotated_refresh_token.clone();
+        failure
+    };
+    let access_token = SecretString::from(token.access_token().secret().as_str());
+
+    let Some((identity_url, url_org, _user)) = rules::parse_salesforce_identity_url(&fields.id) else {
+        return Err(with_rotated(classify::malformed_success(
+            Endpoint::SalesforceToken,
+            &login_host,
+            "`id` is not an identity URL https://<host>/id/<orgId>/<userId>",
+        )));
+    };
+    let identity_host = host_label(&identity_url);
+    let request = Http::bearer_get(&identity_url, &access_token).map_err(with_rotated)?;
+    let response = http
+        .send(Endpoint::SalesforceIdentity, request)
+        .await
+        .map_err(with_rotated)?;
+    let identity: Identity = serde_json::from_slice(response.body()).map_err(|e| {
+        with_rotated(classify::malformed_success(
+            Endpoint::SalesforceIdentity,
+            &identity_host,
+            &format!("not the identity JSON (line {}, column {})", e.line(), e.column()),
+        ))
+    })?;
+    if !rules::same_salesforce_id(&identity.organization_id, &url_org) {
+        return Err(with_rotated(classify::malformed_success(
+            Endpoint::SalesforceIdentity,
+            &identity_host,
+            "organization_id does not match the identity URL",
+        )));
+    }
+    if let Some(previous) = previous_remote_id
+        && !rules::same_salesforce_id(previous, &identity.organization_id)
+    {
+        return Err(with_rotated(Failure::permanent(
+            reason::ORG_ID_CHANGED,
+            format!(
+                "Connection inactive: the tokens now belong to org {} but this connection was validated for org {previous} (a refreshed sandbox gets a new org ID); re-authorize, or create a new Connection for the new org",
+                identity.organization_id
+            ),
+        )));
+    }
+    Ok(Session {
+        remote_id: identity.organization_id,
+        user: identity.username,
+        instance_url: fields.instance_url.trim_end_matches('/').to_string(),
+        access_token,
+        expires_at: None,
+        rotated_refresh_token,
+    })
+}
