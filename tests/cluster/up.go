@@ -1,0 +1,380 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"go.etcd.io/etcd/server/v3/embed"
+)
+
+const (
+	operatorNamespace = "connection-operator"
+	operatorSA        = "connection-operator"
+)
+
+// child is a control-plane component running as a separate process.
+type child struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{} // closed when the process has been reaped
+	err  error
+}
+
+func up(args []string) int {
+	fs := flag.NewFlagSet("up", flag.ExitOnError)
+	dir := fs.String("dir", "kubecluster-state", "state directory (kubeconfigs, logs, pid file)")
+	port := fs.Int("port", 0, "kube-apiserver port on 127.0.0.1 (0: pick a free one)")
+	timeout := fs.Duration("timeout", 180*time.Second, "how long to wait for the control plane to be ready")
+	fs.Parse(args) //nolint:errcheck // ExitOnError
+
+	log.SetPrefix("kubecluster: ")
+	log.SetFlags(log.Ltime | log.Lmicroseconds)
+	if err := run(*dir, *port, *timeout); err != nil {
+		log.Printf("error: %v", err)
+		return 1
+	}
+	return 0
+}
+
+func run(dir string, port int, timeout time.Duration) (err error) {
+	state, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(state, 0o755); err != nil {
+		return err
+	}
+	readyFile := filepath.Join(state, "ready")
+	pidFile := filepath.Join(state, "kubecluster.pid")
+	os.Remove(readyFile)
+	if err := os.WriteFile(pidFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+		return err
+	}
+	defer os.Remove(pidFile)
+	defer os.Remove(readyFile)
+
+	// Stop on SIGTERM/SIGINT, also while starting.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer stop()
+
+	work, err := os.MkdirTemp("", "kubecluster-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	pki := filepath.Join(work, "pki")
+	if err := os.Mkdir(pki, 0o700); err != nil {
+		return err
+	}
+
+	if port == 0 {
+		if port, err = freePort(); err != nil {
+			return err
+		}
+	}
+	etcdClientPort, err := freePort()
+	if err != nil {
+		return err
+	}
+	etcdPeerPort, err := freePort()
+	if err != nil {
+		return err
+	}
+	server := fmt.Sprintf("https://127.0.0.1:%d", port)
+
+	// --- PKI: one CA signs serving and client certificates.
+	ca, err := newCA("kubecluster-ca")
+	if err != nil {
+		return err
+	}
+	serving, err := ca.issue("kube-apiserver", nil,
+		[]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
+		[]net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("::1"), net.ParseIP("10.0.0.1")})
+	if err != nil {
+		return err
+	}
+	admin, err := ca.issue("kubecluster-admin", []string{"system:masters"}, nil, nil)
+	if err != nil {
+		return err
+	}
+	kcm, err := ca.issue("system:kube-controller-manager", nil, nil, nil)
+	if err != nil {
+		return err
+	}
+	operator, err := ca.issue("system:serviceaccount:"+operatorNamespace+":"+operatorSA,
+		[]string{"system:serviceaccounts", "system:serviceaccounts:" + operatorNamespace}, nil, nil)
+	if err != nil {
+		return err
+	}
+	_, saKeyPEM, err := newKey()
+	if err != nil {
+		return err
+	}
+	files := map[string][]byte{
+		"ca.crt": ca.certPEM, "ca.key": ca.keyPEM,
+		"apiserver.crt": serving.certPEM, "apiserver.key": serving.keyPEM,
+		"sa.key": saKeyPEM,
+	}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(pki, name), data, 0o600); err != nil {
+			return err
+		}
+	}
+	p := func(name string) string { return filepath.Join(pki, name) }
+	kcmKubeconfig := filepath.Join(work, "controller-manager.kubeconfig")
+	if err := writeKubeconfig(kcmKubeconfig, server, ca, kcm, "kube-controller-manager"); err != nil {
+		return err
+	}
+
+	// --- etcd, embedded.
+	cfg := embed.NewConfig()
+	cfg.Name = "kubecluster"
+	cfg.Dir = filepath.Join(work, "etcd")
+	clientURL := url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", etcdClientPort)}
+	peerURL := url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", etcdPeerPort)}
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{clientURL}, []url.URL{clientURL}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{peerURL}, []url.URL{peerURL}
+	cfg.InitialCluster = cfg.Name + "=" + peerURL.String()
+	cfg.Logger = "zap"
+	cfg.LogLevel = "warn"
+	cfg.LogOutputs = []string{filepath.Join(state, "etcd.log")}
+	cfg.UnsafeNoFsync = true // throwaway test data: no fsync, much faster on a busy disk
+	os.Remove(filepath.Join(state, "etcd.log"))
+	etcd, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return fmt.Errorf("starting etcd: %w", err)
+	}
+	defer func() {
+		etcd.Close()
+		log.Printf("etcd stopped")
+	}()
+	select {
+	case <-etcd.Server.ReadyNotify():
+	case <-time.After(60 * time.Second):
+		return errors.New("etcd did not become ready within 60s (see etcd.log)")
+	case <-ctx.Done():
+		return errors.New("interrupted")
+	}
+	log.Printf("etcd ready on %s", clientURL.String())
+
+	// --- kube-apiserver and kube-controller-manager, as child processes.
+	var children []*child
+	defer func() {
+		// Stop in reverse order: controller-manager first, then apiserver.
+		for i := len(children) - 1; i >= 0; i-- {
+			children[i].stop(20 * time.Second)
+		}
+	}()
+	apiserverArgs := []string{
+		"--etcd-servers=" + clientURL.String(),
+		"--bind-address=127.0.0.1",
+		"--advertise-address=127.0.0.1",
+		"--endpoint-reconciler-type=none", // a loopback address can't be an Endpoint
+		"--secure-port=" + strconv.Itoa(port),
+		"--tls-cert-file=" + p("apiserver.crt"),
+		"--tls-private-key-file=" + p("apiserver.key"),
+		"--client-ca-file=" + p("ca.crt"),
+		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file=" + p("sa.key"),
+		"--service-account-signing-key-file=" + p("sa.key"),
+		"--service-cluster-ip-range=10.0.0.0/24",
+		"--authorization-mode=Node,RBAC",
+		"--cert-dir=" + filepath.Join(work, "apiserver-certs"),
+		"--profiling=false",
+	}
+	a, err := startChild(ctx, "apiserver", state, apiserverArgs)
+	if err != nil {
+		return err
+	}
+	children = append(children, a)
+	kcmArgs := []string{
+		"--kubeconfig=" + kcmKubeconfig,
+		"--authentication-kubeconfig=" + kcmKubeconfig,
+		"--authorization-kubeconfig=" + kcmKubeconfig,
+		"--bind-address=127.0.0.1",
+		"--secure-port=0", // no serving endpoint needed
+		"--controllers=*",
+		"--use-service-account-credentials=true",
+		"--service-account-private-key-file=" + p("sa.key"),
+		"--root-ca-file=" + p("ca.crt"),
+		"--cluster-signing-cert-file=" + p("ca.crt"),
+		"--cluster-signing-key-file=" + p("ca.key"),
+		"--leader-elect=false",
+		"--profiling=false",
+	}
+	c, err := startChild(ctx, "controller-manager", state, kcmArgs)
+	if err != nil {
+		return err
+	}
+	children = append(children, c)
+
+	// --- kubeconfigs for the tests.
+	adminKubeconfig := filepath.Join(state, "kubeconfig")
+	if err := writeKubeconfig(adminKubeconfig, server, ca, admin, "admin"); err != nil {
+		return err
+	}
+	if err := writeKubeconfig(filepath.Join(state, "operator.kubeconfig"), server, ca, operator, operatorSA); err != nil {
+		return err
+	}
+
+	// --- readiness: /readyz, then the default ServiceAccount (objects can be created).
+	hc, err := httpClient(ca, admin)
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(timeout)
+	for _, path := range []string{"/readyz", "/api/v1/namespaces/default/serviceaccounts/default"} {
+		if err := waitOK(ctx, hc, server+path, deadline, children); err != nil {
+			return err
+		}
+		log.Printf("%s ok", path)
+	}
+
+	bin, _ := os.Executable()
+	fmt.Printf("export KUBECONFIG=%s\n", adminKubeconfig)
+	fmt.Printf("export PATH=%s:$PATH\n", filepath.Dir(bin))
+	if err := os.WriteFile(readyFile, []byte(server+"\n"), 0o644); err != nil {
+		return err
+	}
+	log.Printf("cluster ready at %s (pid %d)", server, os.Getpid())
+
+	// --- run until signalled or a component dies.
+	select {
+	case <-ctx.Done():
+		log.Printf("signal received, stopping")
+		return nil
+	case ch := <-anyDone(children):
+		return fmt.Errorf("%s exited unexpectedly: %v (see %s.log)", ch.name, ch.err, ch.name)
+	}
+}
+
+func startChild(ctx context.Context, name, state string, args []string) (*child, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	logFile, err := os.Create(filepath.Join(state, name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, append([]string{name}, args...)...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// Pdeathsig: the child is killed if this process dies, even by SIGKILL.
+	// Setpgid: a terminal's Ctrl-C reaches only us; we stop the children in order.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		return nil, fmt.Errorf("starting %s: %w", name, err)
+	}
+	c := &child{name: name, cmd: cmd, done: make(chan struct{})}
+	// NAME.pid lets down.sh check that nothing is left behind.
+	pidFile := filepath.Join(state, name+".pid")
+	os.WriteFile(pidFile, []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644) //nolint:errcheck
+	go func() {
+		c.err = cmd.Wait()
+		os.Remove(pidFile)
+		logFile.Close()
+		close(c.done)
+	}()
+	log.Printf("%s started (pid %d), log in %s.log", name, cmd.Process.Pid, name)
+	return c, nil
+}
+
+// stop sends SIGTERM, waits up to grace, then SIGKILLs; always reaps.
+func (c *child) stop(grace time.Duration) {
+	select {
+	case <-c.done:
+		return
+	default:
+	}
+	c.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck
+	select {
+	case <-c.done:
+	case <-time.After(grace):
+		log.Printf("%s did not stop within %s, killing it", c.name, grace)
+		c.cmd.Process.Kill() //nolint:errcheck
+		<-c.done
+	}
+	log.Printf("%s stopped", c.name)
+}
+
+func anyDone(children []*child) <-chan *child {
+	ch := make(chan *child, len(children))
+	for _, c := range children {
+		go func() { <-c.done; ch <- c }()
+	}
+	return ch
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func httpClient(ca, user *keyPair) (*http.Client, error) {
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.cert)
+	cert, err := tls.X509KeyPair(user.certPEM, user.keyPEM)
+	if err != nil {
+		return nil, err
+	}
+	return &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{TLSClientConfig: &tls.Config{
+			RootCAs: pool, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12,
+		}},
+	}, nil
+}
+
+// waitOK polls url until it answers 200, failing early if a component exits.
+func waitOK(ctx context.Context, hc *http.Client, url string, deadline time.Time, children []*child) error {
+	last := "no answer"
+	for {
+		resp, err := hc.Get(url)
+		if err == nil {
+			body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			last = fmt.Sprintf("HTTP %d: %s", resp.StatusCode, body)
+		} else {
+			last = err.Error()
+		}
+		for _, c := range children {
+			select {
+			case <-c.done:
+				return fmt.Errorf("%s exited while waiting for %s: %v (see %s.log)", c.name, url, c.err, c.name)
+			default:
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out waiting for %s; last answer: %s", url, last)
+		}
+		select {
+		case <-ctx.Done():
+			return errors.New("interrupted")
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
