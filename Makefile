@@ -12,6 +12,7 @@ unit:
 # Regenerate the CRD from the Rust types.
 crds:
 	cargo run -q -- crd > crds/connection.yaml
+	cp crds/connection.yaml charts/connection-operator/crds/connection.yaml
 
 lint:
 	cargo fmt --check

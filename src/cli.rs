@@ -19,7 +19,131 @@ pub enum Command {
     /// Print the Connection CustomResourceDefinition as YAML (generated from the Rust types).
     Crd,
     /// Run the operator against the cluster of the current kubeconfig or in-cluster config.
-    Run,
+    Run(Box<RunArgs>),
+    /// Run a job retriever for one connection (the container command of retriever pods).
+    Retrieve(RetrieveArgs),
+}
+
+/// Flags of `run` (each also readable from the environment, for the Helm chart).
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// How often valid tokens are re-checked with the provider (jittered ±10%).
+    #[arg(long, env = "REVALIDATE_INTERVAL", default_value = "15m", value_parser = parse_duration)]
+    pub revalidate_interval: std::time::Duration,
+    /// First retry delay after a transient provider failure (doubles per attempt).
+    #[arg(long, env = "RETRY_BASE", default_value = "5s", value_parser = parse_duration)]
+    pub retry_base: std::time::Duration,
+    /// Longest retry delay after transient provider failures.
+    #[arg(long, env = "RETRY_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub retry_max: std::time::Duration,
+    /// Token-grant requests per second allowed to one provider host.
+    #[arg(long, env = "PROVIDER_RATE", default_value_t = 10)]
+    pub provider_rate: u32,
+    /// Burst of token-grant requests allowed to one provider host.
+    #[arg(long, env = "PROVIDER_BURST", default_value_t = 20)]
+    pub provider_burst: u32,
+    /// Timeout of one provider request.
+    #[arg(long, env = "PROVIDER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub provider_timeout: std::time::Duration,
+    /// Override the Entra ID authority (testing only, e.g. http://127.0.0.1:8089).
+    #[arg(long, env = "ENTRA_AUTHORITY_OVERRIDE", hide = true)]
+    pub entra_authority_override: Option<String>,
+    /// Connections reconciled concurrently.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+    /// Image of retriever pods.
+    #[arg(
+        long,
+        env = "RETRIEVER_IMAGE",
+        default_value = "ghcr.io/crmconnect/connection-operator:0.1.0"
+    )]
+    pub retriever_image: String,
+    /// Pull policy of retriever pods.
+    #[arg(long, env = "RETRIEVER_PULL_POLICY", default_value = "IfNotPresent")]
+    pub retriever_pull_policy: String,
+    /// How often retrievers poll the CRM for queued jobs.
+    #[arg(long, env = "RETRIEVER_POLL_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub retriever_poll_interval: std::time::Duration,
+    /// CPU request / limit of retriever pods.
+    #[arg(long, env = "RETRIEVER_CPU_REQUEST", default_value = "10m")]
+    pub retriever_cpu_request: String,
+    #[arg(long, env = "RETRIEVER_CPU_LIMIT", default_value = "200m")]
+    pub retriever_cpu_limit: String,
+    /// Memory request / limit of retriever pods.
+    #[arg(long, env = "RETRIEVER_MEMORY_REQUEST", default_value = "32Mi")]
+    pub retriever_memory_request: String,
+    #[arg(long, env = "RETRIEVER_MEMORY_LIMIT", default_value = "128Mi")]
+    pub retriever_memory_limit: String,
+}
+
+impl RunArgs {
+    /// The controller configuration these flags describe.
+    pub fn config(&self) -> crate::controller::Config {
+        use crate::controller::{Config, children::RetrieverSettings, schedule::Policy};
+        let validator = crate::providers::ValidatorConfig {
+            request_timeout: self.provider_timeout,
+            per_host_rate: self.provider_rate,
+            per_host_burst: self.provider_burst,
+            entra_authority_override: self.entra_authority_override.clone(),
+            ..Default::default()
+        };
+        Config {
+            namespace: self.namespace.clone(),
+            policy: Policy {
+                revalidate_every: self.revalidate_interval,
+                retry_base: self.retry_base,
+                retry_max: self.retry_max,
+                ..Default::default()
+            },
+            retriever: RetrieverSettings {
+                image: self.retriever_image.clone(),
+                pull_policy: self.retriever_pull_policy.clone(),
+                cpu_request: self.retriever_cpu_request.clone(),
+                cpu_limit: self.retriever_cpu_limit.clone(),
+                memory_request: self.retriever_memory_request.clone(),
+                memory_limit: self.retriever_memory_limit.clone(),
+                poll_interval: self.retriever_poll_interval,
+            },
+            validator,
+            concurrency: self.concurrency,
+            instance: std::env::var("POD_NAME").ok(),
+        }
+    }
+}
+
+/// Flags of `retrieve`.
+#[derive(clap::Args, Debug)]
+pub struct RetrieveArgs {
+    /// Name of the Connection.
+    #[arg(long)]
+    pub connection: String,
+    /// Directory where the session Secret is mounted.
+    #[arg(long, default_value = "/var/run/crmconnect/session")]
+    pub session_dir: std::path::PathBuf,
+    /// How often to poll the CRM for queued jobs.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub poll_interval: std::time::Duration,
+}
+
+/// Parses durations like `90s`, `15m`, `1h`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 15m, 1h"))?;
+    let secs = match unit {
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,13 +163,17 @@ pub enum CliError {
     CrdMissing,
     #[error("Kubernetes API error: {0}")]
     Kube(#[source] kube::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    NotImplemented(String),
 }
 
 impl CliError {
     /// Process exit code: 1 for errors the user must fix, 2 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::CrdMissing => 1,
+            CliError::CrdMissing | CliError::Config(_) | CliError::NotImplemented(_) => 1,
             CliError::Connect(_) | CliError::Kube(_) => 2,
         }
     }
@@ -71,20 +199,28 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             print!("{}", crate::api::crd_yaml());
             Ok(())
         }
-        Command::Run => {
+        Command::Run(args) => {
             init_logging(cli.log_format);
-            run_operator().await
+            run_operator(*args).await
+        }
+        Command::Retrieve(args) => {
+            init_logging(cli.log_format);
+            Err(CliError::NotImplemented(format!(
+                "`retrieve` for connection {:?} is not implemented yet: job retrieval (polling the CRM every {:?} with the session in {}) is planned for the retriever issue",
+                args.connection,
+                args.poll_interval,
+                args.session_dir.display()
+            )))
         }
     }
 }
 
-async fn run_operator() -> Result<(), CliError> {
+async fn run_operator(args: RunArgs) -> Result<(), CliError> {
     let client = kube::Client::try_default().await.map_err(CliError::Connect)?;
     ensure_crd_installed(&client).await?;
-    tracing::info!("Connection CRD found; operator running (reconciler: planned), waiting for SIGTERM");
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    Ok(())
+    crate::controller::run(client, args.config(), shutdown_signal())
+        .await
+        .map_err(|e| CliError::Config(e.to_string()))
 }
 
 /// Checks that the Connection CRD is served, using only `list connections` (no CRD read rights needed).

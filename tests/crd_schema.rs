@@ -75,6 +75,15 @@ fn committed_crd_matches_generated_crd() {
 }
 
 #[test]
+fn chart_crd_matches_generated_crd() {
+    let in_chart = repo_file("charts/connection-operator/crds/connection.yaml");
+    assert!(
+        in_chart == crd_yaml(),
+        "charts/connection-operator/crds/connection.yaml is out of date; regenerate it with:\n  make crds"
+    );
+}
+
+#[test]
 fn crd_has_status_subresource_shortname_category_and_printer_columns() {
     let crd = serde_json::to_value(Connection::crd()).unwrap();
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["conn"]));

@@ -1,0 +1,397 @@
+//! Steps 2, 4 and 5: the provider call (with the rotated-token write-back it may require), and the
+//! writes — children by server-side apply, status by server-side apply on `/status` — each made
+//! only when something changed.
+
+use super::children::{self, FIELD_MANAGER, SessionData};
+use super::dereference::Observed;
+use super::schedule::{self, Due, Memo, Outcome};
+use super::state::{Check, Identity};
+use super::{Context, Error, PendingToken, jitter, uid};
+use crate::api::{Connection, ConnectionStatus, State, conditions};
+use crate::providers::{Credentials, Failure, FailureKind};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use secrecy::ExposeSecret;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Reason when a rotated refresh token could not be written back to the credentials Secret.
+pub const REFRESH_TOKEN_NOT_SAVED: &str = "RefreshTokenNotSaved";
+
+/// What the validation step concluded.
+pub struct Validated {
+    pub check: Check,
+    /// A fresh session to write to the session Secret.
+    pub session: Option<SessionData>,
+    /// When to look again (`None`: on change only).
+    pub recheck_in: Option<Duration>,
+}
+
+fn failure_check(f: &Failure) -> Check {
+    match f.kind {
+        FailureKind::Transient => Check::Unavailable {
+            reason: f.reason.to_string(),
+            message: f.message.clone(),
+        },
+        FailureKind::Permanent | FailureKind::Configuration => Check::Rejected {
+            reason: f.reason.to_string(),
+            message: f.message.clone(),
+        },
+    }
+}
+
+/// Seeds the memo after an operator restart from the session Secret's annotations, so that an
+/// unchanged Secret and a still-valid session cause no provider call.
+fn memo_from_session(conn: &Connection, session: Option<&Secret>) -> Option<Memo> {
+    let status = conn.status.as_ref()?;
+    let authorized = matches!(
+        status.state,
+        Some(State::Active | State::Paused | State::Conflict)
+    ) && conditions::find(&status.conditions, conditions::AUTHORIZED)
+        .is_some_and(|c| c.status == "True");
+    if !authorized {
+        return None;
+    }
+    let annotations = session?.metadata.annotations.as_ref()?;
+    Some(Memo {
+        fingerprint: annotations.get(schedule::FINGERPRINT_ANNOTATION)?.clone(),
+        outcome: Outcome::Authorized,
+        next_check_at: Some(annotations.get(schedule::NEXT_CHECK_ANNOTATION)?.parse().ok()?),
+    })
+}
+
+/// Step 2: validate the credentials against the provider when due.
+pub async fn validate(
+    ctx: &Context,
+    conn: &Connection,
+    ns: &str,
+    observed: &Observed,
+    now: Timestamp,
+) -> Result<Validated, Error> {
+    let key = uid(conn);
+    let policy = &ctx.config.policy;
+    let mut credentials = observed.credentials.clone();
+
+    // The user's Secret is labelled so the label-selected watch sees its next change.
+    if let Some(secret) = &credentials {
+        credentials = Some(ensure_credentials_label(ctx, ns, secret).await?);
+    }
+    // A rotated token that could not be saved before is saved before anything else.
+    if let Some(secret) = &credentials {
+        match save_pending_token(ctx, ns, &key, secret).await {
+            Ok(Some(saved)) => credentials = Some(saved),
+            Ok(None) => {}
+            Err(message) => return Ok(not_saved(ctx, &key, conn, credentials.as_ref(), message, now)),
+        }
+    }
+
+    let version = credentials
+        .as_ref()
+        .and_then(|s| s.metadata.resource_version.clone());
+    let fingerprint = schedule::fingerprint(conn, version.as_deref());
+    let memo = {
+        let mut memos = ctx.memos.lock().unwrap();
+        if !memos.contains_key(&key)
+            && let Some(seeded) = memo_from_session(conn, observed.session.as_ref())
+        {
+            memos.insert(key.clone(), seeded);
+        }
+        memos.get(&key).cloned()
+    };
+    match schedule::due(memo.as_ref(), &fingerprint, now) {
+        Due::Now => {}
+        later => {
+            return Ok(Validated {
+                check: Check::Skipped,
+                session: None,
+                recheck_in: schedule::wait(&later, now),
+            });
+        }
+    }
+
+    let secret_name = &conn.spec.credentials_secret_ref.name;
+    let creds = match &credentials {
+        None => Err(Failure::secret_missing(secret_name)),
+        Some(secret) => {
+            Credentials::from_secret_data(secret_name, secret.data.as_ref().unwrap_or(&BTreeMap::new()))
+        }
+    };
+    let previous_remote = conn.status.as_ref().and_then(|s| s.remote_id.as_deref());
+    let result = match creds {
+        Err(f) => Err(f),
+        Ok(creds) => match ctx.validator.validate(&conn.spec, &creds, previous_remote).await {
+            Err(f) => Err(f),
+            Ok(session) => Ok((creds, session)),
+        },
+    };
+
+    match result {
+        Err(failure) => {
+            let memo = match failure.kind {
+                FailureKind::Transient => {
+                    policy.after_transient(memo.as_ref(), fingerprint, now, failure.retry_after, jitter())
+                }
+                _ => policy.after_rejection(fingerprint),
+            };
+            info!(reason = %failure.reason, kind = ?failure.kind, "validation failed: {}", failure.message);
+            let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
+            ctx.memos.lock().unwrap().insert(key, memo);
+            Ok(Validated {
+                check: failure_check(&failure),
+                session: None,
+                recheck_in,
+            })
+        }
+        Ok((creds, session)) => {
+            let mut version = version;
+            // The provider rotated the refresh token: the old one is dead. Persist the new one
+            // before the session is used or reported.
+            if let Some(rotated) = &session.rotated_refresh_token {
+                let secret = credentials
+                    .as_ref()
+                    .expect("validated credentials come from a Secret");
+                ctx.pending_tokens.lock().unwrap().insert(
+                    key.clone(),
+                    PendingToken {
+                        replaced: creds.refresh_token.clone(),
+                        token: rotated.clone(),
+                    },
+                );
+                match save_pending_token(ctx, ns, &key, secret).await {
+                    Ok(Some(saved)) => version = saved.metadata.resource_version.clone(),
+                    Ok(None) => {
+                        // The user replaced the token meanwhile: their change triggers a new reconcile.
+                        return Ok(Validated {
+                            check: Check::Skipped,
+                            session: None,
+                            recheck_in: Some(Duration::ZERO),
+                        });
+                    }
+                    Err(message) => {
+                        return Ok(not_saved(ctx, &key, conn, credentials.as_ref(), message, now));
+                    }
+                }
+            }
+            let fingerprint = schedule::fingerprint(conn, version.as_deref());
+            let memo = policy.after_success(fingerprint.clone(), now, session.expires_at, jitter());
+            let next = memo.next_check_at.expect("success schedules a recheck");
+            ctx.memos.lock().unwrap().insert(key, memo);
+            let data = SessionData {
+                access_token: session.access_token.expose_secret().to_string(),
+                instance_url: session.instance_url.clone(),
+                expires_at: session.expires_at.map(|t| t.to_string()),
+                annotations: BTreeMap::from([
+                    (schedule::FINGERPRINT_ANNOTATION.to_string(), fingerprint),
+                    (schedule::NEXT_CHECK_ANNOTATION.to_string(), next.to_string()),
+                ]),
+            };
+            Ok(Validated {
+                check: Check::Authorized(Identity {
+                    remote_id: session.remote_id.clone(),
+                    instance_url: session.instance_url.clone(),
+                    user: session.user.clone(),
+                }),
+                session: Some(data),
+                recheck_in: schedule::wait(&Due::At(next), now),
+            })
+        }
+    }
+}
+
+/// The connection cannot be reported Active: the live refresh token exists only in memory.
+fn not_saved(
+    ctx: &Context,
+    key: &str,
+    conn: &Connection,
+    credentials: Option<&Secret>,
+    message: String,
+    now: Timestamp,
+) -> Validated {
+    warn!("rotated refresh token not saved: {message}");
+    let fingerprint = schedule::fingerprint(
+        conn,
+        credentials.and_then(|s| s.metadata.resource_version.as_deref()),
+    );
+    let previous = ctx.memos.lock().unwrap().get(key).cloned();
+    let memo = ctx
+        .config
+        .policy
+        .after_transient(previous.as_ref(), fingerprint, now, None, jitter());
+    let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
+    ctx.memos.lock().unwrap().insert(key.to_string(), memo);
+    Validated {
+        check: Check::Rejected {
+            reason: REFRESH_TOKEN_NOT_SAVED.into(),
+            message: format!(
+                "the provider rotated the refresh token but the new one could not be saved to Secret {}: {message}; the operator keeps it in memory and retries",
+                conn.spec.credentials_secret_ref.name
+            ),
+        },
+        session: None,
+        recheck_in,
+    }
+}
+
+async fn ensure_credentials_label(ctx: &Context, ns: &str, secret: &Secret) -> Result<Secret, Error> {
+    if secret
+        .labels()
+        .get(children::CREDENTIALS_LABEL)
+        .map(String::as_str)
+        == Some("true")
+    {
+        return Ok(secret.clone());
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({"metadata": {"labels": {children::CREDENTIALS_LABEL: "true"}}});
+    Ok(api
+        .patch(&secret.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?)
+}
+
+/// Writes the pending rotated token (if any) into the credentials Secret, with optimistic
+/// concurrency on resourceVersion, retrying on conflict. `Ok(Some(secret))`: saved;
+/// `Ok(None)`: nothing to save, or the user replaced the token meanwhile (theirs wins);
+/// `Err`: it could not be saved (the token stays pending).
+async fn save_pending_token(
+    ctx: &Context,
+    ns: &str,
+    key: &str,
+    secret: &Secret,
+) -> Result<Option<Secret>, String> {
+    let Some((replaced, token)) = ctx.pending_tokens.lock().unwrap().get(key).map(|p| {
+        (
+            p.replaced.expose_secret().to_string(),
+            p.token.expose_secret().to_string(),
+        )
+    }) else {
+        return Ok(None);
+    };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = secret.name_any();
+    let mut current = secret.clone();
+    for _ in 0..5 {
+        let stored = current
+            .data
+            .as_ref()
+            .and_then(|d| d.get("refresh_token"))
+            .map(|b| b.0.as_slice());
+        if stored == Some(token.as_bytes()) {
+            ctx.pending_tokens.lock().unwrap().remove(key);
+            return Ok(Some(current));
+        }
+        if stored != Some(replaced.as_bytes()) {
+            // Re-authorized by the user while we held the rotated token: keep theirs.
+            ctx.pending_tokens.lock().unwrap().remove(key);
+            return Ok(None);
+        }
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": current.metadata.resource_version},
+            "data": {"refresh_token": ByteString(token.as_bytes().to_vec())},
+        });
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(saved) => {
+                ctx.pending_tokens.lock().unwrap().remove(key);
+                info!(secret = %name, "saved the rotated refresh token");
+                return Ok(Some(saved));
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => match api.get_opt(&name).await {
+                Ok(Some(fresh)) => current = fresh,
+                Ok(None) => return Err(format!("Secret {name} was deleted")),
+                Err(e) => return Err(e.to_string()),
+            },
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(format!("Secret {name} kept changing (5 conflicting writes)"))
+}
+
+/// Step 4: apply the children that changed.
+pub async fn children(
+    ctx: &Context,
+    ns: &str,
+    observed: &Observed,
+    session: Option<Secret>,
+    deployment: Deployment,
+) -> Result<(), Error> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    if let Some(session) = session {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        api.patch(&session.name_any(), &params, &Patch::Apply(typed(session)))
+            .await?;
+    }
+    let up_to_date = observed
+        .deployment
+        .as_ref()
+        .is_some_and(|d| children::deployment_up_to_date(d, &deployment));
+    if !up_to_date {
+        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+        let replicas = deployment.spec.replicas;
+        api.patch(
+            &deployment.name_any(),
+            &params,
+            &Patch::Apply(typed(deployment.clone())),
+        )
+        .await?;
+        info!(deployment = %deployment.name_any(), ?replicas, "applied retriever");
+    }
+    Ok(())
+}
+
+/// Serializes an object with its apiVersion and kind, as server-side apply requires.
+fn typed<K: Resource<DynamicType = ()> + serde::Serialize>(obj: K) -> serde_json::Value {
+    let mut value = serde_json::to_value(&obj).expect("object serializes");
+    value["apiVersion"] = K::api_version(&()).into();
+    value["kind"] = K::kind(&()).into();
+    value
+}
+
+/// Step 5: write the status if it changed, and publish an event on state transitions.
+pub async fn status(
+    ctx: &Context,
+    conn: &Connection,
+    ns: &str,
+    desired: ConnectionStatus,
+) -> Result<(), Error> {
+    if conn.status.as_ref() == Some(&desired) {
+        return Ok(());
+    }
+    let api: Api<Connection> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({
+        "apiVersion": Connection::api_version(&()),
+        "kind": Connection::kind(&()),
+        "status": desired,
+    });
+    api.patch_status(
+        &conn.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    if let Some(t) = super::state::transition(conn.status.as_ref(), &desired) {
+        info!(event = t.reason, state = ?desired.state, "{}", t.note);
+        let event = Event {
+            type_: if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: t.reason.to_string(),
+            note: Some(t.note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &conn.object_ref(&())).await {
+            warn!(error = %e, "could not publish event");
+        }
+    }
+    Ok(())
+}

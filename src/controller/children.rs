@@ -1,0 +1,445 @@
+//! The objects a Connection owns, built as values: the session Secret the retriever reads and the
+//! retriever Deployment. Pure: no client here.
+
+use crate::api::Connection;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::Resource;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The operator's field manager for every server-side apply.
+pub const FIELD_MANAGER: &str = "connection-operator";
+/// Label on every object the operator creates.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "connection-operator");
+/// Label naming the Connection an object belongs to.
+pub const CONNECTION_LABEL: &str = "crmconnect.io/connection";
+/// Label on the user's credentials Secrets, so the operator watches those and no other Secret.
+pub const CREDENTIALS_LABEL: &str = "crmconnect.io/credentials";
+/// Label on session Secrets.
+pub const SESSION_LABEL: &str = "crmconnect.io/session";
+/// Annotation on the Deployment: a digest of its desired spec, so an unchanged one is not re-applied.
+pub const SPEC_DIGEST_ANNOTATION: &str = "crmconnect.io/spec-digest";
+/// Where retriever pods find the session Secret.
+pub const SESSION_MOUNT: &str = "/var/run/crmconnect/session";
+
+/// Settings of retriever workloads (operator flags / Helm values).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetrieverSettings {
+    pub image: String,
+    pub pull_policy: String,
+    pub cpu_request: String,
+    pub cpu_limit: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+    pub poll_interval: Duration,
+}
+
+impl Default for RetrieverSettings {
+    fn default() -> Self {
+        Self {
+            image: "ghcr.io/crmconnect/connection-operator:0.1.0".into(),
+            pull_policy: "IfNotPresent".into(),
+            cpu_request: "10m".into(),
+            cpu_limit: "200m".into(),
+            memory_request: "32Mi".into(),
+            memory_limit: "128Mi".into(),
+            poll_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+pub fn session_secret_name(conn: &Connection) -> String {
+    format!("{}-session", conn.metadata.name.as_deref().unwrap_or_default())
+}
+
+pub fn retriever_name(conn: &Connection) -> String {
+    format!("{}-retriever", conn.metadata.name.as_deref().unwrap_or_default())
+}
+
+fn labels(conn: &Connection, role: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "connection-retriever".to_string(),
+        ),
+        ("app.kubernetes.io/component".to_string(), role.to_string()),
+        (
+            CONNECTION_LABEL.to_string(),
+            conn.metadata.name.clone().unwrap_or_default(),
+        ),
+    ])
+}
+
+fn owned_meta(conn: &Connection, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: conn.metadata.namespace.clone(),
+        labels: Some(labels),
+        owner_references: conn.controller_owner_ref(&()).map(|r| vec![r]),
+        ..Default::default()
+    }
+}
+
+/// What the session Secret holds. `access_token` is the only secret in it; never the refresh token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionData {
+    pub access_token: String,
+    pub instance_url: String,
+    /// Expiry hint (RFC 3339), when the provider gave one.
+    pub expires_at: Option<String>,
+    /// Bookkeeping annotations (what was validated and when the next check is due).
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for SessionData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionData")
+            .field("access_token", &"<redacted>")
+            .field("instance_url", &self.instance_url)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// The session Secret `<name>-session`, owned by the connection.
+pub fn session_secret(conn: &Connection, session: &SessionData) -> Secret {
+    let mut meta = owned_meta(conn, session_secret_name(conn), {
+        let mut l = labels(conn, "session");
+        l.insert(SESSION_LABEL.to_string(), "true".to_string());
+        l
+    });
+    meta.annotations = Some(session.annotations.clone());
+    let mut data = BTreeMap::from([
+        (
+            "access_token".to_string(),
+            ByteString(session.access_token.as_bytes().to_vec()),
+        ),
+        (
+            "instance_url".to_string(),
+            ByteString(session.instance_url.as_bytes().to_vec()),
+        ),
+        (
+            "provider".to_string(),
+            ByteString(conn.spec.provider.as_str().as_bytes().to_vec()),
+        ),
+    ]);
+    if let Some(exp) = &session.expires_at {
+        data.insert("expires_at".to_string(), ByteString(exp.as_bytes().to_vec()));
+    }
+    Secret {
+        metadata: meta,
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// The retriever Deployment `<name>-retriever`: `replicas` is 1 while the connection is Active, else 0.
+pub fn retriever_deployment(conn: &Connection, settings: &RetrieverSettings, replicas: i32) -> Deployment {
+    let name = conn.metadata.name.clone().unwrap_or_default();
+    let selector = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "connection-retriever".to_string(),
+        ),
+        (CONNECTION_LABEL.to_string(), name.clone()),
+    ]);
+    let quantity = |s: &str| Quantity(s.to_string());
+    let container = Container {
+        name: "retriever".into(),
+        image: Some(settings.image.clone()),
+        image_pull_policy: Some(settings.pull_policy.clone()),
+        args: Some(vec![
+            "retrieve".into(),
+            "--connection".into(),
+            name.clone(),
+            "--session-dir".into(),
+            SESSION_MOUNT.into(),
+            "--poll-interval".into(),
+            format!("{}s", settings.poll_interval.as_secs()),
+        ]),
+        env: Some(vec![EnvVar {
+            name: "CONNECTION_NAMESPACE".into(),
+            value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                    field_path: "metadata.namespace".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), quantity(&settings.cpu_request)),
+                ("memory".to_string(), quantity(&settings.memory_request)),
+            ])),
+            limits: Some(BTreeMap::from([
+                ("cpu".to_string(), quantity(&settings.cpu_limit)),
+                ("memory".to_string(), quantity(&settings.memory_limit)),
+            ])),
+            ..Default::default()
+        }),
+        security_context: Some(restricted_container_security()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "session".into(),
+            mount_path: SESSION_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(restricted_pod_security()),
+        containers: vec![container],
+        volumes: Some(vec![Volume {
+            name: "session".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(session_secret_name(conn)),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let mut pod_labels = labels(conn, "retriever");
+    pod_labels.extend(selector.clone());
+    let spec = DeploymentSpec {
+        replicas: Some(replicas),
+        selector: LabelSelector {
+            match_labels: Some(selector),
+            ..Default::default()
+        },
+        // One retriever per org: never two pods during a rollout.
+        strategy: Some(DeploymentStrategy {
+            type_: Some("Recreate".into()),
+            ..Default::default()
+        }),
+        template: PodTemplateSpec {
+            metadata: Some(ObjectMeta {
+                labels: Some(pod_labels),
+                ..Default::default()
+            }),
+            spec: Some(pod),
+        },
+        ..Default::default()
+    };
+    let mut meta = owned_meta(conn, retriever_name(conn), labels(conn, "retriever"));
+    meta.annotations = Some(BTreeMap::from([(
+        SPEC_DIGEST_ANNOTATION.to_string(),
+        digest(&spec),
+    )]));
+    Deployment {
+        metadata: meta,
+        spec,
+        ..Default::default()
+    }
+}
+
+/// Whether `existing` already is what `desired` asks for (same digest, same replica count).
+pub fn deployment_up_to_date(existing: &Deployment, desired: &Deployment) -> bool {
+    let annotation = |d: &Deployment| {
+        d.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SPEC_DIGEST_ANNOTATION))
+            .cloned()
+    };
+    let replicas = |d: &Deployment| d.spec.replicas;
+    annotation(existing).is_some()
+        && annotation(existing) == annotation(desired)
+        && replicas(existing) == replicas(desired)
+}
+
+fn digest(spec: &DeploymentSpec) -> String {
+    let json = serde_json::to_vec(spec).expect("DeploymentSpec serializes");
+    let d = ring::digest::digest(&ring::digest::SHA256, &json);
+    d.as_ref()[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Pod security for the operator and retrievers: the "restricted" Pod Security Standard.
+pub fn restricted_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ConnectionSpec, Provider, SecretRef};
+
+    fn conn() -> Connection {
+        let mut c = Connection::new(
+            "acme",
+            ConnectionSpec {
+                team: "sales".into(),
+                provider: Provider::SalesforceProduction,
+                salesforce: None,
+                dynamics: None,
+                credentials_secret_ref: SecretRef { name: "creds".into() },
+                display_name: None,
+                description: None,
+                paused: false,
+            },
+        );
+        c.metadata.namespace = Some("ns".into());
+        c.metadata.uid = Some("uid-1".into());
+        c
+    }
+
+    #[test]
+    fn deployment_is_named_owned_and_scaled_as_asked() {
+        let d = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        assert_eq!(d.metadata.name.as_deref(), Some("acme-retriever"));
+        assert_eq!(d.metadata.namespace.as_deref(), Some("ns"));
+        let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("Connection", "acme", "uid-1")
+        );
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(d.spec.replicas, Some(1));
+        assert_eq!(
+            retriever_deployment(&conn(), &RetrieverSettings::default(), 0)
+                .spec
+                .replicas,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn retriever_pod_is_restricted_and_reads_only_the_session_secret() {
+        let d = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        let pod = d.spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_string()])
+        );
+        let res = c.resources.as_ref().unwrap();
+        assert!(res.requests.as_ref().unwrap().contains_key("memory"));
+        assert!(res.limits.as_ref().unwrap().contains_key("cpu"));
+        assert_eq!(c.args.as_ref().unwrap()[0], "retrieve");
+        let volumes = pod.volumes.unwrap();
+        assert_eq!(volumes.len(), 1);
+        assert_eq!(
+            volumes[0].secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("acme-session")
+        );
+        assert!(c.env.as_ref().unwrap().iter().all(|e| {
+            e.value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .is_none()
+        }));
+    }
+
+    #[test]
+    fn settings_flow_into_the_pod() {
+        let settings = RetrieverSettings {
+            image: "registry.local/op:1".into(),
+            pull_policy: "Always".into(),
+            poll_interval: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let d = retriever_deployment(&conn(), &settings, 1);
+        let c = &d.spec.template.spec.unwrap().containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.local/op:1"));
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+        assert!(c.args.as_ref().unwrap().contains(&"120s".to_string()));
+    }
+
+    #[test]
+    fn digest_detects_changes_and_replica_drift() {
+        let one = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        let zero = retriever_deployment(&conn(), &RetrieverSettings::default(), 0);
+        assert!(deployment_up_to_date(
+            &one,
+            &retriever_deployment(&conn(), &RetrieverSettings::default(), 1)
+        ));
+        assert!(!deployment_up_to_date(&one, &zero));
+        let mut scaled_by_hand = one.clone();
+        scaled_by_hand.spec.replicas = Some(3);
+        assert!(!deployment_up_to_date(&scaled_by_hand, &one));
+        let other_image = RetrieverSettings {
+            image: "x:2".into(),
+            ..Default::default()
+        };
+        assert!(!deployment_up_to_date(
+            &one,
+            &retriever_deployment(&conn(), &other_image, 1)
+        ));
+    }
+
+    #[test]
+    fn session_secret_holds_access_token_but_never_a_refresh_token() {
+        let s = session_secret(
+            &conn(),
+            &SessionData {
+                access_token: "AT".into(),
+                instance_url: "https://acme.my.salesforce.com".into(),
+                expires_at: None,
+                annotations: BTreeMap::new(),
+            },
+        );
+        assert_eq!(s.metadata.name.as_deref(), Some("acme-session"));
+        let data = s.data.unwrap();
+        assert_eq!(data["access_token"].0, b"AT");
+        assert!(!data.contains_key("refresh_token"));
+        assert!(s.metadata.owner_references.is_some());
+    }
+
+    #[test]
+    fn session_data_debug_redacts_the_token() {
+        let s = SessionData {
+            access_token: "super-secret-token".into(),
+            instance_url: "u".into(),
+            expires_at: None,
+            annotations: BTreeMap::new(),
+        };
+        assert!(!format!("{s:?}").contains("super-secret-token"));
+    }
+}

@@ -1,0 +1,87 @@
+//! Step 1: read what a reconcile depends on. Reads only; no writes.
+
+use super::{Context, Error, children, object_ref};
+use crate::api::Connection;
+use crate::controller::claims::{self, Claimant};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, ResourceExt};
+
+/// What exists in the cluster for one connection.
+pub struct Observed {
+    /// The user's credentials Secret, if it exists.
+    pub credentials: Option<Secret>,
+    /// The session Secret the operator wrote last, if any.
+    pub session: Option<Secret>,
+    /// The retriever Deployment, if any.
+    pub deployment: Option<Deployment>,
+}
+
+pub async fn observe(ctx: &Context, conn: &Connection, ns: &str) -> Result<Observed, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let (session_name, retriever_name) = (
+        children::session_secret_name(conn),
+        children::retriever_name(conn),
+    );
+    let (credentials, session, deployment) = futures::try_join!(
+        secrets.get_opt(&conn.spec.credentials_secret_ref.name),
+        secrets.get_opt(&session_name),
+        deployments.get_opt(&retriever_name),
+    )?;
+    Ok(Observed {
+        credentials,
+        session,
+        deployment,
+    })
+}
+
+/// Claimants among all connections the controller knows.
+pub fn peers(store: &Store<DeserializeGuard<Connection>>) -> Vec<Claimant> {
+    store
+        .state()
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok())
+        .filter_map(claims::claimant_of)
+        .collect()
+}
+
+/// The connections (in the Secret's namespace) that reference `secret`.
+pub fn connections_using_secret(
+    store: &Store<DeserializeGuard<Connection>>,
+    secret: &Secret,
+) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+    let (Some(ns), name) = (secret.namespace(), secret.name_any()) else {
+        return vec![];
+    };
+    store
+        .state()
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok())
+        .filter(|c| {
+            c.namespace().as_deref() == Some(ns.as_str()) && c.spec.credentials_secret_ref.name == name
+        })
+        .map(|c| object_ref(&ns, &c.name_any()))
+        .collect()
+}
+
+/// The other connections claiming the same org as `changed` (so they re-decide who holds it).
+pub fn rivals_of(
+    store: &Store<DeserializeGuard<Connection>>,
+    changed: &DeserializeGuard<Connection>,
+) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+    let Ok(changed) = &changed.0 else { return vec![] };
+    let Some(remote) = changed.status.as_ref().and_then(|s| s.remote_id.clone()) else {
+        return vec![];
+    };
+    store
+        .state()
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok())
+        .filter(|c| c.status.as_ref().and_then(|s| s.remote_id.as_deref()) == Some(remote.as_str()))
+        .filter(|c| !(c.namespace() == changed.namespace() && c.name_any() == changed.name_any()))
+        .map(|c| object_ref(&c.namespace().unwrap_or_default(), &c.name_any()))
+        .collect()
+}

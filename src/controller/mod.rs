@@ -1,0 +1,302 @@
+//! The reconciler. Each reconcile is a pipeline whose steps show in [`reconcile`]:
+//! dereference → validate → build → apply → update status.
+//!
+//! Only [`dereference`], [`apply`] and the validation call touch the network; the decisions
+//! ([`state`], [`claims`], [`schedule`], [`children`]) are pure functions with their own tests.
+
+pub mod apply;
+pub mod children;
+pub mod claims;
+pub mod dereference;
+pub mod schedule;
+pub mod state;
+
+use crate::api::{Connection, State};
+use crate::providers::{Validator, ValidatorConfig};
+use children::RetrieverSettings;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{Instrument, info, info_span, warn};
+
+/// Operator settings (from CLI flags / Helm values).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Watch only this namespace; all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// Revalidation and retry policy.
+    pub policy: schedule::Policy,
+    /// Retriever workloads.
+    pub retriever: RetrieverSettings,
+    /// Provider HTTP client settings.
+    pub validator: ValidatorConfig,
+    /// Connections reconciled at the same time.
+    pub concurrency: u16,
+    /// Reporting instance for events (pod name).
+    pub instance: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            policy: schedule::Policy::default(),
+            retriever: RetrieverSettings::default(),
+            validator: ValidatorConfig::default(),
+            concurrency: 16,
+            instance: None,
+        }
+    }
+}
+
+/// A rotated refresh token the provider issued but that could not be saved yet. The old token is
+/// dead, so this one is kept in memory and saved before anything else happens to the connection.
+pub(crate) struct PendingToken {
+    pub replaced: secrecy::SecretString,
+    pub token: secrecy::SecretString,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub(crate) client: Client,
+    pub(crate) recorder: Recorder,
+    pub(crate) validator: Validator,
+    pub(crate) config: Config,
+    /// Last validation per connection UID.
+    pub(crate) memos: Mutex<HashMap<String, schedule::Memo>>,
+    /// Rotated refresh tokens not yet written back, per connection UID.
+    pub(crate) pending_tokens: Mutex<HashMap<String, PendingToken>>,
+    /// Consecutive API errors per connection UID (error_policy backoff).
+    pub(crate) failures: Mutex<HashMap<String, u32>>,
+    /// Every Connection the controller sees (for one-team-per-org claims).
+    pub(crate) store: Store<DeserializeGuard<Connection>>,
+}
+
+/// Reconcile errors. Provider failures are not errors: they are states. These are API problems,
+/// retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("Connection has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// Label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::NoNamespace => "invalid",
+        }
+    }
+}
+
+fn uid(conn: &Connection) -> String {
+    conn.metadata
+        .uid
+        .clone()
+        .unwrap_or_else(|| format!("{}/{}", conn.namespace().unwrap_or_default(), conn.name_any()))
+}
+
+fn jitter() -> f64 {
+    rand::random::<f64>()
+}
+
+/// One reconcile of one Connection.
+async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let conn = match &guard.0 {
+        Ok(conn) => conn,
+        Err(invalid) => {
+            // A malformed object must not stop the others: report it and wait for a fix.
+            warn!(
+                name = invalid.metadata.name.as_deref().unwrap_or_default(),
+                namespace = invalid.metadata.namespace.as_deref().unwrap_or_default(),
+                error = %invalid.error,
+                "ignoring Connection that does not match the schema"
+            );
+            return Ok(Action::await_change());
+        }
+    };
+    let ns = conn.namespace().ok_or(Error::NoNamespace)?;
+    let span = info_span!("reconcile", connection = %format!("{ns}/{}", conn.name_any()));
+    async move {
+        // Whole seconds: the API server stores condition times at second precision.
+        let now = Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid time");
+        // 1. dereference: the credentials Secret, the current children, the competing connections.
+        let observed = dereference::observe(&ctx, conn, &ns).await?;
+        // 2. validate against the provider, when due.
+        let validated = apply::validate(&ctx, conn, &ns, &observed, now).await?;
+        // 3. build the desired status and children (pure).
+        let me_peers = dereference::peers(&ctx.store);
+        let status = state::decide(
+            conn,
+            &validated.check,
+            |id| {
+                let me = claims::Claimant {
+                    namespace: ns.clone(),
+                    name: conn.name_any(),
+                    team: conn.spec.team.clone(),
+                    created: conn.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    remote_id: id.remote_id.clone(),
+                };
+                claims::resolve(&me, &me_peers)
+            },
+            &Time(now),
+        );
+        let replicas = i32::from(status.state == Some(State::Active));
+        let deployment = children::retriever_deployment(conn, &ctx.config.retriever, replicas);
+        let session = validated
+            .session
+            .as_ref()
+            .map(|s| children::session_secret(conn, s));
+        // 4. apply the children (only what changed).
+        apply::children(&ctx, &ns, &observed, session, deployment).await?;
+        // 5. update status (skipped when nothing changed) and tell the user about transitions.
+        apply::status(&ctx, conn, &ns, status).await?;
+        ctx.failures.lock().unwrap().remove(&uid(conn));
+        Ok(match validated.recheck_in {
+            Some(d) => Action::requeue(d.max(Duration::from_millis(100))),
+            None => Action::await_change(),
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+fn error_policy(guard: Arc<DeserializeGuard<Connection>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let Ok(conn) = &guard.0 else {
+        return Action::await_change();
+    };
+    let attempt = {
+        let mut failures = ctx.failures.lock().unwrap();
+        let n = failures.entry(uid(conn)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n - 1
+    };
+    let delay = crate::providers::retry_delay(
+        attempt,
+        None,
+        Duration::from_secs(1),
+        Duration::from_secs(120),
+        jitter(),
+    );
+    warn!(connection = %conn.name_any(), error = %error, kind = error.label(), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Runs the controller until `shutdown` resolves, then finishes in-flight reconciles and returns.
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), crate::providers::ValidatorError> {
+    let validator = Validator::new(config.validator.clone())?;
+    let (connections, secrets, deployments): (
+        Api<DeserializeGuard<Connection>>,
+        Api<Secret>,
+        Api<Deployment>,
+    ) = match &config.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let controller = Controller::new(connections.clone(), watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let reporter = Reporter {
+        controller: "connection-operator".into(),
+        instance: config.instance.clone(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        validator,
+        memos: Mutex::default(),
+        pending_tokens: Mutex::default(),
+        failures: Mutex::default(),
+        store: store.clone(),
+        config: config.clone(),
+    });
+    let managed = format!("{}={}", children::MANAGED_BY.0, children::MANAGED_BY.1);
+    let credentials_store = store.clone();
+    let peers_store = store.clone();
+    info!(
+        namespace = config.namespace.as_deref().unwrap_or("<all>"),
+        "starting controller"
+    );
+    tokio::spawn(forget_deleted(Arc::downgrade(&ctx)));
+    controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+        // Only labelled Secrets are watched (credentials the operator has seen, and its own session
+        // Secrets): memory stays proportional to the connections, not to every Secret in the cluster.
+        .watches(
+            secrets.clone(),
+            watcher::Config::default().labels(&format!("{}=true", children::CREDENTIALS_LABEL)),
+            move |secret: Secret| dereference::connections_using_secret(&credentials_store, &secret),
+        )
+        .owns(
+            secrets,
+            watcher::Config::default().labels(&format!("{}=true", children::SESSION_LABEL)),
+        )
+        .owns(deployments, watcher::Config::default().labels(&managed))
+        // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its rivals.
+        .watches(
+            connections,
+            watcher::Config::default().any_semantic(),
+            move |other: DeserializeGuard<Connection>| dereference::rivals_of(&peers_store, &other),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                match e {
+                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                    other => warn!(error = %other, "controller error"),
+                }
+            }
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}
+
+/// Drops what the Context remembers of connections that no longer exist.
+async fn forget_deleted(ctx: std::sync::Weak<Context>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let Some(ctx) = ctx.upgrade() else { return };
+        let live: std::collections::HashSet<String> = ctx
+            .store
+            .state()
+            .iter()
+            .filter_map(|g| g.0.as_ref().ok())
+            .map(uid)
+            .collect();
+        ctx.memos.lock().unwrap().retain(|k, _| live.contains(k));
+        ctx.pending_tokens.lock().unwrap().retain(|k, _| live.contains(k));
+        ctx.failures.lock().unwrap().retain(|k, _| live.contains(k));
+    }
+}
+
+/// The ObjectRef the controller uses for a connection.
+pub(crate) fn object_ref(ns: &str, name: &str) -> ObjectRef<DeserializeGuard<Connection>> {
+    ObjectRef::new(name).within(ns)
+}

@@ -1,0 +1,303 @@
+//! When to ask the provider again. Pure.
+//!
+//! A validation is remembered as a [`Memo`] keyed by a fingerprint of its inputs (the credentials
+//! Secret's name and resourceVersion, and the provider settings). While the fingerprint is unchanged:
+//! a success is re-checked after the revalidation interval (earlier if the access token expires
+//! sooner), a transient failure after a backoff, and a rejection never — only a change of the
+//! Secret or the spec (re-authorization) triggers the next call.
+
+use crate::api::Connection;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use std::time::Duration;
+
+/// Annotation on the session Secret: the fingerprint its session was validated for.
+pub const FINGERPRINT_ANNOTATION: &str = "crmconnect.io/validated-fingerprint";
+/// Annotation on the session Secret: when the next validation is due (RFC 3339).
+pub const NEXT_CHECK_ANNOTATION: &str = "crmconnect.io/next-check-at";
+
+/// The conclusion of the last validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Authorized,
+    Rejected,
+    Unavailable { attempt: u32 },
+}
+
+/// What the operator remembers of the last validation of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Memo {
+    pub fingerprint: String,
+    pub outcome: Outcome,
+    /// `None`: only a change of the inputs triggers the next call.
+    pub next_check_at: Option<Timestamp>,
+}
+
+/// Whether the provider must be called now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Due {
+    Now,
+    /// Not before this time (requeue then).
+    At(Timestamp),
+    /// Not until the inputs change.
+    OnChange,
+}
+
+/// Fingerprint of everything a validation depends on. `secret_version` is the credentials Secret's
+/// resourceVersion, or `None` when it does not exist.
+pub fn fingerprint(conn: &Connection, secret_version: Option<&str>) -> String {
+    let settings = serde_json::json!({
+        "secret": conn.spec.credentials_secret_ref.name,
+        "version": secret_version,
+        "provider": conn.spec.provider,
+        "salesforce": conn.spec.salesforce,
+        "dynamics": conn.spec.dynamics,
+    });
+    let d = ring::digest::digest(&ring::digest::SHA256, settings.to_string().as_bytes());
+    d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decides whether to call the provider for inputs with `fingerprint`.
+pub fn due(memo: Option<&Memo>, fingerprint: &str, now: Timestamp) -> Due {
+    let Some(memo) = memo.filter(|m| m.fingerprint == fingerprint) else {
+        return Due::Now;
+    };
+    match memo.next_check_at {
+        None => Due::OnChange,
+        Some(at) if at <= now => Due::Now,
+        Some(at) => Due::At(at),
+    }
+}
+
+/// Revalidation policy (operator flags).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// How often valid tokens are re-checked (default 15 minutes), before jitter.
+    pub revalidate_every: Duration,
+    /// Refresh this long before a known access-token expiry.
+    pub refresh_margin: Duration,
+    /// First retry delay after a transient failure; doubles per attempt.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            revalidate_every: Duration::from_secs(15 * 60),
+            refresh_margin: Duration::from_secs(5 * 60),
+            retry_base: Duration::from_secs(5),
+            retry_max: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+fn plus(now: Timestamp, d: Duration) -> Timestamp {
+    now.saturating_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+impl Policy {
+    /// Memo after a success. `expires_at` is the access token's expiry, when known; `jitter` in [0, 1).
+    pub fn after_success(
+        &self,
+        fingerprint: String,
+        now: Timestamp,
+        expires_at: Option<Timestamp>,
+        jitter: f64,
+    ) -> Memo {
+        let mut next = plus(now, crate::providers::jittered(self.revalidate_every, jitter));
+        if let Some(exp) = expires_at {
+            let margin = SignedDuration::try_from(self.refresh_margin).unwrap_or(SignedDuration::ZERO);
+            let early = exp.saturating_sub(margin).unwrap_or(exp);
+            // Never sooner than the retry base, so a token with a tiny lifetime cannot spin the loop.
+            next = next.min(early.max(plus(now, self.retry_base)));
+        }
+        Memo {
+            fingerprint,
+            outcome: Outcome::Authorized,
+            next_check_at: Some(next),
+        }
+    }
+
+    /// Memo after a permanent or configuration failure: wait for a change.
+    pub fn after_rejection(&self, fingerprint: String) -> Memo {
+        Memo {
+            fingerprint,
+            outcome: Outcome::Rejected,
+            next_check_at: None,
+        }
+    }
+
+    /// Memo after a transient failure: exponential backoff with jitter, honouring Retry-After.
+    pub fn after_transient(
+        &self,
+        previous: Option<&Memo>,
+        fingerprint: String,
+        now: Timestamp,
+        retry_after: Option<Duration>,
+        jitter: f64,
+    ) -> Memo {
+        let attempt = match previous {
+            Some(Memo {
+                fingerprint: f,
+                outcome: Outcome::Unavailable { attempt },
+                ..
+            }) if *f == fingerprint => attempt.saturating_add(1),
+            _ => 0,
+        };
+        let delay =
+            crate::providers::retry_delay(attempt, retry_after, self.retry_base, self.retry_max, jitter);
+        Memo {
+            fingerprint,
+            outcome: Outcome::Unavailable { attempt },
+            next_check_at: Some(plus(now, delay)),
+        }
+    }
+}
+
+/// How long to wait before `due` from `now` (for the requeue).
+pub fn wait(due: &Due, now: Timestamp) -> Option<Duration> {
+    match due {
+        Due::Now => Some(Duration::ZERO),
+        Due::At(at) => Some(Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)),
+        Due::OnChange => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ConnectionSpec, Provider, SalesforceSpec, SecretRef};
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    fn conn() -> Connection {
+        Connection::new(
+            "c",
+            ConnectionSpec {
+                team: "t".into(),
+                provider: Provider::SalesforceProduction,
+                salesforce: None,
+                dynamics: None,
+                credentials_secret_ref: SecretRef { name: "creds".into() },
+                display_name: None,
+                description: None,
+                paused: false,
+            },
+        )
+    }
+
+    #[test]
+    fn fingerprint_changes_with_secret_version_and_provider_settings_only() {
+        let c = conn();
+        let base = fingerprint(&c, Some("1"));
+        assert_eq!(base, fingerprint(&c, Some("1")));
+        assert_ne!(base, fingerprint(&c, Some("2")));
+        assert_ne!(base, fingerprint(&c, None));
+        let mut paused = c.clone();
+        paused.spec.paused = true;
+        paused.spec.display_name = Some("x".into());
+        assert_eq!(
+            base,
+            fingerprint(&paused, Some("1")),
+            "pausing or renaming needs no provider call"
+        );
+        let mut other_login = c.clone();
+        other_login.spec.salesforce = Some(SalesforceSpec {
+            login_url: Some("https://a.my.salesforce.com".into()),
+        });
+        assert_ne!(base, fingerprint(&other_login, Some("1")));
+        let mut other_secret = c.clone();
+        other_secret.spec.credentials_secret_ref.name = "other".into();
+        assert_ne!(base, fingerprint(&other_secret, Some("1")));
+    }
+
+    #[test]
+    fn no_memo_or_changed_inputs_call_now() {
+        let p = Policy::default();
+        assert_eq!(due(None, "f", at(0)), Due::Now);
+        let m = p.after_success("f".into(), at(0), None, 0.5);
+        assert_eq!(due(Some(&m), "g", at(1)), Due::Now);
+    }
+
+    #[test]
+    fn success_is_rechecked_after_the_interval_with_jitter() {
+        let p = Policy::default();
+        for jitter in [0.0, 0.5, 0.999] {
+            let m = p.after_success("f".into(), at(0), None, jitter);
+            let next = m.next_check_at.unwrap();
+            // ±10% around 15 minutes.
+            assert!(next >= at(810) && next <= at(990), "{next}");
+            assert_eq!(due(Some(&m), "f", at(60)), Due::At(next));
+            assert_eq!(due(Some(&m), "f", next), Due::Now);
+        }
+        let low = p.after_success("f".into(), at(0), None, 0.0).next_check_at;
+        let high = p.after_success("f".into(), at(0), None, 0.999).next_check_at;
+        assert_ne!(low, high, "jitter spreads revalidations");
+    }
+
+    #[test]
+    fn success_refreshes_ahead_of_a_known_expiry() {
+        let p = Policy::default();
+        let m = p.after_success("f".into(), at(0), Some(at(600)), 0.5);
+        assert_eq!(m.next_check_at, Some(at(300)));
+        let tiny = p.after_success("f".into(), at(0), Some(at(1)), 0.5);
+        assert_eq!(
+            tiny.next_check_at,
+            Some(at(5)),
+            "never sooner than the retry base"
+        );
+    }
+
+    #[test]
+    fn rejection_waits_for_a_change() {
+        let p = Policy::default();
+        let m = p.after_rejection("f".into());
+        assert_eq!(due(Some(&m), "f", at(1_000_000)), Due::OnChange);
+        assert_eq!(due(Some(&m), "changed", at(1)), Due::Now);
+    }
+
+    #[test]
+    fn transient_failures_back_off_and_honour_retry_after() {
+        let p = Policy::default();
+        let m0 = p.after_transient(None, "f".into(), at(0), None, 0.5);
+        let m1 = p.after_transient(Some(&m0), "f".into(), at(0), None, 0.5);
+        let m2 = p.after_transient(Some(&m1), "f".into(), at(0), None, 0.5);
+        assert_eq!(m2.outcome, Outcome::Unavailable { attempt: 2 });
+        assert!(m0.next_check_at < m2.next_check_at, "{m0:?} {m2:?}");
+        let ra = p.after_transient(None, "f".into(), at(0), Some(Duration::from_secs(120)), 0.0);
+        assert!(ra.next_check_at.unwrap() >= at(120));
+        let reset = p.after_transient(Some(&m2), "other".into(), at(0), None, 0.5);
+        assert_eq!(reset.outcome, Outcome::Unavailable { attempt: 0 });
+    }
+
+    #[test]
+    fn an_hour_of_backoff_keeps_retrying_within_the_cap() {
+        let p = Policy::default();
+        let mut memo: Option<Memo> = None;
+        let mut now = at(0);
+        let mut calls = 0;
+        while now < at(3600) {
+            let m = p.after_transient(memo.as_ref(), "f".into(), now, None, 0.5);
+            let next = m.next_check_at.unwrap();
+            assert!(
+                next.duration_since(now) <= SignedDuration::from_secs(330),
+                "capped near retry_max"
+            );
+            now = next;
+            memo = Some(m);
+            calls += 1;
+        }
+        assert!(calls > 5 && calls < 100, "{calls} retries in an hour");
+    }
+
+    #[test]
+    fn wait_is_zero_now_and_none_on_change() {
+        assert_eq!(wait(&Due::Now, at(0)), Some(Duration::ZERO));
+        assert_eq!(wait(&Due::At(at(30)), at(0)), Some(Duration::from_secs(30)));
+        assert_eq!(wait(&Due::OnChange, at(0)), None);
+    }
+}
