@@ -206,8 +206,9 @@ pub fn parse_salesforce_identity_url(raw: &str) -> Option<(Url, String, String)>
     }
 }
 
+/// Real IDs are 15 or 18 alphanumerics; accept any short alphanumeric (fakes, future formats).
 fn is_salesforce_id(s: &str) -> bool {
-    (s.len() == 15 || s.len() == 18) && s.bytes().all(|b| b.is_ascii_alphanumeric())
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Same Salesforce record ID? 15-character IDs are case-sensitive; 18-character ones add a
@@ -456,7 +457,8 @@ mod tests {
         assert_eq!(org, "00Dxx0000001gPLEAY");
         assert_eq!(user, "005xx000001SwiUAAS");
         for bad in [
-            "https://login.salesforce.com/id/00D/005",
+            "https://login.salesforce.com/id/00Dxx0000001gPLEAY",
+            "https://login.salesforce.com/id/00D!x/005xx000001SwiUAAS",
             "https://login.salesforce.com/services/00Dxx0000001gPLEAY/005xx000001SwiUAAS",
             "not a url",
         ] {
