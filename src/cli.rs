@@ -22,6 +22,10 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run a job retriever for one connection (the container command of retriever pods).
     Retrieve(RetrieveArgs),
+    /// Validate one connection's credentials from local files (no cluster) and print the identity or
+    /// the classified failure. Exit code 0 valid, 1 permanent/configuration failure, 2 transient.
+    /// A rotated refresh token is written back into the Secret file.
+    CheckCredentials(crate::check_credentials::CheckArgs),
 }
 
 /// Flags of `run` (each also readable from the environment, for the Helm chart).
@@ -167,6 +171,9 @@ pub enum CliError {
     Config(String),
     #[error("{0}")]
     NotImplemented(String),
+    /// `check-credentials` did not succeed; `exit_code` is 1 (permanent/configuration) or 2 (transient).
+    #[error("{message}")]
+    CheckFailed { message: String, exit_code: i32 },
 }
 
 impl CliError {
@@ -175,6 +182,7 @@ impl CliError {
         match self {
             CliError::CrdMissing | CliError::Config(_) | CliError::NotImplemented(_) => 1,
             CliError::Connect(_) | CliError::Kube(_) => 2,
+            CliError::CheckFailed { exit_code, .. } => *exit_code,
         }
     }
 }
@@ -203,6 +211,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             init_logging(cli.log_format);
             run_operator(*args).await
         }
+        Command::CheckCredentials(args) => crate::check_credentials::run(args, cli.log_format).await,
         Command::Retrieve(args) => {
             init_logging(cli.log_format);
             Err(CliError::NotImplemented(format!(

@@ -2,6 +2,7 @@
 //! (Salesforce Production and Sandbox orgs, Microsoft Dynamics 365 environments).
 
 pub mod api;
+mod check_credentials;
 pub mod cli;
 pub mod controller;
 pub mod providers;
