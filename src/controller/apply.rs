@@ -74,6 +74,23 @@ pub async fn validate(
     observed: &Observed,
     now: Timestamp,
 ) -> Result<Validated, Error> {
+    let mut validated = validate_when_due(ctx, conn, ns, observed, now).await?;
+    if observed.credentials.is_none() {
+        // A Secret that does not exist yet carries no label, so the watch cannot see it appear:
+        // look again (a GET, no provider call) every retry_max until it does.
+        let poll = ctx.config.policy.retry_max;
+        validated.recheck_in = Some(validated.recheck_in.map_or(poll, |d| d.min(poll)));
+    }
+    Ok(validated)
+}
+
+async fn validate_when_due(
+    ctx: &Context,
+    conn: &Connection,
+    ns: &str,
+    observed: &Observed,
+    now: Timestamp,
+) -> Result<Validated, Error> {
     let key = uid(conn);
     let policy = &ctx.config.policy;
     let mut credentials = observed.credentials.clone();

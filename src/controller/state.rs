@@ -159,6 +159,12 @@ pub fn decide(
                 reasons::PROVIDER_UNAVAILABLE.to_string(),
                 format!("waiting for the provider: {message}"),
             ),
+            // Nothing new was learned: keep what the last reconcile said.
+            Check::Skipped if prior.state == Some(State::Pending) && prior.reason.is_some() => (
+                State::Pending,
+                prior.reason.clone().unwrap_or_default(),
+                prior.message.clone().unwrap_or_default(),
+            ),
             _ => (
                 State::Pending,
                 reasons::AWAITING_VALIDATION.to_string(),
@@ -454,6 +460,15 @@ mod tests {
         let s = step(&mut c, outage(), no_claim_asked, 3);
         assert_eq!(s.state, Some(State::Inactive));
         assert_eq!(s.reason.as_deref(), Some("TokenRevoked"));
+    }
+
+    #[test]
+    fn skipped_check_while_pending_on_an_outage_keeps_saying_so() {
+        let mut c = conn(Provider::SalesforceProduction);
+        let during = step(&mut c, outage(), no_claim_asked, 1);
+        let later = step(&mut c, Check::Skipped, no_claim_asked, 2);
+        assert_eq!(during, later);
+        assert_eq!(later.reason.as_deref(), Some(reasons::PROVIDER_UNAVAILABLE));
     }
 
     #[test]

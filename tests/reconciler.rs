@@ -1,0 +1,681 @@
+//! The reconciler on the real control plane, with the fake providers and short intervals.
+//! Each test has its own namespace, its own fake providers and its own operator instance (scoped to
+//! that namespace) running with the chart's least-privilege RBAC, so a missing rule fails a test.
+
+mod common;
+
+use common::*;
+use connection_operator::api::{Connection, State, conditions};
+use connection_operator::controller::{self, Config, schedule::Policy};
+use connection_operator::providers::ValidatorConfig;
+use fake_providers::{DynamicsEnvironment, FakeProviders, Fault, FaultTarget, SalesforceOrg};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const ORG: &str = "00D000000000001AAA";
+const ORG_USER: &str = "005000000000001AAA";
+const CLIENT_ID: &str = "test-client";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The chart's ServiceAccount and RBAC, applied once per test binary.
+fn ensure_rbac() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        ensure_crds();
+        let ns = run(
+            kubectl().args(["create", "namespace", "connection-operator"]),
+            None,
+        );
+        assert!(ns.success || ns.stderr.contains("AlreadyExists"), "{}", ns.stderr);
+        let rendered = run_ok(
+            helm().args([
+                "template",
+                "connection-operator",
+                "charts/connection-operator",
+                "--namespace",
+                "connection-operator",
+                "--show-only",
+                "templates/serviceaccount.yaml",
+                "--show-only",
+                "templates/rbac.yaml",
+            ]),
+            None,
+        );
+        run_ok(
+            kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
+            Some(&rendered),
+        );
+    });
+}
+
+/// Revalidation every 2 s, quick retries: what "short intervals" means for these tests.
+fn fast() -> Policy {
+    Policy {
+        revalidate_every: Duration::from_secs(2),
+        refresh_margin: Duration::from_secs(1),
+        retry_base: Duration::from_millis(200),
+        retry_max: Duration::from_secs(1),
+    }
+}
+
+/// No revalidation during a test.
+fn slow() -> Policy {
+    Policy {
+        revalidate_every: Duration::from_secs(3600),
+        ..fast()
+    }
+}
+
+struct Operator {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    async fn start(ns: &str, fake: &FakeProviders, policy: Policy) -> Operator {
+        let client = operator_client().await;
+        let config = Config {
+            namespace: Some(ns.to_string()),
+            policy,
+            validator: ValidatorConfig {
+                entra_authority_override: Some(fake.entra_authority()),
+                connect_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(2),
+                ..Default::default()
+            },
+            concurrency: 4,
+            ..Default::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            controller::run(client, config, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("operator runs");
+        });
+        Operator { stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("operator stops within 30 s of shutdown")
+            .expect("operator task did not panic");
+    }
+}
+
+struct Env {
+    client: Client,
+    ns: TempNamespace,
+    fake: FakeProviders,
+}
+
+impl Env {
+    async fn new() -> Env {
+        ensure_rbac();
+        let client = client().await;
+        let ns = TempNamespace::new(&client).await;
+        let fake = FakeProviders::start().await;
+        fake.add_salesforce_org(SalesforceOrg::new(ORG, ORG_USER, "ops@acme.example", CLIENT_ID));
+        Env { client, ns, fake }
+    }
+
+    fn ns(&self) -> &str {
+        self.ns.name()
+    }
+
+    fn connections(&self) -> Api<Connection> {
+        Api::namespaced(self.client.clone(), self.ns())
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), self.ns())
+    }
+
+    fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), self.ns())
+    }
+
+    async fn put_secret(&self, name: &str, data: &[(&str, &[u8])]) {
+        let data: BTreeMap<String, ByteString> = data
+            .iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+            .collect();
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data});
+        self.secrets()
+            .patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&secret))
+            .await
+            .expect("apply Secret");
+    }
+
+    /// A Secret with a fresh refresh token for `org`; returns the token.
+    async fn put_credentials(&self, name: &str, org: &str) -> String {
+        let token = self.fake.issue_refresh_token(org);
+        self.put_secret(
+            name,
+            &[
+                ("client_id", CLIENT_ID.as_bytes()),
+                ("refresh_token", token.as_bytes()),
+            ],
+        )
+        .await;
+        token
+    }
+
+    async fn create_salesforce(&self, name: &str, team: &str, secret: &str) {
+        self.create(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "team": team,
+                "provider": "SalesforceProduction",
+                "salesforce": {"loginUrl": self.fake.salesforce_login_url()},
+                "credentialsSecretRef": {"name": secret},
+            }
+        }))
+        .await;
+    }
+
+    async fn create(&self, mut body: serde_json::Value) {
+        body["apiVersion"] = json!("crmconnect.io/v1alpha1");
+        body["kind"] = json!("Connection");
+        let conn: Connection = serde_json::from_value(body).expect("valid Connection");
+        self.connections()
+            .create(&PostParams::default(), &conn)
+            .await
+            .expect("create Connection");
+    }
+
+    async fn get(&self, name: &str) -> Connection {
+        self.connections().get(name).await.expect("get Connection")
+    }
+
+    async fn wait_for(&self, name: &str, what: &str, check: impl Fn(&Connection) -> bool) -> Connection {
+        let api = self.connections();
+        let mut last = None;
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Ok(c) = api.get(name).await {
+                    if check(&c) {
+                        return c;
+                    }
+                    last = c.status.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("{name}: timed out waiting for {what}; last status: {last:#?}"))
+    }
+
+    async fn wait_state(&self, name: &str, state: State) -> Connection {
+        self.wait_for(name, &format!("state {state}"), |c| state_of(c) == Some(state))
+            .await
+    }
+
+    async fn replicas(&self, name: &str) -> Option<i32> {
+        self.deployments()
+            .get_opt(&format!("{name}-retriever"))
+            .await
+            .unwrap()
+            .and_then(|d| d.spec.replicas)
+    }
+
+    async fn wait_replicas(&self, name: &str, n: i32) {
+        eventually(&format!("{name}-retriever with {n} replicas"), WAIT, || async {
+            (self.replicas(name).await == Some(n)).then_some(())
+        })
+        .await;
+    }
+
+    async fn secret_value(&self, secret: &str, key: &str) -> Option<String> {
+        let s = self.secrets().get(secret).await.unwrap();
+        s.data
+            .and_then(|d| d.get(key).map(|b| String::from_utf8(b.0.clone()).unwrap()))
+    }
+
+    async fn event_reasons(&self, name: &str) -> Vec<String> {
+        let out = kubectl_ok(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            self.ns(),
+            "--field-selector",
+            &format!("regarding.name={name}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+        ]);
+        out.lines().map(str::to_string).collect()
+    }
+}
+
+fn state_of(c: &Connection) -> Option<State> {
+    c.status.as_ref().and_then(|s| s.state)
+}
+
+fn condition(c: &Connection, type_: &str) -> Option<(String, String)> {
+    let s = c.status.as_ref()?;
+    conditions::find(&s.conditions, type_).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+fn reason(c: &Connection) -> String {
+    c.status
+        .as_ref()
+        .and_then(|s| s.reason.clone())
+        .unwrap_or_default()
+}
+
+fn message(c: &Connection) -> String {
+    c.status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn new_connection_becomes_active_with_org_id_session_secret_and_one_replica() {
+    let env = Env::new().await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.put_credentials("creds", ORG).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+
+    let c = env.wait_state("acme", State::Active).await;
+    let status = c.status.clone().unwrap();
+    assert_eq!(status.org_id.as_deref(), Some(ORG));
+    assert_eq!(status.remote_id.as_deref(), Some(ORG));
+    assert_eq!(status.username.as_deref(), Some("ops@acme.example"));
+    assert_eq!(status.observed_generation, c.metadata.generation);
+    for type_ in [conditions::READY, conditions::AUTHORIZED, conditions::RETRIEVING] {
+        assert_eq!(condition(&c, type_).unwrap().0, "True", "{type_}");
+    }
+    env.wait_replicas("acme", 1).await;
+    // The session Secret holds the access token, never the refresh token, and is owned by the connection.
+    let session = env.secrets().get("acme-session").await.unwrap();
+    let data = session.data.clone().unwrap();
+    assert!(data.contains_key("access_token"));
+    assert!(!data.contains_key("refresh_token"));
+    assert_eq!(session.owner_references()[0].uid, c.uid().unwrap());
+    assert!(env.event_reasons("acme").await.contains(&"Activated".to_string()));
+    // `kubectl get connections` shows it.
+    let table = kubectl_ok(&["get", "connections", "-n", env.ns()]);
+    assert!(table.contains("Active") && table.contains(ORG), "{table}");
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn dynamics_connection_becomes_active_with_environment_id_and_keeps_the_newest_refresh_token() {
+    let env = Env::new().await;
+    let org = "11111111-1111-1111-1111-111111111111";
+    env.fake.add_dynamics_environment(DynamicsEnvironment::new(
+        org,
+        "22222222-2222-2222-2222-222222222222",
+        CLIENT_ID,
+    ));
+    let token = env.fake.issue_refresh_token(org);
+    env.put_secret(
+        "dyn-creds",
+        &[
+            ("client_id", CLIENT_ID.as_bytes()),
+            ("refresh_token", token.as_bytes()),
+        ],
+    )
+    .await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create(json!({
+        "metadata": {"name": "contoso"},
+        "spec": {
+            "team": "gov",
+            "provider": "Dynamics365",
+            "dynamics": {"environmentUrl": env.fake.environment_url(), "cloud": "GCCHigh"},
+            "credentialsSecretRef": {"name": "dyn-creds"},
+        }
+    }))
+    .await;
+    let c = env.wait_state("contoso", State::Active).await;
+    assert_eq!(c.status.as_ref().unwrap().environment_id.as_deref(), Some(org));
+    assert_eq!(c.status.as_ref().unwrap().org_id, None);
+    let stored = env.secret_value("dyn-creds", "refresh_token").await.unwrap();
+    assert_ne!(
+        stored, token,
+        "Entra returns a new refresh token on every grant: the newest is kept"
+    );
+    assert!(env.fake.is_live(&stored));
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_token_turns_inactive_within_a_revalidation_period_with_zero_replicas() {
+    let env = Env::new().await;
+    let token = env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, fast()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+    env.wait_replicas("acme", 1).await;
+
+    assert!(env.fake.revoke(&token));
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "TokenRevoked");
+    assert!(message(&c).starts_with("Connection inactive:"), "{}", message(&c));
+    assert_eq!(condition(&c, conditions::AUTHORIZED).unwrap().0, "False");
+    assert_eq!(
+        c.status.as_ref().unwrap().org_id.as_deref(),
+        Some(ORG),
+        "the org stays visible"
+    );
+    env.wait_replicas("acme", 0).await;
+    assert!(
+        env.event_reasons("acme")
+            .await
+            .contains(&"Deactivated".to_string())
+    );
+    // A dead token is not retried: no provider calls until the Secret changes.
+    let calls = env.fake.token_requests();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        env.fake.token_requests(),
+        calls,
+        "an inactive connection must not hammer the provider"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn updating_the_secret_reauthorizes_an_inactive_connection_within_seconds() {
+    let env = Env::new().await;
+    let token = env.put_credentials("creds", ORG).await;
+    env.fake.revoke(&token);
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Inactive).await;
+    env.wait_replicas("acme", 0).await;
+
+    env.put_credentials("creds", ORG).await;
+    let started = std::time::Instant::now();
+    env.wait_state("acme", State::Active).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "re-authorization took {took:?} (revalidation is 1 h here)"
+    );
+    env.wait_replicas("acme", 1).await;
+    assert!(
+        env.event_reasons("acme")
+            .await
+            .contains(&"Reauthorized".to_string())
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn pause_holds_retrieval_and_activate_resumes_it_without_provider_calls() {
+    let env = Env::new().await;
+    env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+    let calls = env.fake.token_requests();
+
+    let pause = |paused: bool| json!({"spec": {"paused": paused}});
+    env.connections()
+        .patch("acme", &PatchParams::default(), &Patch::Merge(&pause(true)))
+        .await
+        .unwrap();
+    let c = env.wait_state("acme", State::Paused).await;
+    assert_eq!(
+        condition(&c, conditions::RETRIEVING).unwrap(),
+        ("False".into(), "Holding".into())
+    );
+    env.wait_replicas("acme", 0).await;
+
+    env.connections()
+        .patch("acme", &PatchParams::default(), &Patch::Merge(&pause(false)))
+        .await
+        .unwrap();
+    env.wait_state("acme", State::Active).await;
+    env.wait_replicas("acme", 1).await;
+    assert_eq!(
+        env.fake.token_requests(),
+        calls,
+        "pausing and activating need no provider call"
+    );
+    let events = env.event_reasons("acme").await;
+    assert!(
+        events.contains(&"Paused".to_string()) && events.contains(&"Resumed".to_string()),
+        "{events:?}"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn provider_outage_keeps_the_connection_active_with_authorized_unknown() {
+    let env = Env::new().await;
+    env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, fast()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+
+    env.fake.push_fault(
+        Fault::status(FaultTarget::Any, 503, "Service Unavailable")
+            .header("Retry-After", "1")
+            .always(),
+    );
+    let c = env
+        .wait_for("acme", "Authorized Unknown", |c| {
+            condition(c, conditions::AUTHORIZED)
+                .is_some_and(|(s, r)| s == "Unknown" && r == "ProviderUnavailable")
+        })
+        .await;
+    assert_eq!(state_of(&c), Some(State::Active));
+    let before = env.fake.token_requests();
+    // Several revalidation periods of outage (and hanging requests): still Active, still retrieving.
+    env.fake.clear_faults();
+    env.fake.push_fault(Fault::hang(FaultTarget::Any).always());
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let c = env.get("acme").await;
+    assert_eq!(state_of(&c), Some(State::Active), "{:#?}", c.status);
+    assert_eq!(condition(&c, conditions::AUTHORIZED).unwrap().0, "Unknown");
+    assert_eq!(env.replicas("acme").await, Some(1));
+    assert!(env.fake.token_requests() > before, "the operator keeps retrying");
+    env.fake.clear_faults();
+    env.wait_for("acme", "Authorized True again", |c| {
+        condition(c, conditions::AUTHORIZED).unwrap().0 == "True"
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_refresh_token_is_written_back_to_the_secret() {
+    let env = Env::new().await;
+    env.fake.set_rotation(true);
+    let original = env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, fast()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+    // Several rotations (one per 2 s revalidation): the Secret always holds the live token.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let c = env.get("acme").await;
+    assert_eq!(state_of(&c), Some(State::Active), "{:#?}", c.status);
+    let stored = env.secret_value("creds", "refresh_token").await.unwrap();
+    assert_ne!(stored, original);
+    assert!(!env.fake.is_live(&original), "rotation killed the original token");
+    // The stored token may be one rotation behind a request in flight; wait for quiet.
+    op.stop().await;
+    let stored = env.secret_value("creds", "refresh_token").await.unwrap();
+    assert!(
+        env.fake.is_live(&stored),
+        "the Secret holds the live refresh token"
+    );
+}
+
+#[tokio::test]
+async fn two_teams_same_org_one_active_one_conflict_and_the_loser_takes_over() {
+    let env = Env::new().await;
+    env.put_credentials("first-creds", ORG).await;
+    env.put_credentials("second-creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("first", "sales", "first-creds").await;
+    env.wait_state("first", State::Active).await;
+    env.create_salesforce("second", "marketing", "second-creds").await;
+
+    let c = env.wait_state("second", State::Conflict).await;
+    assert_eq!(reason(&c), "OrgClaimedByAnotherTeam");
+    let msg = message(&c);
+    assert!(msg.contains(&format!("{}/first (team sales)", env.ns())), "{msg}");
+    assert_eq!(state_of(&env.get("first").await), Some(State::Active));
+    env.wait_replicas("second", 0).await;
+    assert!(
+        env.event_reasons("second")
+            .await
+            .contains(&"Conflict".to_string())
+    );
+
+    env.connections()
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_state("second", State::Active).await;
+    env.wait_replicas("second", 1).await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn missing_secret_is_inactive_and_creating_it_recovers() {
+    let env = Env::new().await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "SecretMissing");
+    assert!(message(&c).contains("creds"), "{}", message(&c));
+    // The Secret does not exist yet, so no label could be set: creating it must still be noticed.
+    env.put_credentials("creds", ORG).await;
+    env.wait_state("acme", State::Active).await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn missing_key_is_inactive_and_adding_it_recovers() {
+    let env = Env::new().await;
+    let token = env.fake.issue_refresh_token(ORG);
+    env.put_secret("creds", &[("refresh_token", token.as_bytes())])
+        .await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "SecretKeyMissing");
+    assert!(message(&c).contains("client_id"), "{}", message(&c));
+    env.put_secret(
+        "creds",
+        &[
+            ("client_id", CLIENT_ID.as_bytes()),
+            ("refresh_token", token.as_bytes()),
+        ],
+    )
+    .await;
+    env.wait_state("acme", State::Active).await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_in_the_secret_is_inactive_and_fixing_it_recovers() {
+    let env = Env::new().await;
+    env.put_secret(
+        "creds",
+        &[
+            ("client_id", CLIENT_ID.as_bytes()),
+            ("refresh_token", &[0xff, 0xfe, 0x00]),
+        ],
+    )
+    .await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "SecretKeyInvalid");
+    assert_eq!(
+        env.fake.token_requests(),
+        0,
+        "garbage is caught before any provider call"
+    );
+    env.put_credentials("creds", ORG).await;
+    env.wait_state("acme", State::Active).await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_connection_garbage_collects_its_children_but_not_the_credentials() {
+    let env = Env::new().await;
+    env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+    env.wait_replicas("acme", 1).await;
+    env.connections()
+        .delete("acme", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("children garbage-collected", Duration::from_secs(60), || async {
+        let d = env.deployments().get_opt("acme-retriever").await.unwrap();
+        let s = env.secrets().get_opt("acme-session").await.unwrap();
+        (d.is_none() && s.is_none()).then_some(())
+    })
+    .await;
+    assert!(
+        env.secrets().get_opt("creds").await.unwrap().is_some(),
+        "the user's Secret is theirs"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn operator_restart_on_an_unchanged_cluster_writes_nothing_and_calls_no_provider() {
+    let env = Env::new().await;
+    env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+    env.wait_replicas("acme", 1).await;
+    // Let follow-up reconciles (own writes echoing back) settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    op.stop().await;
+
+    let versions = || async {
+        let c = env.get("acme").await.resource_version();
+        let d = env
+            .deployments()
+            .get("acme-retriever")
+            .await
+            .unwrap()
+            .resource_version();
+        let s = env
+            .secrets()
+            .get("acme-session")
+            .await
+            .unwrap()
+            .resource_version();
+        let k = env.secrets().get("creds").await.unwrap().resource_version();
+        (c, d, s, k)
+    };
+    let before = versions().await;
+    let calls = env.fake.token_requests();
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    op.stop().await;
+    assert_eq!(
+        versions().await,
+        before,
+        "a restart must not write (Connection, Deployment, Secrets)"
+    );
+    assert_eq!(
+        env.fake.token_requests(),
+        calls,
+        "a still-valid session needs no provider call"
+    );
+}
