@@ -45,7 +45,15 @@ echo "build.sh: building helm ($helm_module $helm_version) ..." >&2
 start=$SECONDS
 # helm has its own dependency graph (other k8s.io versions): build it as its
 # own main module with `go install pkg@version`, never mixed into ours.
+# Same ldflags as helm's Makefile: its version, and the Kubernetes version that
+# `helm lint/template` assume offline (1 + major, minor of its k8s.io/client-go).
+helm_gomod="$(go mod download -json "$helm_module@$helm_version" |
+	sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
+helm_k8s_minor="$(awk '$1 == "k8s.io/client-go" { split($2, v, "."); print v[2] }' "$helm_gomod")"
 helm_ldflags="-s -w -X $helm_module/internal/version.version=$helm_version -X $helm_module/internal/version.gitTreeState=clean"
+for p in lint/rules chartutil; do
+	helm_ldflags+=" -X $helm_module/pkg/$p.k8sVersionMajor=1 -X $helm_module/pkg/$p.k8sVersionMinor=$helm_k8s_minor"
+done
 GOBIN="$bin" build go install -trimpath -ldflags "$helm_ldflags" "$helm_module/cmd/helm@$helm_version"
 echo "build.sh: helm built in $((SECONDS - start))s" >&2
 

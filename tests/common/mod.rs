@@ -1,0 +1,275 @@
+//! Shared helpers for the integration tests that run against the test cluster
+//! (a real kube-apiserver, kube-controller-manager and etcd, started by
+//! `tests/cluster/with-cluster.sh`; see tests/cluster/).
+//!
+//! Every helper that needs the cluster fails with a clear message when the tests
+//! are not run through `tests/cluster/with-cluster.sh` (which `make test` does):
+//! a test that needs a cluster never passes without one.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// How to run the tests that need a cluster.
+pub const RUN_HINT: &str = "run through tests/cluster/with-cluster.sh (make test)";
+
+/// Label put on every namespace made by [`TempNamespace`].
+pub const TEMP_NS_LABEL: &str = "connection-operator.test/temp";
+
+/// The user name of the operator's identity in `OPERATOR_KUBECONFIG`.
+pub const OPERATOR_USER: &str = "system:serviceaccount:connection-operator:connection-operator";
+
+/// The repository root (where Cargo.toml is).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// The admin kubeconfig of the test cluster (`$KUBECONFIG`). Panics when unset.
+pub fn kubeconfig_path() -> PathBuf {
+    env_path("KUBECONFIG")
+        .unwrap_or_else(|| panic!("KUBECONFIG is not set: this test needs the test cluster; {RUN_HINT}"))
+}
+
+/// The operator's kubeconfig: the ServiceAccount connection-operator/connection-operator,
+/// with only the permissions that RBAC grants it (none by default).
+pub fn operator_kubeconfig_path() -> PathBuf {
+    env_path("OPERATOR_KUBECONFIG").unwrap_or_else(|| {
+        panic!("OPERATOR_KUBECONFIG is not set: this test needs the test cluster; {RUN_HINT}")
+    })
+}
+
+/// The directory holding kubectl and helm (`$CLUSTER_BIN`, else target/cluster/bin).
+pub fn cluster_bin() -> PathBuf {
+    env_path("CLUSTER_BIN").unwrap_or_else(|| repo_root().join("target/cluster/bin"))
+}
+
+/// A kube client for the kubeconfig at `path`.
+pub async fn client_for(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path)
+        .unwrap_or_else(|e| panic!("reading kubeconfig {}: {e}; {RUN_HINT}", path.display()));
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", path.display()));
+    Client::try_from(config).expect("kube client")
+}
+
+/// A kube client with admin rights (`$KUBECONFIG`).
+pub async fn client() -> Client {
+    client_for(&kubeconfig_path()).await
+}
+
+/// A kube client acting as the operator's ServiceAccount (`$OPERATOR_KUBECONFIG`).
+pub async fn operator_client() -> Client {
+    client_for(&operator_kubeconfig_path()).await
+}
+
+fn tool(name: &str) -> Command {
+    let path = cluster_bin().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build it with tests/cluster/build.sh, or {RUN_HINT}",
+        path.display()
+    );
+    let mut cmd = Command::new(path);
+    cmd.env("KUBECONFIG", kubeconfig_path()).current_dir(repo_root());
+    cmd
+}
+
+/// `kubectl` of the test cluster, with the admin KUBECONFIG, run from the repo root.
+pub fn kubectl() -> Command {
+    tool("kubectl")
+}
+
+/// `helm` built for the tests, with the admin KUBECONFIG, run from the repo root.
+pub fn helm() -> Command {
+    tool("helm")
+}
+
+/// The result of a command, with its output as text.
+#[derive(Debug)]
+pub struct Run {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(out: Output) -> Self {
+        Run {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `cmd` (with `stdin` as its input, if any) and returns its output.
+pub fn run(cmd: &mut Command, stdin: Option<&str>) -> Run {
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {desc}: {e}"));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        pipe.write_all(input.as_bytes())
+            .unwrap_or_else(|e| panic!("writing stdin of {desc}: {e}"));
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {desc}: {e}"))
+        .into()
+}
+
+/// Runs `cmd` and panics, with its stderr, unless it succeeds; returns its stdout.
+pub fn run_ok(cmd: &mut Command, stdin: Option<&str>) -> String {
+    let desc = format!("{cmd:?}");
+    let out = run(cmd, stdin);
+    assert!(out.success, "{desc} failed:\n{}{}", out.stdout, out.stderr);
+    out.stdout
+}
+
+/// `kubectl ARGS...`, which must succeed; returns its stdout.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    run_ok(kubectl().args(args), None)
+}
+
+/// Polls `f` every 250 ms until it returns `Some`, for at most `timeout`; panics with
+/// `what` after that.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Installs the CRDs of `crds/` (idempotent, once per test binary) and waits until they are
+/// established. Safe to call from tests running in parallel.
+pub fn ensure_crds() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        // Tests of other binaries may apply at the same moment: retry create races.
+        let mut last = None;
+        for _ in 0..5 {
+            let out = run(
+                kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "crds/"]),
+                None,
+            );
+            if out.success {
+                last = None;
+                break;
+            }
+            last = Some(out.stderr);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if let Some(err) = last {
+            panic!("kubectl apply -f crds/ failed: {err}");
+        }
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "-f",
+            "crds/",
+        ]);
+    });
+}
+
+/// A namespace made for one test (`t-<random>`), deleted when dropped, also when the test
+/// panics. It is ready to use: its `default` ServiceAccount exists, so Pods can be created.
+pub struct TempNamespace {
+    name: String,
+}
+
+impl TempNamespace {
+    /// Creates the namespace and waits for its `default` ServiceAccount.
+    pub async fn new(client: &Client) -> Self {
+        let name = format!("t-{:08x}", rand::random::<u32>());
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([(TEMP_NS_LABEL.to_string(), "true".to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}; {RUN_HINT}"));
+        let guard = TempNamespace { name };
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &guard.name);
+        eventually("the default ServiceAccount", Duration::from_secs(60), || async {
+            sas.get_opt("default").await.ok().flatten()
+        })
+        .await;
+        guard
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TempNamespace {
+    fn drop(&mut self) {
+        // kubectl, not the async client: Drop can't await, and this also works while a
+        // panicking test unwinds. Don't wait for the namespace controller to finish.
+        let _ = kubectl()
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Runs `f` with an admin client and a fresh namespace, deleted afterwards:
+///
+/// ```ignore
+/// with_temp_ns(|client, ns| async move { ... }).await;
+/// ```
+pub async fn with_temp_ns<F, Fut, T>(f: F) -> T
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let client = client().await;
+    let ns = TempNamespace::new(&client).await;
+    f(client, ns.name().to_string()).await
+}
