@@ -430,6 +430,16 @@ pub(crate) fn rotated(old: &SecretString, new: Option<&oauth2::RefreshToken>) ->
     (!new.is_empty() && new != old.expose_secret()).then(|| SecretString::from(new.as_str()))
 }
 
+/// Compile-time check: the validation futures are `Send` for any lifetime (the controller runs them
+/// on a multi-threaded runtime; closures capturing references broke this once).
+#[allow(dead_code)]
+fn _assert_send(v: &Validator, spec: &ConnectionSpec, creds: &Credentials, prev: Option<&str>) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(salesforce::validate(&v.http, spec, creds, prev));
+    is_send(dynamics::validate(&v.http, None, spec, creds, prev));
+    is_send(v.validate(spec, creds, prev));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,14 +535,4 @@ mod tests {
         assert!(!failure.is_transient());
         assert!(failure.message.contains("creds"));
     }
-}
-
-/// Compile-time check: the validation futures are `Send` for any lifetime (the controller runs them
-/// on a multi-threaded runtime; closures capturing references broke this once).
-#[allow(dead_code)]
-fn _assert_send(v: &Validator, spec: &ConnectionSpec, creds: &Credentials, prev: Option<&str>) {
-    fn is_send<T: Send>(_: T) {}
-    is_send(salesforce::validate(&v.http, spec, creds, prev));
-    is_send(dynamics::validate(&v.http, None, spec, creds, prev));
-    is_send(v.validate(spec, creds, prev));
 }
