@@ -515,3 +515,112 @@ async fn provider_echoing_a_secret_in_an_error_is_scrubbed() {
     assert!(!failure.message.contains(CLIENT_SECRET), "{}", failure.message);
     assert!(failure.message.contains("[redacted]"), "{}", failure.message);
 }
+
+#[tokio::test]
+async fn fake_is_drivable_over_its_admin_http_api_and_from_a_seed() {
+    let fake = FakeProviders::start().await;
+    let seed: fake_providers::Seed = serde_yaml::from_str(&format!(
+        "rotation: false\nsalesforce:\n  - orgId: {ORG}\n    userId: {USER}\n    username: {USERNAME}\n    clientId: {CLIENT_ID}\n    refreshTokens: [seeded-refresh-token]\n"
+    ))
+    .unwrap();
+    fake.apply_seed(&seed);
+    let http = reqwest::Client::new();
+    let admin = |path: &str| format!("{}/_admin/{path}", fake.url());
+    let post = |path: &str, body: serde_json::Value| http.post(admin(path)).json(&body).send();
+
+    let session = validator()
+        .validate(&spec(&fake.url()), &creds("seeded-refresh-token", None), None)
+        .await
+        .unwrap();
+    assert_eq!(session.remote_id, ORG);
+
+    // Another org with a secret, a token issued over HTTP, rotation on.
+    let other = "00D000000000003CCC";
+    let status = post(
+        "salesforce/orgs",
+        serde_json::json!({"orgId": other, "userId": USER, "username": "b@x", "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET}),
+    )
+    .await
+    .unwrap()
+    .status();
+    assert!(status.is_success(), "{status}");
+    let issued: serde_json::Value = post("tokens", serde_json::json!({"remoteId": other}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = issued["refreshToken"].as_str().unwrap().to_string();
+    post("rotation", serde_json::json!({"enabled": true}))
+        .await
+        .unwrap();
+    let session = validator()
+        .validate(&spec(&fake.url()), &creds(&token, Some(CLIENT_SECRET)), None)
+        .await
+        .unwrap();
+    assert_eq!(session.remote_id, other);
+    assert!(session.rotated_refresh_token.is_some());
+    post("rotation", serde_json::json!({"enabled": false})).await.unwrap();
+
+    // Scripted fault over HTTP.
+    post(
+        "faults",
+        serde_json::json!({"target": "Token", "status": 503, "headers": [["Retry-After", "4"]]}),
+    )
+    .await
+    .unwrap();
+    let failure = validator()
+        .validate(&spec(&fake.url()), &creds("seeded-refresh-token", None), None)
+        .await
+        .unwrap_err();
+    assert_eq!(failure.retry_after, Some(Duration::from_secs(4)));
+
+    // Sandbox refresh and revocation over HTTP.
+    let changed: serde_json::Value = post(
+        "change-id",
+        serde_json::json!({"from": ORG, "to": "00D000000000004DDD"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(changed["changed"], true);
+    let failure = validator()
+        .validate(
+            &spec(&fake.url()),
+            &creds("seeded-refresh-token", None),
+            Some(ORG),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(failure.reason, reason::ORG_ID_CHANGED);
+    let revoked: serde_json::Value = post(
+        "revoke",
+        serde_json::json!({"refreshToken": "seeded-refresh-token"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(revoked["revoked"], true);
+    let failure = validator()
+        .validate(&spec(&fake.url()), &creds("seeded-refresh-token", None), None)
+        .await
+        .unwrap_err();
+    assert_eq!(failure.reason, reason::TOKEN_REVOKED);
+
+    let stats: fake_providers::Stats = http
+        .get(admin("stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats, fake.stats());
+    assert_eq!(stats.salesforce_token_requests, 5);
+    http.delete(admin("stats")).send().await.unwrap();
+    assert_eq!(fake.token_requests(), 0);
+}
