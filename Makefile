@@ -1,15 +1,23 @@
 # The README's commands. `make test` is what CI runs (through .ci/run).
-.PHONY: test unit crds lint fmt
+.PHONY: demo demo-down test unit crds lint fmt cluster-up cluster-down
 
-# All tests (unit + integration).
+# The local demo: control plane + fake Salesforce/Dynamics + operator + example connections.
+demo:
+	scripts/demo.sh
+
+# Stop everything the demo started.
+demo-down:
+	scripts/demo.sh down
+
+# All tests (unit + integration) against a real control plane, started and stopped around them.
 test:
-	cargo test --all-targets
+	tests/cluster/with-cluster.sh cargo test --workspace --all-targets
 
-# Unit tests only (no cluster).
+# Tests that need no cluster.
 unit:
-	cargo test --lib --test crd_schema
+	cargo test --workspace --lib --test crd_schema --test cli --test providers_salesforce --test providers_dynamics
 
-# Regenerate the CRD from the Rust types.
+# Regenerate the CRD (and the chart's copy) from the Rust types.
 crds:
 	cargo run -q -- crd > crds/connection.yaml
 	cp crds/connection.yaml charts/connection-operator/crds/connection.yaml
@@ -20,3 +28,10 @@ lint:
 
 fmt:
 	cargo fmt
+
+# Start / stop the test control plane by hand (prints the export lines to eval).
+cluster-up:
+	@tests/cluster/up.sh
+
+cluster-down:
+	tests/cluster/down.sh

@@ -1,0 +1,154 @@
+//! The Helm chart: lint, render, and validate against the real API server; its RBAC is exactly what
+//! the operator needs (the reconciler tests run with it; here: nothing more).
+
+mod common;
+
+use common::*;
+
+fn render() -> String {
+    run_ok(
+        helm().args([
+            "template",
+            "connection-operator",
+            "charts/connection-operator",
+            "--namespace",
+            "connection-operator",
+        ]),
+        None,
+    )
+}
+
+#[test]
+fn chart_lints() {
+    let out = run_ok(helm().args(["lint", "charts/connection-operator"]), None);
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+}
+
+#[test]
+fn rendered_chart_is_accepted_by_the_api_server() {
+    ensure_crds();
+    let _ = run(
+        kubectl().args(["create", "namespace", "connection-operator"]),
+        None,
+    );
+    let out = run_ok(
+        kubectl().args(["apply", "--dry-run=server", "-f", "-"]),
+        Some(&render()),
+    );
+    for kind in [
+        "serviceaccount/",
+        "clusterrole.rbac",
+        "clusterrolebinding.rbac",
+        "deployment.apps/",
+    ] {
+        assert!(out.contains(kind), "{kind} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn operator_pod_runs_restricted_with_resources() {
+    let rendered = render();
+    let deployment = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .find(|v| v["kind"] == "Deployment")
+        .expect("a Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["cpu"].is_string());
+    assert_eq!(c["args"][0], "run");
+}
+
+#[test]
+fn rbac_grants_no_delete_and_no_access_beyond_what_the_operator_uses() {
+    let rendered = render();
+    let role = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .find(|v| v["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    let mut grants = vec![];
+    for rule in role["rules"].as_array().unwrap() {
+        for resource in rule["resources"].as_array().unwrap() {
+            for verb in rule["verbs"].as_array().unwrap() {
+                grants.push(format!(
+                    "{}/{}:{}",
+                    rule["apiGroups"][0].as_str().unwrap(),
+                    resource.as_str().unwrap(),
+                    verb.as_str().unwrap()
+                ));
+            }
+        }
+    }
+    assert!(
+        grants
+            .iter()
+            .all(|g| !g.ends_with(":delete") && !g.ends_with(":deletecollection") && !g.contains('*')),
+        "{grants:?}"
+    );
+    assert!(
+        !grants.iter().any(|g| g.starts_with("crmconnect.io/connections:")
+            && !g.ends_with(":get")
+            && !g.ends_with(":list")
+            && !g.ends_with(":watch")),
+        "connections are read-only: {grants:?}"
+    );
+    assert!(
+        !grants
+            .iter()
+            .any(|g| g.contains("pods") || g.contains("configmaps")),
+        "{grants:?}"
+    );
+}
+
+#[test]
+fn operator_identity_gets_exactly_the_chart_permissions() {
+    ensure_crds();
+    let _ = run(
+        kubectl().args(["create", "namespace", "connection-operator"]),
+        None,
+    );
+    let rbac = run_ok(
+        helm().args([
+            "template",
+            "connection-operator",
+            "charts/connection-operator",
+            "--namespace",
+            "connection-operator",
+            "--show-only",
+            "templates/serviceaccount.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
+        ]),
+        None,
+    );
+    run_ok(
+        kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
+        Some(&rbac),
+    );
+    let can = |verb: &str, resource: &str| {
+        let (resource, sub) = resource
+            .split_once('/')
+            .map_or((resource, None), |(r, s)| (r, Some(s)));
+        let mut cmd = kubectl();
+        cmd.args(["auth", "can-i", verb, resource, "-A", "--as", OPERATOR_USER]);
+        if let Some(sub) = sub {
+            cmd.arg(format!("--subresource={sub}"));
+        }
+        run(&mut cmd, None).stdout.trim() == "yes"
+    };
+    assert!(can("watch", "connections.crmconnect.io"));
+    assert!(can("patch", "connections.crmconnect.io/status"));
+    assert!(can("patch", "secrets"));
+    assert!(can("create", "events.events.k8s.io"));
+    assert!(
+        !can("update", "connections.crmconnect.io"),
+        "the operator never writes a spec"
+    );
+    assert!(!can("delete", "secrets"));
+    assert!(!can("delete", "deployments.apps"));
+    assert!(!can("create", "pods"));
+}
