@@ -560,7 +560,9 @@ async fn fake_is_drivable_over_its_admin_http_api_and_from_a_seed() {
         .unwrap();
     assert_eq!(session.remote_id, other);
     assert!(session.rotated_refresh_token.is_some());
-    post("rotation", serde_json::json!({"enabled": false})).await.unwrap();
+    post("rotation", serde_json::json!({"enabled": false}))
+        .await
+        .unwrap();
 
     // Scripted fault over HTTP.
     post(
