@@ -679,3 +679,138 @@ async fn operator_restart_on_an_unchanged_cluster_writes_nothing_and_calls_no_pr
         "a still-valid session needs no provider call"
     );
 }
+
+#[tokio::test]
+async fn refreshed_sandbox_with_a_new_org_id_is_inactive_and_the_rotated_token_is_still_saved() {
+    let env = Env::new().await;
+    env.fake.set_rotation(true);
+    env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, fast()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+
+    assert!(env.fake.change_remote_id(ORG, "00D000000000002AAA"));
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "OrgIdChanged");
+    assert_eq!(
+        message(&c).matches("Connection inactive:").count(),
+        1,
+        "{}",
+        message(&c)
+    );
+    env.wait_replicas("acme", 0).await;
+    op.stop().await;
+    // The failed validation had already rotated the token: the live one is in the Secret.
+    let stored = env.secret_value("creds", "refresh_token").await.unwrap();
+    assert!(
+        env.fake.is_live(&stored),
+        "the rotated token was saved even though validation failed"
+    );
+}
+
+#[tokio::test]
+async fn rotated_token_that_cannot_be_saved_is_not_reported_active_and_is_saved_once_possible() {
+    let env = Env::new().await;
+    env.fake.set_rotation(true);
+    let original = env.fake.issue_refresh_token(ORG);
+    // Pre-labelled, so the operator has no reason to write the Secret before the rotation.
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "creds", "labels": {"crmconnect.io/credentials": "true"}},
+        "stringData": {"client_id": CLIENT_ID, "refresh_token": original},
+    });
+    env.secrets()
+        .patch("creds", &PatchParams::apply("test"), &Patch::Apply(&secret))
+        .await
+        .unwrap();
+
+    // A real admission policy that refuses the operator's writes to Secrets in this namespace.
+    let policy_name = format!("deny-secret-writes-{}", env.ns());
+    let policy = format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {policy_name}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {{apiGroups: [""], apiVersions: ["v1"], operations: ["UPDATE"], resources: ["secrets"]}}
+  validations:
+    - expression: "request.userInfo.username != '{OPERATOR_USER}'"
+      message: "test: Secret writes by the operator are refused"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {policy_name}}}
+spec:
+  policyName: {policy_name}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
+"#,
+        ns = env.ns()
+    );
+    run_ok(kubectl().args(["apply", "-f", "-"]), Some(&policy));
+    struct DeletePolicy(String);
+    impl Drop for DeletePolicy {
+        fn drop(&mut self) {
+            let _ = run(
+                kubectl().args([
+                    "delete",
+                    "validatingadmissionpolicy,validatingadmissionpolicybinding",
+                    &self.0,
+                    "--ignore-not-found",
+                ]),
+                None,
+            );
+        }
+    }
+    let guard = DeletePolicy(policy_name.clone());
+    eventually("the admission policy to take effect", WAIT, || async {
+        let out = run(
+            kubectl().args([
+                "label",
+                "secret",
+                "creds",
+                "-n",
+                env.ns(),
+                "probe=1",
+                "--overwrite",
+                "--dry-run=server",
+                "--as",
+                OPERATOR_USER,
+            ]),
+            None,
+        );
+        out.stderr
+            .contains("Secret writes by the operator are refused")
+            .then_some(())
+    })
+    .await;
+
+    let op = Operator::start(env.ns(), &env.fake, fast()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "RefreshTokenNotSaved");
+    assert!(message(&c).contains("Secret creds"), "{}", message(&c));
+    assert_eq!(env.replicas("acme").await, Some(0));
+    assert!(
+        !env.fake.is_live(&original),
+        "the provider already killed the old token"
+    );
+    assert_eq!(
+        env.secret_value("creds", "refresh_token").await.as_deref(),
+        Some(original.as_str())
+    );
+
+    // Once the Secret can be written, the token kept in memory is saved and the connection recovers.
+    drop(guard);
+    env.wait_state("acme", State::Active).await;
+    op.stop().await;
+    let stored = env.secret_value("creds", "refresh_token").await.unwrap();
+    assert!(
+        env.fake.is_live(&stored),
+        "the live rotated token reached the Secret"
+    );
+}

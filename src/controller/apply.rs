@@ -111,7 +111,7 @@ async fn validate_when_due(
     let version = credentials
         .as_ref()
         .and_then(|s| s.metadata.resource_version.clone());
-    let fingerprint = schedule::fingerprint(conn, version.as_deref());
+    let mut fingerprint = schedule::fingerprint(conn, version.as_deref());
     let memo = {
         let mut memos = ctx.memos.lock().unwrap();
         if !memos.contains_key(&key)
@@ -143,7 +143,33 @@ async fn validate_when_due(
     let result = match creds {
         Err(f) => Err(f),
         Ok(creds) => match ctx.validator.validate(&conn.spec, &creds, previous_remote).await {
-            Err(f) => Err(f),
+            Err(f) => {
+                // The grant may have rotated the refresh token before a later step failed: the
+                // old one may be dead, so the new one is saved whatever the outcome.
+                if let Some(rotated) = &f.rotated_refresh_token {
+                    let secret = credentials
+                        .as_ref()
+                        .expect("validated credentials come from a Secret");
+                    ctx.pending_tokens.lock().unwrap().insert(
+                        key.clone(),
+                        PendingToken {
+                            replaced: creds.refresh_token.clone(),
+                            token: rotated.clone(),
+                        },
+                    );
+                    match save_pending_token(ctx, ns, &key, secret).await {
+                        Ok(Some(saved)) => {
+                            fingerprint =
+                                schedule::fingerprint(conn, saved.metadata.resource_version.as_deref())
+                        }
+                        Ok(None) => {}
+                        Err(message) => {
+                            return Ok(not_saved(ctx, &key, conn, credentials.as_ref(), message, now));
+                        }
+                    }
+                }
+                Err(f)
+            }
             Ok(session) => Ok((creds, session)),
         },
     };

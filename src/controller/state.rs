@@ -151,7 +151,10 @@ pub fn decide(
         Basis::Invalid { reason, message } => (
             State::Inactive,
             reason.clone(),
-            format!("{INACTIVE_PREFIX}{message}"),
+            format!(
+                "{INACTIVE_PREFIX}{}",
+                message.strip_prefix(INACTIVE_PREFIX).unwrap_or(message)
+            ),
         ),
         Basis::Unknown => match check {
             Check::Unavailable { message, .. } => (
