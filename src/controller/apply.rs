@@ -4,10 +4,10 @@
 
 use super::children::{self, FIELD_MANAGER, SessionData};
 use super::dereference::Observed;
-use super::schedule::{self, Due, Memo, Outcome};
+use super::schedule::{self, Due, Memo};
 use super::state::{Check, Identity};
 use super::{Context, Error, PendingToken, jitter, uid};
-use crate::api::{Connection, ConnectionStatus, State, conditions};
+use crate::api::{Connection, ConnectionStatus};
 use crate::providers::{Credentials, Failure, FailureKind};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -31,39 +31,6 @@ pub struct Validated {
     pub session: Option<SessionData>,
     /// When to look again (`None`: on change only).
     pub recheck_in: Option<Duration>,
-}
-
-fn failure_check(f: &Failure) -> Check {
-    match f.kind {
-        FailureKind::Transient => Check::Unavailable {
-            reason: f.reason.to_string(),
-            message: f.message.clone(),
-        },
-        FailureKind::Permanent | FailureKind::Configuration => Check::Rejected {
-            reason: f.reason.to_string(),
-            message: f.message.clone(),
-        },
-    }
-}
-
-/// Seeds the memo after an operator restart from the session Secret's annotations, so that an
-/// unchanged Secret and a still-valid session cause no provider call.
-fn memo_from_session(conn: &Connection, session: Option<&Secret>) -> Option<Memo> {
-    let status = conn.status.as_ref()?;
-    let authorized = matches!(
-        status.state,
-        Some(State::Active | State::Paused | State::Conflict)
-    ) && conditions::find(&status.conditions, conditions::AUTHORIZED)
-        .is_some_and(|c| c.status == "True");
-    if !authorized {
-        return None;
-    }
-    let annotations = session?.metadata.annotations.as_ref()?;
-    Some(Memo {
-        fingerprint: annotations.get(schedule::FINGERPRINT_ANNOTATION)?.clone(),
-        outcome: Outcome::Authorized,
-        next_check_at: Some(annotations.get(schedule::NEXT_CHECK_ANNOTATION)?.parse().ok()?),
-    })
 }
 
 /// Step 2: validate the credentials against the provider when due.
@@ -99,12 +66,48 @@ async fn validate_when_due(
     if let Some(secret) = &credentials {
         credentials = Some(ensure_credentials_label(ctx, ns, secret).await?);
     }
+    // What the operator remembers (seeded from status and the session Secret after a restart).
+    let memo = ctx
+        .memos
+        .lock()
+        .unwrap()
+        .entry(key.clone())
+        .or_insert_with(|| {
+            schedule::seed(
+                conn.status.as_ref(),
+                observed
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.metadata.annotations.as_ref()),
+            )
+        })
+        .clone();
+    let remember = |memo: Memo| {
+        let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
+        let check = memo.check.clone();
+        ctx.memos.lock().unwrap().insert(key.clone(), memo);
+        Validated {
+            check,
+            session: None,
+            recheck_in,
+        }
+    };
+
     // A rotated token that could not be saved before is saved before anything else.
     if let Some(secret) = &credentials {
         match save_pending_token(ctx, ns, &key, secret).await {
             Ok(Some(saved)) => credentials = Some(saved),
             Ok(None) => {}
-            Err(message) => return Ok(not_saved(ctx, &key, conn, credentials.as_ref(), message, now)),
+            Err(message) => {
+                return Ok(remember(not_saved(
+                    ctx,
+                    conn,
+                    &memo,
+                    credentials.as_ref(),
+                    message,
+                    now,
+                )));
+            }
         }
     }
 
@@ -112,20 +115,12 @@ async fn validate_when_due(
         .as_ref()
         .and_then(|s| s.metadata.resource_version.clone());
     let mut fingerprint = schedule::fingerprint(conn, version.as_deref());
-    let memo = {
-        let mut memos = ctx.memos.lock().unwrap();
-        if !memos.contains_key(&key)
-            && let Some(seeded) = memo_from_session(conn, observed.session.as_ref())
-        {
-            memos.insert(key.clone(), seeded);
-        }
-        memos.get(&key).cloned()
-    };
-    match schedule::due(memo.as_ref(), &fingerprint, now) {
+    match schedule::due(Some(&memo), &fingerprint, now) {
         Due::Now => {}
         later => {
+            let check = memo.check.clone();
             return Ok(Validated {
-                check: Check::Skipped,
+                check,
                 session: None,
                 recheck_in: schedule::wait(&later, now),
             });
@@ -139,93 +134,83 @@ async fn validate_when_due(
             Credentials::from_secret_data(secret_name, secret.data.as_ref().unwrap_or(&BTreeMap::new()))
         }
     };
-    let previous_remote = conn.status.as_ref().and_then(|s| s.remote_id.as_deref());
-    let result = match creds {
-        Err(f) => Err(f),
-        Ok(creds) => match ctx.validator.validate(&conn.spec, &creds, previous_remote).await {
-            Err(f) => {
-                // The grant may have rotated the refresh token before a later step failed: the
-                // old one may be dead, so the new one is saved whatever the outcome.
-                if let Some(rotated) = &f.rotated_refresh_token {
-                    let secret = credentials
-                        .as_ref()
-                        .expect("validated credentials come from a Secret");
-                    ctx.pending_tokens.lock().unwrap().insert(
-                        key.clone(),
-                        PendingToken {
-                            replaced: creds.refresh_token.clone(),
-                            token: rotated.clone(),
-                        },
-                    );
-                    match save_pending_token(ctx, ns, &key, secret).await {
-                        Ok(Some(saved)) => {
-                            fingerprint =
-                                schedule::fingerprint(conn, saved.metadata.resource_version.as_deref())
-                        }
-                        Ok(None) => {}
-                        Err(message) => {
-                            return Ok(not_saved(ctx, &key, conn, credentials.as_ref(), message, now));
-                        }
-                    }
-                }
-                Err(f)
-            }
-            Ok(session) => Ok((creds, session)),
-        },
+    let previous_remote = memo.check.last_identity.as_ref().map(|id| id.remote_id.as_str());
+    let (creds, result) = match creds {
+        Err(f) => (None, Err(f)),
+        Ok(creds) => {
+            let result = ctx.validator.validate(&conn.spec, &creds, previous_remote).await;
+            (Some(creds), result)
+        }
     };
+
+    // The provider rotated the refresh token: the old one is dead. Persist the new one before the
+    // session is used or reported — also when a later step of the validation failed.
+    let rotated = match &result {
+        Ok(session) => session.rotated_refresh_token.clone(),
+        Err(failure) => failure.rotated_refresh_token.clone(),
+    };
+    if let (Some(rotated), Some(creds), Some(secret)) = (rotated, &creds, &credentials) {
+        ctx.pending_tokens.lock().unwrap().insert(
+            key.clone(),
+            PendingToken {
+                replaced: creds.refresh_token.clone(),
+                token: rotated,
+            },
+        );
+        match save_pending_token(ctx, ns, &key, secret).await {
+            Ok(Some(saved)) => {
+                fingerprint = schedule::fingerprint(conn, saved.metadata.resource_version.as_deref())
+            }
+            Ok(None) => {
+                // The user replaced the token meanwhile: their change triggers a new reconcile.
+                let check = memo.check.clone();
+                return Ok(Validated {
+                    check,
+                    session: None,
+                    recheck_in: Some(Duration::ZERO),
+                });
+            }
+            Err(message) => {
+                return Ok(remember(not_saved(
+                    ctx,
+                    conn,
+                    &memo,
+                    credentials.as_ref(),
+                    message,
+                    now,
+                )));
+            }
+        }
+    }
 
     match result {
         Err(failure) => {
-            let memo = match failure.kind {
-                FailureKind::Transient => {
-                    policy.after_transient(memo.as_ref(), fingerprint, now, failure.retry_after, jitter())
-                }
-                _ => policy.after_rejection(fingerprint),
-            };
             info!(reason = %failure.reason, kind = ?failure.kind, "validation failed: {}", failure.message);
-            let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
-            ctx.memos.lock().unwrap().insert(key, memo);
-            Ok(Validated {
-                check: failure_check(&failure),
-                session: None,
-                recheck_in,
-            })
-        }
-        Ok((creds, session)) => {
-            let mut version = version;
-            // The provider rotated the refresh token: the old one is dead. Persist the new one
-            // before the session is used or reported.
-            if let Some(rotated) = &session.rotated_refresh_token {
-                let secret = credentials
-                    .as_ref()
-                    .expect("validated credentials come from a Secret");
-                ctx.pending_tokens.lock().unwrap().insert(
-                    key.clone(),
-                    PendingToken {
-                        replaced: creds.refresh_token.clone(),
-                        token: rotated.clone(),
-                    },
-                );
-                match save_pending_token(ctx, ns, &key, secret).await {
-                    Ok(Some(saved)) => version = saved.metadata.resource_version.clone(),
-                    Ok(None) => {
-                        // The user replaced the token meanwhile: their change triggers a new reconcile.
-                        return Ok(Validated {
-                            check: Check::Skipped,
-                            session: None,
-                            recheck_in: Some(Duration::ZERO),
-                        });
-                    }
-                    Err(message) => {
-                        return Ok(not_saved(ctx, &key, conn, credentials.as_ref(), message, now));
-                    }
+            Ok(remember(match failure.kind {
+                FailureKind::Transient => policy.after_transient(
+                    Some(&memo),
+                    &memo.check,
+                    fingerprint,
+                    now,
+                    failure.retry_after,
+                    jitter(),
+                    &failure.message,
+                ),
+                FailureKind::Permanent | FailureKind::Configuration => {
+                    policy.after_rejection(&memo.check, fingerprint, failure.reason, &failure.message)
                 }
-            }
-            let fingerprint = schedule::fingerprint(conn, version.as_deref());
-            let memo = policy.after_success(fingerprint.clone(), now, session.expires_at, jitter());
+            }))
+        }
+        Ok(session) => {
+            let identity = Identity {
+                remote_id: session.remote_id.clone(),
+                instance_url: session.instance_url.clone(),
+                user: session.user.clone(),
+            };
+            let memo = policy.after_success(fingerprint.clone(), now, session.expires_at, jitter(), identity);
             let next = memo.next_check_at.expect("success schedules a recheck");
-            ctx.memos.lock().unwrap().insert(key, memo);
-            let data = SessionData {
+            let mut validated = remember(memo);
+            validated.session = Some(SessionData {
                 access_token: session.access_token.expose_secret().to_string(),
                 instance_url: session.instance_url.clone(),
                 expires_at: session.expires_at.map(|t| t.to_string()),
@@ -233,52 +218,47 @@ async fn validate_when_due(
                     (schedule::FINGERPRINT_ANNOTATION.to_string(), fingerprint),
                     (schedule::NEXT_CHECK_ANNOTATION.to_string(), next.to_string()),
                 ]),
-            };
-            Ok(Validated {
-                check: Check::Authorized(Identity {
-                    remote_id: session.remote_id.clone(),
-                    instance_url: session.instance_url.clone(),
-                    user: session.user.clone(),
-                }),
-                session: Some(data),
-                recheck_in: schedule::wait(&Due::At(next), now),
-            })
+            });
+            Ok(validated)
         }
     }
 }
 
-/// The connection cannot be reported Active: the live refresh token exists only in memory.
+/// The connection cannot be reported Active: the live refresh token exists only in memory. It is
+/// Inactive with `RefreshTokenNotSaved`, and the save is retried with backoff.
 fn not_saved(
     ctx: &Context,
-    key: &str,
     conn: &Connection,
+    memo: &Memo,
     credentials: Option<&Secret>,
     message: String,
     now: Timestamp,
-) -> Validated {
+) -> Memo {
     warn!("rotated refresh token not saved: {message}");
     let fingerprint = schedule::fingerprint(
         conn,
         credentials.and_then(|s| s.metadata.resource_version.as_deref()),
     );
-    let previous = ctx.memos.lock().unwrap().get(key).cloned();
-    let memo = ctx
-        .config
-        .policy
-        .after_transient(previous.as_ref(), fingerprint, now, None, jitter());
-    let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
-    ctx.memos.lock().unwrap().insert(key.to_string(), memo);
-    Validated {
-        check: Check::Rejected {
-            reason: REFRESH_TOKEN_NOT_SAVED.into(),
-            message: format!(
+    let mut retry = ctx.config.policy.after_transient(
+        Some(memo),
+        &memo.check,
+        fingerprint,
+        now,
+        None,
+        jitter(),
+        &message,
+    );
+    retry.check = Check {
+        last_identity: memo.check.last_identity.clone(),
+        ..Check::invalid(
+            REFRESH_TOKEN_NOT_SAVED,
+            format!(
                 "the provider rotated the refresh token but the new one could not be saved to Secret {}: {message}; the operator keeps it in memory and retries",
                 conn.spec.credentials_secret_ref.name
             ),
-        },
-        session: None,
-        recheck_in,
-    }
+        )
+    };
+    retry
 }
 
 async fn ensure_credentials_label(ctx: &Context, ns: &str, secret: &Secret) -> Result<Secret, Error> {

@@ -6,6 +6,7 @@
 //! sooner), a transient failure after a backoff, and a rejection never — only a change of the
 //! Secret or the spec (re-authorization) triggers the next call.
 
+use super::state::{Check, Identity, Known};
 use crate::api::Connection;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use std::time::Duration;
@@ -30,6 +31,9 @@ pub struct Memo {
     pub outcome: Outcome,
     /// `None`: only a change of the inputs triggers the next call.
     pub next_check_at: Option<Timestamp>,
+    /// What is known about the tokens: the state is decided from this, not from the (possibly
+    /// stale) cached status.
+    pub check: Check,
 }
 
 /// Whether the provider must be called now.
@@ -105,6 +109,7 @@ impl Policy {
         now: Timestamp,
         expires_at: Option<Timestamp>,
         jitter: f64,
+        identity: Identity,
     ) -> Memo {
         let mut next = plus(now, crate::providers::jittered(self.revalidate_every, jitter));
         if let Some(exp) = expires_at {
@@ -117,26 +122,41 @@ impl Policy {
             fingerprint,
             outcome: Outcome::Authorized,
             next_check_at: Some(next),
+            check: Check::valid(identity),
         }
     }
 
     /// Memo after a permanent or configuration failure: wait for a change.
-    pub fn after_rejection(&self, fingerprint: String) -> Memo {
+    pub fn after_rejection(
+        &self,
+        previous: &Check,
+        fingerprint: String,
+        reason: &str,
+        message: &str,
+    ) -> Memo {
         Memo {
             fingerprint,
             outcome: Outcome::Rejected,
             next_check_at: None,
+            check: Check {
+                last_identity: previous.last_identity.clone(),
+                ..Check::invalid(reason, message)
+            },
         }
     }
 
     /// Memo after a transient failure: exponential backoff with jitter, honouring Retry-After.
+    /// What was known before (`previous`'s check, else `known`) still stands.
+    #[allow(clippy::too_many_arguments)]
     pub fn after_transient(
         &self,
         previous: Option<&Memo>,
+        known: &Check,
         fingerprint: String,
         now: Timestamp,
         retry_after: Option<Duration>,
         jitter: f64,
+        message: &str,
     ) -> Memo {
         let attempt = match previous {
             Some(Memo {
@@ -148,11 +168,51 @@ impl Policy {
         };
         let delay =
             crate::providers::retry_delay(attempt, retry_after, self.retry_base, self.retry_max, jitter);
+        let before = previous.map(|m| &m.check).unwrap_or(known);
         Memo {
             fingerprint,
             outcome: Outcome::Unavailable { attempt },
             next_check_at: Some(plus(now, delay)),
+            check: Check {
+                unavailable: Some(message.to_string()),
+                ..before.clone()
+            },
         }
+    }
+}
+
+/// The memo of a connection the operator has no memory of (after a restart), from its status and
+/// the session Secret's annotations: with a still-valid session nothing is called until it is due.
+pub fn seed(
+    status: Option<&crate::api::ConnectionStatus>,
+    session_annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Memo {
+    let check = Check::from_status(status);
+    let authorized = matches!(check.known, Known::Valid(_))
+        && status.is_some_and(|s| {
+            crate::api::conditions::find(&s.conditions, crate::api::conditions::AUTHORIZED)
+                .is_some_and(|c| c.status == "True")
+        });
+    let scheduled = session_annotations.filter(|_| authorized).and_then(|a| {
+        Some((
+            a.get(FINGERPRINT_ANNOTATION)?.clone(),
+            a.get(NEXT_CHECK_ANNOTATION)?.parse::<Timestamp>().ok()?,
+        ))
+    });
+    match scheduled {
+        Some((fingerprint, next)) => Memo {
+            fingerprint,
+            outcome: Outcome::Authorized,
+            next_check_at: Some(next),
+            check,
+        },
+        // Unknown inputs: validate now, keeping what the status says meanwhile.
+        None => Memo {
+            fingerprint: String::new(),
+            outcome: Outcome::Rejected,
+            next_check_at: None,
+            check,
+        },
     }
 }
 
@@ -172,6 +232,18 @@ mod tests {
 
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(secs).unwrap()
+    }
+
+    fn ident() -> Identity {
+        Identity {
+            remote_id: "00D".into(),
+            instance_url: "https://x".into(),
+            user: "u".into(),
+        }
+    }
+
+    fn unknown() -> Check {
+        Check::from_status(None)
     }
 
     fn conn() -> Connection {
@@ -219,7 +291,7 @@ mod tests {
     fn no_memo_or_changed_inputs_call_now() {
         let p = Policy::default();
         assert_eq!(due(None, "f", at(0)), Due::Now);
-        let m = p.after_success("f".into(), at(0), None, 0.5);
+        let m = p.after_success("f".into(), at(0), None, 0.5, ident());
         assert_eq!(due(Some(&m), "g", at(1)), Due::Now);
     }
 
@@ -227,24 +299,28 @@ mod tests {
     fn success_is_rechecked_after_the_interval_with_jitter() {
         let p = Policy::default();
         for jitter in [0.0, 0.5, 0.999] {
-            let m = p.after_success("f".into(), at(0), None, jitter);
+            let m = p.after_success("f".into(), at(0), None, jitter, ident());
             let next = m.next_check_at.unwrap();
             // ±10% around 15 minutes.
             assert!(next >= at(810) && next <= at(990), "{next}");
             assert_eq!(due(Some(&m), "f", at(60)), Due::At(next));
             assert_eq!(due(Some(&m), "f", next), Due::Now);
         }
-        let low = p.after_success("f".into(), at(0), None, 0.0).next_check_at;
-        let high = p.after_success("f".into(), at(0), None, 0.999).next_check_at;
+        let low = p
+            .after_success("f".into(), at(0), None, 0.0, ident())
+            .next_check_at;
+        let high = p
+            .after_success("f".into(), at(0), None, 0.999, ident())
+            .next_check_at;
         assert_ne!(low, high, "jitter spreads revalidations");
     }
 
     #[test]
     fn success_refreshes_ahead_of_a_known_expiry() {
         let p = Policy::default();
-        let m = p.after_success("f".into(), at(0), Some(at(600)), 0.5);
+        let m = p.after_success("f".into(), at(0), Some(at(600)), 0.5, ident());
         assert_eq!(m.next_check_at, Some(at(300)));
-        let tiny = p.after_success("f".into(), at(0), Some(at(1)), 0.5);
+        let tiny = p.after_success("f".into(), at(0), Some(at(1)), 0.5, ident());
         assert_eq!(
             tiny.next_check_at,
             Some(at(5)),
@@ -255,7 +331,7 @@ mod tests {
     #[test]
     fn rejection_waits_for_a_change() {
         let p = Policy::default();
-        let m = p.after_rejection("f".into());
+        let m = p.after_rejection(&Check::valid(ident()), "f".into(), "TokenRevoked", "revoked");
         assert_eq!(due(Some(&m), "f", at(1_000_000)), Due::OnChange);
         assert_eq!(due(Some(&m), "changed", at(1)), Due::Now);
     }
@@ -263,14 +339,22 @@ mod tests {
     #[test]
     fn transient_failures_back_off_and_honour_retry_after() {
         let p = Policy::default();
-        let m0 = p.after_transient(None, "f".into(), at(0), None, 0.5);
-        let m1 = p.after_transient(Some(&m0), "f".into(), at(0), None, 0.5);
-        let m2 = p.after_transient(Some(&m1), "f".into(), at(0), None, 0.5);
+        let m0 = p.after_transient(None, &unknown(), "f".into(), at(0), None, 0.5, "503");
+        let m1 = p.after_transient(Some(&m0), &unknown(), "f".into(), at(0), None, 0.5, "503");
+        let m2 = p.after_transient(Some(&m1), &unknown(), "f".into(), at(0), None, 0.5, "503");
         assert_eq!(m2.outcome, Outcome::Unavailable { attempt: 2 });
         assert!(m0.next_check_at < m2.next_check_at, "{m0:?} {m2:?}");
-        let ra = p.after_transient(None, "f".into(), at(0), Some(Duration::from_secs(120)), 0.0);
+        let ra = p.after_transient(
+            None,
+            &unknown(),
+            "f".into(),
+            at(0),
+            Some(Duration::from_secs(120)),
+            0.0,
+            "503",
+        );
         assert!(ra.next_check_at.unwrap() >= at(120));
-        let reset = p.after_transient(Some(&m2), "other".into(), at(0), None, 0.5);
+        let reset = p.after_transient(Some(&m2), &unknown(), "other".into(), at(0), None, 0.5, "503");
         assert_eq!(reset.outcome, Outcome::Unavailable { attempt: 0 });
     }
 
@@ -281,7 +365,7 @@ mod tests {
         let mut now = at(0);
         let mut calls = 0;
         while now < at(3600) {
-            let m = p.after_transient(memo.as_ref(), "f".into(), now, None, 0.5);
+            let m = p.after_transient(memo.as_ref(), &unknown(), "f".into(), now, None, 0.5, "503");
             let next = m.next_check_at.unwrap();
             assert!(
                 next.duration_since(now) <= SignedDuration::from_secs(330),
@@ -299,5 +383,49 @@ mod tests {
         assert_eq!(wait(&Due::Now, at(0)), Some(Duration::ZERO));
         assert_eq!(wait(&Due::At(at(30)), at(0)), Some(Duration::from_secs(30)));
         assert_eq!(wait(&Due::OnChange, at(0)), None);
+    }
+
+    #[test]
+    fn transient_failures_keep_what_was_known_and_flag_the_outage() {
+        let p = Policy::default();
+        let ok = p.after_success("f".into(), at(0), None, 0.5, ident());
+        let down = p.after_transient(Some(&ok), &unknown(), "f".into(), at(900), None, 0.5, "HTTP 503");
+        assert_eq!(down.check.known, Known::Valid(ident()));
+        assert_eq!(down.check.unavailable.as_deref(), Some("HTTP 503"));
+        let rejected = p.after_rejection(&down.check, "g".into(), "TokenRevoked", "revoked");
+        assert_eq!(rejected.check.unavailable, None);
+        assert_eq!(rejected.check.last_identity, Some(ident()), "the org stays known");
+    }
+
+    #[test]
+    fn seed_after_restart_uses_the_session_annotations_only_for_authorized_connections() {
+        use crate::api::conditions::{AUTHORIZED, Desired, Status, merge};
+        use crate::api::{ConnectionStatus, State};
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(0));
+        let status = |state: State, auth: Status| ConnectionStatus {
+            state: Some(state),
+            remote_id: Some("00D".into()),
+            instance_url: Some("https://x".into()),
+            username: Some("u".into()),
+            conditions: merge(&[], &[Desired::new(AUTHORIZED, auth, "r", "m")], None, &now),
+            ..Default::default()
+        };
+        let annotations = std::collections::BTreeMap::from([
+            (FINGERPRINT_ANNOTATION.to_string(), "f".to_string()),
+            (NEXT_CHECK_ANNOTATION.to_string(), at(600).to_string()),
+        ]);
+        let active = seed(Some(&status(State::Active, Status::True)), Some(&annotations));
+        assert_eq!(
+            due(Some(&active), "f", at(10)),
+            Due::At(at(600)),
+            "no provider call before it is due"
+        );
+        assert_eq!(active.check.known, Known::Valid(ident()));
+        let outage = seed(Some(&status(State::Active, Status::Unknown)), Some(&annotations));
+        assert_eq!(due(Some(&outage), "f", at(10)), Due::Now);
+        let inactive = seed(Some(&status(State::Inactive, Status::False)), Some(&annotations));
+        assert_eq!(due(Some(&inactive), "f", at(10)), Due::Now);
+        assert!(matches!(inactive.check.known, Known::Invalid { .. }));
+        assert_eq!(due(Some(&seed(None, None)), "f", at(10)), Due::Now);
     }
 }
