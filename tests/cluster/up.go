@@ -73,7 +73,13 @@ func run(dir string, port int, timeout time.Duration) (err error) {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer stop()
 
-	work, err := os.MkdirTemp("", "kubecluster-")
+	// Runtime data (etcd, PKI) lives in DIR/run-*, removed on exit; one left by a
+	// killed predecessor (one cluster per state dir) is removed here.
+	stale, _ := filepath.Glob(filepath.Join(state, "run-*"))
+	for _, d := range stale {
+		os.RemoveAll(d)
+	}
+	work, err := os.MkdirTemp(state, "run-")
 	if err != nil {
 		return err
 	}
