@@ -1,7 +1,7 @@
 //! Speed of the pure per-reconcile decisions: claim resolution against N peers and the status
 //! decision. `cargo bench --bench decide` (under `cargo test` it runs one quick round, unmeasured).
 
-use connection_operator::api::{Connection, ConnectionSpec, Provider, SecretRef};
+use connection_operator::api::{Connection, ConnectionSpec, Provider};
 use connection_operator::controller::claims::{self, Claimant};
 use connection_operator::controller::state::{self, Check, Identity};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -24,16 +24,7 @@ fn peers(n: usize) -> Vec<Claimant> {
 fn conn() -> Connection {
     let mut c = Connection::new(
         "me",
-        ConnectionSpec {
-            team: "sales".into(),
-            provider: Provider::SalesforceProduction,
-            salesforce: None,
-            dynamics: None,
-            credentials_secret_ref: SecretRef { name: "s".into() },
-            display_name: None,
-            description: None,
-            paused: false,
-        },
+        ConnectionSpec::new("sales", Provider::SalesforceProduction, "s"),
     );
     c.metadata.namespace = Some("ns".into());
     c.metadata.generation = Some(1);

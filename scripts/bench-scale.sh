@@ -70,14 +70,22 @@ peak=$(rss $op)
 kill $op; wait $op 2>/dev/null || true
 op=
 
-before=$(kubectl get conn,secret,deploy -n "$ns" -o jsonpath='{range .items[*]}{.metadata.resourceVersion}{"\n"}{end}' | sort | md5sum)
+# What the operator writes: Connections, Secrets (resourceVersion) and Deployment specs (generation;
+# their status belongs to the deployment controller).
+snapshot() {
+	{
+		kubectl get conn,secret -n "$ns" -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.resourceVersion}{"\n"}{end}'
+		kubectl get deploy -n "$ns" -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.generation}{"\n"}{end}'
+	} | sort | md5sum
+}
+before=$(snapshot)
 curl -fsS -X DELETE "$fake/_admin/stats" >/dev/null
 rstart=$(date +%s.%N)
 KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=warn "$bin/connection-operator" run --namespace "$ns" \
 	--provider-rate 500 --provider-burst 100 --concurrency 32 >"$state/operator-restart.log" 2>&1 &
 op=$!
 sleep 20
-after=$(kubectl get conn,secret,deploy -n "$ns" -o jsonpath='{range .items[*]}{.metadata.resourceVersion}{"\n"}{end}' | sort | md5sum)
+after=$(snapshot)
 rcalls=$(curl -fsS "$fake/_admin/stats")
 rpeak=$(rss $op)
 

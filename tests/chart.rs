@@ -106,29 +106,7 @@ fn rbac_grants_no_delete_and_no_access_beyond_what_the_operator_uses() {
 
 #[test]
 fn operator_identity_gets_exactly_the_chart_permissions() {
-    ensure_crds();
-    let _ = run(
-        kubectl().args(["create", "namespace", "connection-operator"]),
-        None,
-    );
-    let rbac = run_ok(
-        helm().args([
-            "template",
-            "connection-operator",
-            "charts/connection-operator",
-            "--namespace",
-            "connection-operator",
-            "--show-only",
-            "templates/serviceaccount.yaml",
-            "--show-only",
-            "templates/rbac.yaml",
-        ]),
-        None,
-    );
-    run_ok(
-        kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
-        Some(&rbac),
-    );
+    ensure_operator_rbac();
     let can = |verb: &str, resource: &str| {
         let (resource, sub) = resource
             .split_once('/')

@@ -27,29 +27,7 @@ impl Drop for RestoreCrd {
 
 #[tokio::test]
 async fn a_malformed_connection_does_not_stop_the_others() {
-    ensure_crds();
-    let rbac = run_ok(
-        helm().args([
-            "template",
-            "connection-operator",
-            "charts/connection-operator",
-            "--namespace",
-            "connection-operator",
-            "--show-only",
-            "templates/serviceaccount.yaml",
-            "--show-only",
-            "templates/rbac.yaml",
-        ]),
-        None,
-    );
-    let _ = run(
-        kubectl().args(["create", "namespace", "connection-operator"]),
-        None,
-    );
-    run_ok(
-        kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
-        Some(&rbac),
-    );
+    ensure_operator_rbac();
 
     let client = client().await;
     let ns = TempNamespace::new(&client).await;

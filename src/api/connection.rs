@@ -114,6 +114,25 @@ pub struct ConnectionSpec {
     pub paused: bool,
 }
 
+impl ConnectionSpec {
+    /// A spec with the given team, provider and credentials Secret, everything else defaulted
+    /// (not paused, no provider-specific settings).
+    pub fn new(team: impl Into<String>, provider: Provider, credentials_secret: impl Into<String>) -> Self {
+        Self {
+            team: team.into(),
+            provider,
+            salesforce: None,
+            dynamics: None,
+            credentials_secret_ref: SecretRef {
+                name: credentials_secret.into(),
+            },
+            display_name: None,
+            description: None,
+            paused: false,
+        }
+    }
+}
+
 /// The CRM provider of a connection.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
 pub enum Provider {

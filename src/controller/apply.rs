@@ -346,6 +346,12 @@ pub async fn children(
     deployment: Deployment,
 ) -> Result<(), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    let session = session.filter(|desired| {
+        !observed
+            .session
+            .as_ref()
+            .is_some_and(|existing| children::session_up_to_date(existing, desired))
+    });
     if let Some(session) = session {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
         api.patch(&session.name_any(), &params, &Patch::Apply(typed(session)))

@@ -262,6 +262,23 @@ pub fn deployment_up_to_date(existing: &Deployment, desired: &Deployment) -> boo
         && replicas(existing) == replicas(desired)
 }
 
+/// Whether the existing session Secret already holds the desired session: same data (token, URL,
+/// expiry) and validated for the same inputs. Only the next-check bookkeeping may differ; a
+/// revalidation that got the same session back then writes nothing.
+pub fn session_up_to_date(existing: &Secret, desired: &Secret) -> bool {
+    let fingerprint = |s: &Secret| {
+        s.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::schedule::FINGERPRINT_ANNOTATION))
+            .cloned()
+    };
+    existing.data.is_some()
+        && existing.data == desired.data
+        && fingerprint(existing) == fingerprint(desired)
+        && existing.metadata.owner_references == desired.metadata.owner_references
+}
+
 fn digest(spec: &DeploymentSpec) -> String {
     let json = serde_json::to_vec(spec).expect("DeploymentSpec serializes");
     let d = ring::digest::digest(&ring::digest::SHA256, &json);
@@ -302,21 +319,12 @@ pub fn restricted_container_security() -> SecurityContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ConnectionSpec, Provider, SecretRef};
+    use crate::api::{ConnectionSpec, Provider};
 
     fn conn() -> Connection {
         let mut c = Connection::new(
             "acme",
-            ConnectionSpec {
-                team: "sales".into(),
-                provider: Provider::SalesforceProduction,
-                salesforce: None,
-                dynamics: None,
-                credentials_secret_ref: SecretRef { name: "creds".into() },
-                display_name: None,
-                description: None,
-                paused: false,
-            },
+            ConnectionSpec::new("sales", Provider::SalesforceProduction, "creds"),
         );
         c.metadata.namespace = Some("ns".into());
         c.metadata.uid = Some("uid-1".into());
@@ -441,5 +449,37 @@ mod tests {
             annotations: BTreeMap::new(),
         };
         assert!(!format!("{s:?}").contains("super-secret-token"));
+    }
+
+    #[test]
+    fn session_with_same_token_and_inputs_is_not_rewritten_for_bookkeeping_alone() {
+        let data = |token: &str, next: &str, fingerprint: &str| SessionData {
+            access_token: token.into(),
+            instance_url: "https://x".into(),
+            expires_at: None,
+            annotations: BTreeMap::from([
+                (
+                    crate::controller::schedule::FINGERPRINT_ANNOTATION.to_string(),
+                    fingerprint.to_string(),
+                ),
+                (
+                    crate::controller::schedule::NEXT_CHECK_ANNOTATION.to_string(),
+                    next.to_string(),
+                ),
+            ]),
+        };
+        let existing = session_secret(&conn(), &data("AT", "t1", "f"));
+        assert!(session_up_to_date(
+            &existing,
+            &session_secret(&conn(), &data("AT", "t2", "f"))
+        ));
+        assert!(!session_up_to_date(
+            &existing,
+            &session_secret(&conn(), &data("AT2", "t2", "f"))
+        ));
+        assert!(!session_up_to_date(
+            &existing,
+            &session_secret(&conn(), &data("AT", "t2", "g"))
+        ));
     }
 }

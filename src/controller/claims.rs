@@ -76,7 +76,7 @@ pub fn resolve<'a>(me: &Claimant, peers: impl IntoIterator<Item = &'a Claimant>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ConnectionSpec, ConnectionStatus, Provider, SecretRef};
+    use crate::api::{ConnectionSpec, ConnectionStatus, Provider};
 
     fn at(secs: i64) -> Option<Timestamp> {
         Some(Timestamp::from_second(secs).unwrap())
@@ -162,19 +162,7 @@ mod tests {
     }
 
     fn conn(state: Option<State>, remote: Option<&str>) -> Connection {
-        let mut c = Connection::new(
-            "c",
-            ConnectionSpec {
-                team: "t".into(),
-                provider: Provider::SalesforceProduction,
-                salesforce: None,
-                dynamics: None,
-                credentials_secret_ref: SecretRef { name: "s".into() },
-                display_name: None,
-                description: None,
-                paused: false,
-            },
-        );
+        let mut c = Connection::new("c", ConnectionSpec::new("t", Provider::SalesforceProduction, "s"));
         c.metadata.namespace = Some("ns".into());
         c.status = Some(ConnectionStatus {
             state,

@@ -228,7 +228,7 @@ pub fn wait(due: &Due, now: Timestamp) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ConnectionSpec, Provider, SalesforceSpec, SecretRef};
+    use crate::api::{ConnectionSpec, Provider, SalesforceSpec};
 
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(secs).unwrap()
@@ -249,16 +249,7 @@ mod tests {
     fn conn() -> Connection {
         Connection::new(
             "c",
-            ConnectionSpec {
-                team: "t".into(),
-                provider: Provider::SalesforceProduction,
-                salesforce: None,
-                dynamics: None,
-                credentials_secret_ref: SecretRef { name: "creds".into() },
-                display_name: None,
-                description: None,
-                paused: false,
-            },
+            ConnectionSpec::new("t", Provider::SalesforceProduction, "creds"),
         )
     }
 

@@ -321,7 +321,7 @@ pub fn transition(before: Option<&ConnectionStatus>, after: &ConnectionStatus) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ConnectionSpec, SecretRef};
+    use crate::api::ConnectionSpec;
     use crate::controller::claims::Claimant;
 
     fn t(secs: i64) -> Time {
@@ -329,19 +329,7 @@ mod tests {
     }
 
     fn conn(provider: Provider) -> Connection {
-        let mut c = Connection::new(
-            "c",
-            ConnectionSpec {
-                team: "sales".into(),
-                provider,
-                salesforce: None,
-                dynamics: None,
-                credentials_secret_ref: SecretRef { name: "creds".into() },
-                display_name: None,
-                description: None,
-                paused: false,
-            },
-        );
+        let mut c = Connection::new("c", ConnectionSpec::new("sales", provider, "creds"));
         c.metadata.namespace = Some("ns".into());
         c.metadata.generation = Some(1);
         c

@@ -273,3 +273,35 @@ where
     let ns = TempNamespace::new(&client).await;
     f(client, ns.name().to_string()).await
 }
+
+/// Installs the chart's ServiceAccount and least-privilege RBAC for the operator identity of
+/// `OPERATOR_KUBECONFIG` (idempotent, once per test binary), and the CRDs.
+pub fn ensure_operator_rbac() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        ensure_crds();
+        let ns = run(
+            kubectl().args(["create", "namespace", "connection-operator"]),
+            None,
+        );
+        assert!(ns.success || ns.stderr.contains("AlreadyExists"), "{}", ns.stderr);
+        let rendered = run_ok(
+            helm().args([
+                "template",
+                "connection-operator",
+                "charts/connection-operator",
+                "--namespace",
+                "connection-operator",
+                "--show-only",
+                "templates/serviceaccount.yaml",
+                "--show-only",
+                "templates/rbac.yaml",
+            ]),
+            None,
+        );
+        run_ok(
+            kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
+            Some(&rendered),
+        );
+    });
+}
