@@ -1,0 +1,74 @@
+//! The real `connection-operator run` binary against the test cluster: it starts with the
+//! least-privilege identity, reconciles, and exits cleanly on SIGTERM.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn run_reconciles_and_exits_cleanly_on_sigterm() {
+    ensure_operator_rbac();
+    let client = client().await;
+    let ns = TempNamespace::new(&client).await;
+    // A connection whose Secret is missing: reconciled without any provider.
+    let manifest = format!(
+        "apiVersion: crmconnect.io/v1alpha1\nkind: Connection\nmetadata: {{name: lonely, namespace: {}}}\nspec: {{team: t, provider: SalesforceSandbox, credentialsSecretRef: {{name: nowhere}}}}\n",
+        ns.name()
+    );
+    run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_connection-operator"))
+        .args(["run", "--namespace", ns.name(), "--log-format", "json"])
+        .env("KUBECONFIG", operator_kubeconfig_path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the operator");
+    let reason = eventually(
+        "the operator to mark the connection Inactive",
+        Duration::from_secs(30),
+        || async {
+            let r = kubectl_ok(&[
+                "get",
+                "conn",
+                "lonely",
+                "-n",
+                ns.name(),
+                "-o",
+                "jsonpath={.status.reason}",
+            ]);
+            (!r.is_empty()).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(reason, "SecretMissing");
+
+    let started = Instant::now();
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "exit status {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("controller stopped"), "{logs}");
+    let first = logs.lines().next().unwrap_or_default();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(first).is_ok(),
+        "JSON logs: {first}"
+    );
+}
