@@ -19,7 +19,7 @@ async fn run_reconciles_and_exits_cleanly_on_sigterm() {
     );
     run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest));
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_connection-operator"))
+    let child = Command::new(env!("CARGO_BIN_EXE_connection-operator"))
         .args(["run", "--namespace", ns.name(), "--log-format", "json"])
         .env("KUBECONFIG", operator_kubeconfig_path())
         .env("RUST_LOG", "info")
