@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Override the Entra ID authority (testing only, e.g. http://127.0.0.1:8089).
     #[arg(long, env = "ENTRA_AUTHORITY_OVERRIDE", hide = true)]
     pub entra_authority_override: Option<String>,
+    /// Address of the /healthz, /readyz and /metrics endpoints.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: std::net::SocketAddr,
     /// Connections reconciled concurrently.
     #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
@@ -114,6 +117,7 @@ impl RunArgs {
             validator,
             concurrency: self.concurrency,
             instance: std::env::var("POD_NAME").ok(),
+            metrics_addr: Some(self.metrics_addr),
         }
     }
 }

@@ -19,8 +19,15 @@ async fn run_reconciles_and_exits_cleanly_on_sigterm() {
     );
     run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest));
 
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_connection-operator"))
         .args(["run", "--namespace", ns.name(), "--log-format", "json"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .env("KUBECONFIG", operator_kubeconfig_path())
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -45,6 +52,38 @@ async fn run_reconciles_and_exits_cleanly_on_sigterm() {
     )
     .await;
     assert_eq!(reason, "SecretMissing");
+
+    // Probes and metrics.
+    let get = |path: &str| {
+        let url = format!("{base}{path}");
+        async move {
+            let r = reqwest::get(&url).await.ok()?;
+            Some((r.status().as_u16(), r.text().await.ok()?))
+        }
+    };
+    assert_eq!(get("/healthz").await.map(|r| r.0), Some(200));
+    eventually("/readyz to answer 200", Duration::from_secs(10), || async {
+        (get("/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    let metrics = eventually(
+        "metrics with the inactive connection",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = get("/metrics").await?;
+            body.contains(r#"connection_operator_connections{state="Inactive"} 1"#)
+                .then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        metrics.contains(r#"connection_operator_reconciles_total{result="ok"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("connection_operator_reconcile_duration_seconds_bucket"),
+        "{metrics}"
+    );
 
     let started = Instant::now();
     let term = Command::new("kill")

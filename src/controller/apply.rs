@@ -139,6 +139,12 @@ async fn validate_when_due(
         Err(f) => (None, Err(f)),
         Ok(creds) => {
             let result = ctx.validator.validate(&conn.spec, &creds, previous_remote).await;
+            let outcome = match &result {
+                Ok(_) => "authorized",
+                Err(f) if f.kind == FailureKind::Transient => "transient",
+                Err(_) => "rejected",
+            };
+            ctx.metrics.validated(conn.spec.provider, outcome);
             (Some(creds), result)
         }
     };

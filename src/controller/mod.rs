@@ -8,7 +8,9 @@ pub mod apply;
 pub mod children;
 pub mod claims;
 pub mod dereference;
+pub mod metrics;
 pub mod schedule;
+pub mod server;
 pub mod state;
 
 use crate::api::{Connection, State};
@@ -45,6 +47,8 @@ pub struct Config {
     pub concurrency: u16,
     /// Reporting instance for events (pod name).
     pub instance: Option<String>,
+    /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints; none when `None`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -56,6 +60,7 @@ impl Default for Config {
             validator: ValidatorConfig::default(),
             concurrency: 16,
             instance: None,
+            metrics_addr: None,
         }
     }
 }
@@ -81,6 +86,22 @@ pub struct Context {
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     /// Every Connection the controller sees (for one-team-per-org claims).
     pub(crate) store: Store<DeserializeGuard<Connection>>,
+    /// Prometheus metrics.
+    pub(crate) metrics: metrics::Metrics,
+    /// Whether the Connection cache has synced (`/readyz`).
+    pub(crate) ready: std::sync::atomic::AtomicBool,
+}
+
+/// Why the operator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Validator(#[from] crate::providers::ValidatorError),
+    #[error("cannot listen on {addr} for /healthz, /readyz and /metrics: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Reconcile errors. Provider failures are not errors: they are states. These are API problems,
@@ -131,6 +152,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
     };
     let ns = conn.namespace().ok_or(Error::NoNamespace)?;
     let span = info_span!("reconcile", connection = %format!("{ns}/{}", conn.name_any()));
+    let started = std::time::Instant::now();
     async move {
         // Whole seconds: the API server stores condition times at second precision.
         let now = Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid time");
@@ -166,6 +188,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         // 5. update status (skipped when nothing changed) and tell the user about transitions.
         apply::status(&ctx, conn, &ns, status).await?;
         ctx.failures.lock().unwrap().remove(&uid(conn));
+        ctx.metrics.reconciled(started.elapsed().as_secs_f64());
         Ok(match validated.recheck_in {
             Some(d) => Action::requeue(d.max(Duration::from_millis(100))),
             None => Action::await_change(),
@@ -179,6 +202,7 @@ fn error_policy(guard: Arc<DeserializeGuard<Connection>>, error: &Error, ctx: Ar
     let Ok(conn) = &guard.0 else {
         return Action::await_change();
     };
+    ctx.metrics.reconcile_failed();
     let attempt = {
         let mut failures = ctx.failures.lock().unwrap();
         let n = failures.entry(uid(conn)).or_insert(0);
@@ -200,8 +224,20 @@ fn error_policy(guard: Arc<DeserializeGuard<Connection>>, error: &Error, ctx: Ar
 pub async fn run(
     client: Client,
     config: Config,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) -> Result<(), crate::providers::ValidatorError> {
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    // One shutdown signal for the controller and the HTTP endpoints.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
     let validator = Validator::new(config.validator.clone())?;
     let (connections, secrets, deployments): (
         Api<DeserializeGuard<Connection>>,
@@ -234,7 +270,36 @@ pub async fn run(
         failures: Mutex::default(),
         store: store.clone(),
         config: config.clone(),
+        metrics: metrics::Metrics::default(),
+        ready: std::sync::atomic::AtomicBool::new(false),
     });
+    {
+        let (store, ctx) = (store.clone(), Arc::downgrade(&ctx));
+        tokio::spawn(async move {
+            // The store's readiness signal wakes only one waiter (the controller also waits on it),
+            // so look again every second rather than wait once.
+            loop {
+                match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => return,
+                    Err(_) => continue,
+                }
+            }
+            if let Some(ctx) = ctx.upgrade() {
+                ctx.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let server = match config.metrics_addr {
+        Some(addr) => {
+            let (bound, task) = server::serve(addr, ctx.clone(), stopped())
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?;
+            info!(address = %bound, "serving /healthz, /readyz and /metrics");
+            Some(task)
+        }
+        None => None,
+    };
     let managed = format!("{}={}", children::MANAGED_BY.0, children::MANAGED_BY.1);
     let credentials_store = store.clone();
     let peers_store = store.clone();
@@ -263,7 +328,7 @@ pub async fn run(
             watcher::Config::default().any_semantic(),
             move |other: DeserializeGuard<Connection>| dereference::rivals_of(&peers_store, &other),
         )
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(stopped())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -274,6 +339,9 @@ pub async fn run(
             }
         })
         .await;
+    if let Some(server) = server {
+        let _ = server.await;
+    }
     info!("controller stopped");
     Ok(())
 }

@@ -1,0 +1,124 @@
+//! Prometheus metrics of the operator (served on `/metrics` by [`super::server`]).
+
+use crate::api::{Connection, State};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::Store;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ValidationLabels {
+    provider: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ResultLabels, Counter>,
+    reconcile_seconds: Histogram,
+    validations: Family<ValidationLabels, Counter>,
+    connections: Family<StateLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("connection_operator");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles by result (ok, error)",
+            reconciles.clone(),
+        );
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of successful reconciles",
+            reconcile_seconds.clone(),
+        );
+        let validations = Family::<ValidationLabels, Counter>::default();
+        registry.register(
+            "provider_validations",
+            "Token validations against a provider, by outcome (authorized, rejected, transient)",
+            validations.clone(),
+        );
+        let connections = Family::<StateLabels, Gauge>::default();
+        registry.register("connections", "Connections by state", connections.clone());
+        Self {
+            registry,
+            reconciles,
+            reconcile_seconds,
+            validations,
+            connections,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reconciled(&self, seconds: f64) {
+        self.reconciles
+            .get_or_create(&ResultLabels { result: "ok" })
+            .inc();
+        self.reconcile_seconds.observe(seconds);
+    }
+
+    pub fn reconcile_failed(&self) {
+        self.reconciles
+            .get_or_create(&ResultLabels { result: "error" })
+            .inc();
+    }
+
+    pub fn validated(&self, provider: crate::api::Provider, outcome: &'static str) {
+        self.validations
+            .get_or_create(&ValidationLabels {
+                provider: provider.as_str(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// The metrics in the Prometheus text format, with the per-state gauge taken from `store` now.
+    pub fn render(&self, store: &Store<DeserializeGuard<Connection>>) -> String {
+        let mut counts = [0i64; 6];
+        for guard in store.state() {
+            let index = match guard
+                .0
+                .as_ref()
+                .ok()
+                .and_then(|c| c.status.as_ref())
+                .and_then(|s| s.state)
+            {
+                Some(State::Pending) | None => 0,
+                Some(State::Active) => 1,
+                Some(State::Inactive) => 2,
+                Some(State::Paused) => 3,
+                Some(State::Conflict) => 4,
+            };
+            counts[if guard.0.is_err() { 5 } else { index }] += 1;
+        }
+        for (state, n) in ["Pending", "Active", "Inactive", "Paused", "Conflict", "Invalid"]
+            .into_iter()
+            .zip(counts)
+        {
+            self.connections.get_or_create(&StateLabels { state }).set(n);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("metrics encode to a String");
+        out
+    }
+}
