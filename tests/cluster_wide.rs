@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use connection_operator::api::{Connection, State};
-use connection_operator::controller::{self, Config};
+use connection_operator::controller::Config;
 use fake_providers::{FakeProviders, SalesforceOrg};
 use kube::Api;
 use std::time::Duration;
@@ -24,35 +24,18 @@ async fn a_cluster_wide_operator_serves_connections_in_every_namespace_and_keeps
     fake.add_salesforce_org(SalesforceOrg::new(org, "005000000000077AAA", "u@x", "cid"));
 
     let apply = |ns: &str, name: &str, team: &str| {
-        let manifest = format!(
-            r#"apiVersion: v1
-kind: Secret
-metadata: {{name: {name}-creds, namespace: {ns}}}
-stringData: {{client_id: cid, refresh_token: "{token}"}}
----
-apiVersion: crmconnect.io/v1alpha1
-kind: Connection
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  team: {team}
-  provider: SalesforceProduction
-  salesforce: {{loginUrl: "{url}"}}
-  credentialsSecretRef: {{name: {name}-creds}}
-"#,
-            token = fake.issue_refresh_token(org),
-            url = fake.salesforce_login_url()
+        let token = fake.issue_refresh_token(org);
+        let manifest = salesforce_manifest(
+            ns,
+            name,
+            team,
+            &fake.salesforce_login_url(),
+            &format!(r#"client_id: cid, refresh_token: "{token}""#),
         );
         run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest));
     };
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(controller::run(
-        operator_client().await,
-        Config::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let operator = InProcessOperator::start(Config::default()).await;
     let state = |ns: String, name: &'static str| {
         let api: Api<Connection> = Api::namespaced(client.clone(), &ns);
         async move {
@@ -76,10 +59,5 @@ spec:
     .await;
     assert_eq!(state(a.name().into(), "first").await, Some(State::Active));
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(30), operator)
-        .await
-        .expect("operator stops")
-        .unwrap()
-        .unwrap();
+    operator.stop().await;
 }

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use connection_operator::api::{Connection, State};
-use connection_operator::controller::{self, Config, schedule::Policy};
+use connection_operator::controller::{Config, schedule::Policy};
 use fake_providers::{FakeProviders, SalesforceOrg};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -94,38 +94,24 @@ async fn a_malformed_connection_does_not_stop_the_others() {
         "cid",
     ));
     let token = fake.issue_refresh_token("00D000000000009AAA");
-    let good = format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata: {{name: creds, namespace: {ns}}}
-stringData: {{client_id: cid, refresh_token: "{token}"}}
----
-apiVersion: crmconnect.io/v1alpha1
-kind: Connection
-metadata: {{name: good, namespace: {ns}}}
-spec:
-  team: sales
-  provider: SalesforceProduction
-  salesforce: {{loginUrl: "{url}"}}
-  credentialsSecretRef: {{name: creds}}
-"#,
-        ns = ns.name(),
-        url = fake.salesforce_login_url()
+    let good = salesforce_manifest(
+        ns.name(),
+        "good",
+        "sales",
+        &fake.salesforce_login_url(),
+        &format!(r#"client_id: cid, refresh_token: "{token}""#),
     );
     run_ok(kubectl().args(["apply", "-f", "-"]), Some(&good));
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = Config {
+    let operator = InProcessOperator::start(Config {
         namespace: Some(ns.name().to_string()),
         policy: Policy {
             revalidate_every: Duration::from_secs(3600),
             ..Default::default()
         },
         ..Default::default()
-    };
-    let operator = tokio::spawn(controller::run(operator_client().await, config, async move {
-        let _ = stopped.await;
-    }));
+    })
+    .await;
 
     let api: Api<Connection> = Api::namespaced(client.clone(), ns.name());
     eventually(
@@ -169,10 +155,5 @@ spec:
     )
     .await;
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(30), operator)
-        .await
-        .expect("operator stops")
-        .unwrap()
-        .unwrap();
+    operator.stop().await;
 }

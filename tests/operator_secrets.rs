@@ -9,7 +9,7 @@ mod common;
 use base64::Engine as _;
 use common::*;
 use connection_operator::api::{Connection, State};
-use connection_operator::controller::{self, Config, schedule::Policy};
+use connection_operator::controller::{Config, schedule::Policy};
 use connection_operator::providers::ValidatorConfig;
 use fake_providers::{FakeProviders, SalesforceOrg};
 use k8s_openapi::api::core::v1::Secret;
@@ -61,28 +61,16 @@ async fn no_token_or_client_secret_in_logs_events_or_status() {
     );
     fake.set_rotation(true);
     let original = fake.issue_refresh_token(org);
-    let manifest = format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata: {{name: creds, namespace: {ns}}}
-stringData: {{client_id: cid, client_secret: "{client_secret}", refresh_token: "{original}"}}
----
-apiVersion: crmconnect.io/v1alpha1
-kind: Connection
-metadata: {{name: acme, namespace: {ns}}}
-spec:
-  team: sales
-  provider: SalesforceProduction
-  salesforce: {{loginUrl: "{url}"}}
-  credentialsSecretRef: {{name: creds}}
-"#,
-        ns = ns.name(),
-        url = fake.salesforce_login_url()
+    let manifest = salesforce_manifest(
+        ns.name(),
+        "acme",
+        "sales",
+        &fake.salesforce_login_url(),
+        &format!(r#"client_id: cid, client_secret: "{client_secret}", refresh_token: "{original}""#),
     );
     run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest));
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = Config {
+    let operator = InProcessOperator::start(Config {
         namespace: Some(ns.name().to_string()),
         policy: Policy {
             revalidate_every: Duration::from_secs(1),
@@ -95,10 +83,8 @@ spec:
             ..Default::default()
         },
         ..Default::default()
-    };
-    let operator = tokio::spawn(controller::run(operator_client().await, config, async move {
-        let _ = stopped.await;
-    }));
+    })
+    .await;
 
     let api: Api<Connection> = Api::namespaced(client.clone(), ns.name());
     eventually("Active", Duration::from_secs(30), || async {
@@ -109,7 +95,7 @@ spec:
     tokio::time::sleep(Duration::from_secs(3)).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let read = |s: &Secret, key: &str| String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap();
-    let live = read(&secrets.get("creds").await.unwrap(), "refresh_token");
+    let live = read(&secrets.get("acme-creds").await.unwrap(), "refresh_token");
     let access = read(&secrets.get("acme-session").await.unwrap(), "access_token");
     assert_ne!(live, original, "rotation happened");
     fake.revoke(&live);
@@ -117,12 +103,7 @@ spec:
         (state(&api).await == Some(State::Inactive)).then_some(())
     })
     .await;
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(30), operator)
-        .await
-        .expect("operator stops")
-        .unwrap()
-        .unwrap();
+    operator.stop().await;
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(

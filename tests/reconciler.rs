@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use connection_operator::api::{Connection, State, conditions};
-use connection_operator::controller::{self, Config, schedule::Policy};
+use connection_operator::controller::{Config, schedule::Policy};
 use connection_operator::providers::ValidatorConfig;
 use fake_providers::{DynamicsEnvironment, FakeProviders, Fault, FaultTarget, SalesforceOrg};
 use k8s_openapi::ByteString;
@@ -41,15 +41,12 @@ fn slow() -> Policy {
     }
 }
 
-struct Operator {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
+/// An operator scoped to the test's namespace, with the fake providers and `policy`.
+struct Operator;
 
 impl Operator {
-    async fn start(ns: &str, fake: &FakeProviders, policy: Policy) -> Operator {
-        let client = operator_client().await;
-        let config = Config {
+    async fn start(ns: &str, fake: &FakeProviders, policy: Policy) -> InProcessOperator {
+        InProcessOperator::start(Config {
             namespace: Some(ns.to_string()),
             policy,
             validator: ValidatorConfig {
@@ -60,24 +57,8 @@ impl Operator {
             },
             concurrency: 4,
             ..Default::default()
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            controller::run(client, config, async move {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("operator runs");
-        });
-        Operator { stop, task }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("operator stops within 30 s of shutdown")
-            .expect("operator task did not panic");
+        })
+        .await
     }
 }
 

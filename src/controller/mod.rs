@@ -88,8 +88,6 @@ pub struct Context {
     pub(crate) store: Store<DeserializeGuard<Connection>>,
     /// Prometheus metrics.
     pub(crate) metrics: metrics::Metrics,
-    /// Whether the Connection cache has synced (`/readyz`).
-    pub(crate) ready: std::sync::atomic::AtomicBool,
 }
 
 /// Why the operator could not start.
@@ -271,25 +269,7 @@ pub async fn run(
         store: store.clone(),
         config: config.clone(),
         metrics: metrics::Metrics::default(),
-        ready: std::sync::atomic::AtomicBool::new(false),
     });
-    {
-        let (store, ctx) = (store.clone(), Arc::downgrade(&ctx));
-        tokio::spawn(async move {
-            // The store's readiness signal wakes only one waiter (the controller also waits on it),
-            // so look again every second rather than wait once.
-            loop {
-                match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
-                    Ok(Ok(())) => break,
-                    Ok(Err(_)) => return,
-                    Err(_) => continue,
-                }
-            }
-            if let Some(ctx) = ctx.upgrade() {
-                ctx.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-    }
     let server = match config.metrics_addr {
         Some(addr) => {
             let (bound, task) = server::serve(addr, ctx.clone(), stopped())

@@ -1,5 +1,5 @@
-//! The operator's HTTP endpoints: `/healthz` (alive), `/readyz` (the Connection cache has synced),
-//! `/metrics` (Prometheus).
+//! The operator's HTTP endpoints: `/healthz` (alive), `/readyz` (the API server answers a list of
+//! Connections with the operator's own rights), `/metrics` (Prometheus).
 
 use super::Context;
 use axum::Router;
@@ -15,13 +15,23 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
-    if ctx.ready.load(std::sync::atomic::Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (
+    use kube::api::{Api, ListParams};
+    let api: Api<crate::api::Connection> = match &ctx.config.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let params = ListParams::default().limit(1);
+    let check = api.list_metadata(&params);
+    match tokio::time::timeout(std::time::Duration::from_secs(5), check).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ok".to_string()),
+        Ok(Err(e)) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "the Connection cache has not synced yet",
-        )
+            format!("cannot list Connections: {e}"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the API server did not answer within 5 s".to_string(),
+        ),
     }
 }
 

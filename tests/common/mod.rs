@@ -305,3 +305,54 @@ pub fn ensure_operator_rbac() {
         );
     });
 }
+
+/// The operator running in this test process (the library's `controller::run`) as the operator
+/// ServiceAccount of `OPERATOR_KUBECONFIG`.
+pub struct InProcessOperator {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessOperator {
+    pub async fn start(config: connection_operator::controller::Config) -> Self {
+        let client = operator_client().await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            connection_operator::controller::run(client, config, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("operator runs");
+        });
+        InProcessOperator { stop, task }
+    }
+
+    /// Shuts it down and waits until in-flight reconciles are done.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("operator stops within 30 s of shutdown")
+            .expect("operator task did not panic");
+    }
+}
+
+/// A Secret `<name>-creds` and a Salesforce Production Connection `<name>` using it, as YAML.
+pub fn salesforce_manifest(ns: &str, name: &str, team: &str, login_url: &str, secret_data: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: {name}-creds, namespace: {ns}}}
+stringData: {{{secret_data}}}
+---
+apiVersion: crmconnect.io/v1alpha1
+kind: Connection
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  team: {team}
+  provider: SalesforceProduction
+  salesforce: {{loginUrl: "{login_url}"}}
+  credentialsSecretRef: {{name: {name}-creds}}
+"#
+    )
+}
