@@ -5,7 +5,7 @@ use oauth2::{AuthType, ClientId, ClientSecret, RefreshToken, Scope, TokenRespons
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::classify::{self, Endpoint};
+use super::classify::Endpoint;
 use super::http::{Http, OAuthHttp, host_label};
 use super::salesforce::grant_error;
 use super::{Credentials, Failure, Session, reason, rotated, rules};
@@ -74,19 +74,15 @@ pub(crate) async fn validate(
         .and_then(|d| requested_at.checked_add(d).ok());
 
     let whoami_url = rules::whoami_url(&environment);
-    let environment_host = host_label(&whoami_url);
-    let request = Http::bearer_get(&whoami_url, &access_token).map_err(with_rotated)?;
-    let response = http
-        .send(Endpoint::DataverseWhoAmI, request)
+    let whoami: WhoAmI = http
+        .get_json(
+            Endpoint::DataverseWhoAmI,
+            &whoami_url,
+            &access_token,
+            "the WhoAmI JSON",
+        )
         .await
         .map_err(with_rotated)?;
-    let whoami: WhoAmI = serde_json::from_slice(response.body()).map_err(|e| {
-        with_rotated(classify::malformed_success(
-            Endpoint::DataverseWhoAmI,
-            &environment_host,
-            &format!("not the WhoAmI JSON (line {}, column {})", e.line(), e.column()),
-        ))
-    })?;
     if let Some(previous) = previous_remote_id
         && !rules::same_guid(previous, &whoami.organization_id)
     {

@@ -79,6 +79,25 @@ impl Http {
 
     /// Sends one request. `Ok` only for a 2xx answer whose body fits the cap; every other outcome is
     /// a classified [`Failure`].
+    /// GETs `url` with the bearer `token` and parses the JSON answer as `T`; an answer that is not
+    /// `T` is a malformed success named `what` (e.g. "the identity JSON").
+    pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        url: &url::Url,
+        token: &SecretString,
+        what: &str,
+    ) -> Result<T, Failure> {
+        let response = self.send(endpoint, Self::bearer_get(url, token)?).await?;
+        serde_json::from_slice(response.body()).map_err(|e| {
+            super::classify::malformed_success(
+                endpoint,
+                &host_label(url),
+                &format!("not {what} (line {}, column {})", e.line(), e.column()),
+            )
+        })
+    }
+
     pub(crate) async fn send(
         &self,
         endpoint: Endpoint,

@@ -138,18 +138,15 @@ pub(crate) async fn validate(
         )));
     };
     let identity_host = host_label(&identity_url);
-    let request = Http::bearer_get(&identity_url, &access_token).map_err(with_rotated)?;
-    let response = http
-        .send(Endpoint::SalesforceIdentity, request)
+    let identity: Identity = http
+        .get_json(
+            Endpoint::SalesforceIdentity,
+            &identity_url,
+            &access_token,
+            "the identity JSON",
+        )
         .await
         .map_err(with_rotated)?;
-    let identity: Identity = serde_json::from_slice(response.body()).map_err(|e| {
-        with_rotated(classify::malformed_success(
-            Endpoint::SalesforceIdentity,
-            &identity_host,
-            &format!("not the identity JSON (line {}, column {})", e.line(), e.column()),
-        ))
-    })?;
     if !rules::same_salesforce_id(&identity.organization_id, &url_org) {
         return Err(with_rotated(classify::malformed_success(
             Endpoint::SalesforceIdentity,
