@@ -38,13 +38,15 @@ pub async fn observe(ctx: &Context, conn: &Connection, ns: &str) -> Result<Obser
     })
 }
 
-/// Claimants among all connections the controller knows.
-pub fn peers(store: &Store<DeserializeGuard<Connection>>) -> Vec<Claimant> {
+/// The connections the controller knows that claim `remote_id` (only asked when this reconcile
+/// found valid tokens for it).
+pub fn claimants_of(store: &Store<DeserializeGuard<Connection>>, remote_id: &str) -> Vec<Claimant> {
     store
         .state()
         .iter()
         .filter_map(|g| g.0.as_ref().ok())
         .filter_map(claims::claimant_of)
+        .filter(|c| c.remote_id == remote_id)
         .collect()
 }
 

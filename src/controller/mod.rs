@@ -159,7 +159,6 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         // 2. validate against the provider, when due.
         let validated = apply::validate(&ctx, conn, &ns, &observed, now).await?;
         // 3. build the desired status and children (pure).
-        let me_peers = dereference::peers(&ctx.store);
         let status = state::decide(
             conn,
             &validated.check,
@@ -171,7 +170,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
                     created: conn.metadata.creation_timestamp.as_ref().map(|t| t.0),
                     remote_id: id.remote_id.clone(),
                 };
-                claims::resolve(&me, &me_peers)
+                claims::resolve(&me, &dereference::claimants_of(&ctx.store, &id.remote_id))
             },
             &Time(now),
         );
