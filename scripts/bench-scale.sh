@@ -90,7 +90,7 @@ rcalls=$(curl -fsS "$fake/_admin/stats")
 rpeak=$(rss $op)
 
 echo "connections:                         $n"
-echo "time until all Active (cold start):  $(echo "$end - $start" | bc) s"
+echo "time until all Active (cold start):  $(awk "BEGIN {printf \"%.1f\", $end - $start}") s"
 echo "operator peak RSS (cold start):      $((peak / 1024)) MiB"
 echo "provider requests (cold start):      $calls"
 echo "restart: objects unchanged after 20s: $([[ $before == "$after" ]] && echo yes || echo NO)"
