@@ -9,6 +9,7 @@ root=$PWD
 state=$root/target/demo
 fake_port=${DEMO_FAKE_PORT:-18089}
 fake=http://127.0.0.1:$fake_port
+metrics_port=${DEMO_METRICS_PORT:-18090}
 ns=demo
 
 stop_all() {
@@ -62,6 +63,7 @@ for _ in $(seq 50); do curl -fsS "$fake/_admin/stats" >/dev/null 2>&1 && break; 
 step "Starting the operator as its ServiceAccount (log: target/demo/operator.log)"
 KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=info,kube=warn NO_COLOR=1 nohup "$bin/connection-operator" run \
 	--namespace "$ns" --revalidate-interval 10s --entra-authority-override "$fake" \
+	--metrics-addr "127.0.0.1:$metrics_port" \
 	--retriever-image connection-operator:demo >"$state/operator.log" 2>&1 &
 echo $! >"$state/operator.pid"
 
@@ -163,6 +165,7 @@ Poke further (in this shell: eval "\$(tests/cluster/up.sh)"):
   kubectl create secret generic acme-uat-credentials -n $ns --from-literal=client_id=demo-client \\
       --from-literal=refresh_token=new-uat-token --dry-run=client -o yaml | kubectl apply -f -   # re-authorize
   kubectl delete conn acme-prod -n $ns                 # acme-prod-marketing takes over the org
+  curl -s 127.0.0.1:$metrics_port/metrics | grep ^connection_operator_connections   # metrics
   tail -f target/demo/operator.log
 
 Stop everything: make demo-down
