@@ -93,20 +93,18 @@ async fn validate_when_due(
         }
     };
 
+    // The live refresh token exists only in memory: not Active, retry the save with backoff.
+    let not_saved_yet = |message: String, secret: Option<&Secret>| {
+        remember(not_saved(ctx, conn, &memo, secret, message, now))
+    };
+
     // A rotated token that could not be saved before is saved before anything else.
     if let Some(secret) = &credentials {
         match save_pending_token(ctx, ns, &key, secret).await {
             Ok(Some(saved)) => credentials = Some(saved),
             Ok(None) => {}
             Err(message) => {
-                return Ok(remember(not_saved(
-                    ctx,
-                    conn,
-                    &memo,
-                    credentials.as_ref(),
-                    message,
-                    now,
-                )));
+                return Ok(not_saved_yet(message, credentials.as_ref()));
             }
         }
     }
@@ -177,14 +175,7 @@ async fn validate_when_due(
                 });
             }
             Err(message) => {
-                return Ok(remember(not_saved(
-                    ctx,
-                    conn,
-                    &memo,
-                    credentials.as_ref(),
-                    message,
-                    now,
-                )));
+                return Ok(not_saved_yet(message, credentials.as_ref()));
             }
         }
     }
