@@ -42,6 +42,13 @@
 //!
 //! The `fake-providers` binary (`fake-providers --listen 127.0.0.1:8089 --seed seed.yaml`) serves the
 //! same thing; see [`Seed`] for the seed file.
+//!
+//! # https
+//!
+//! [`FakeProviders::start_https`] / [`FakeProviders::start_https_on`] serve the same over TLS with a
+//! certificate from a throwaway test CA ([`TestPki::generate`]; the binary: `fake-providers gen-certs
+//! --dir D --ip 10.88.0.1 --dns localhost`, then `--tls-cert D/tls.crt --tls-key D/tls.key`). Plain
+//! http stays on loopback only; https may listen on any address (e.g. where pods reach the host).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -56,8 +63,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
+
+mod tls;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+pub use tls::{ServerIdentity, TestPki};
 
 /// A Salesforce org (and the one user whose tokens the fake issues for it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -443,23 +453,17 @@ impl FakeProviders {
             .expect("bind the fake providers on 127.0.0.1")
     }
 
-    /// Starts on the given address (must be a loopback address).
+    /// Starts on the given address (must be a loopback address), plain http.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
         if !addr.ip().is_loopback() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "the fake providers listen on loopback addresses only",
+                "the fake providers serve plain http on loopback addresses only (use https elsewhere)",
             ));
         }
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let url = format!("http://{addr}");
-        let shared = Arc::new(Shared {
-            url,
-            state: Mutex::new(State::default()),
-            counter: AtomicU64::new(1),
-            random: std::collections::hash_map::RandomState::new(),
-        });
+        let shared = Self::shared(format!("http://{addr}"));
         let app = router(shared.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -467,7 +471,51 @@ impl FakeProviders {
         Ok(FakeProviders { shared, addr, task })
     }
 
-    /// The base URL, `http://127.0.0.1:PORT`.
+    /// Starts over https on 127.0.0.1 with a free port, with a server certificate from `pki` (which
+    /// must name 127.0.0.1). Panics if it cannot (test support).
+    pub async fn start_https(pki: &TestPki) -> Self {
+        Self::start_https_on(
+            "127.0.0.1:0".parse().expect("address"),
+            &pki.server_identity(),
+            None,
+        )
+        .await
+        .expect("serve the fake providers over https on 127.0.0.1")
+    }
+
+    /// Starts over https on the given address (any address: e.g. a bridge gateway IP that pods
+    /// reach). `public_url` is the base URL the fake announces (Salesforce `instance_url` and `id`);
+    /// default `https://{bound address}`.
+    pub async fn start_https_on(
+        addr: SocketAddr,
+        identity: &ServerIdentity,
+        public_url: Option<&str>,
+    ) -> std::io::Result<Self> {
+        let acceptor = identity.acceptor()?;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let url = public_url
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| format!("https://{addr}"));
+        let shared = Self::shared(url);
+        let app = router(shared.clone());
+        let listener = tls::TlsListener::new(listener, acceptor)?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(FakeProviders { shared, addr, task })
+    }
+
+    fn shared(url: String) -> Arc<Shared> {
+        Arc::new(Shared {
+            url,
+            state: Mutex::new(State::default()),
+            counter: AtomicU64::new(1),
+            random: std::collections::hash_map::RandomState::new(),
+        })
+    }
+
+    /// The base URL: `http://127.0.0.1:PORT`, or `https://…` when served over https.
     pub fn url(&self) -> String {
         self.shared.url.clone()
     }
