@@ -1,5 +1,5 @@
 # The README's commands. `make test` is what CI runs (through .ci/run).
-.PHONY: demo demo-down test unit crds lint fmt cluster-up cluster-down
+.PHONY: demo demo-down test unit crds lint fmt image cluster-up cluster-down
 
 # The local demo: control plane + fake Salesforce/Dynamics + operator + example connections.
 demo:
@@ -9,9 +9,17 @@ demo:
 demo-down:
 	scripts/demo.sh down
 
-# All tests (unit + integration) against a real control plane, started and stopped around them.
+# All tests (unit + integration + e2e) against a real cluster with a node (root), started and
+# stopped around them; the operator image is built and loaded into the node first.
+# CLUSTER_NODE=0 make test: control plane only (no root needed; the e2e tests then say they are skipped).
 test:
-	tests/cluster/with-cluster.sh cargo test --workspace --all-targets
+	tests/cluster/with-cluster.sh sh -c 'scripts/image.sh --load && cargo test --workspace --all-targets'
+
+# The operator image (target/image/connection-operator.tar) from the release binary, without a
+# registry or container engine; loaded into the test node when one is running.
+image:
+	scripts/image.sh --load
+
 
 # Tests that need no cluster.
 unit:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds (or reuses) the test control plane binaries into target/cluster/bin:
-#   kubecluster (etcd + kube-apiserver + kube-controller-manager + kubectl),
-#   kubectl (symlink to kubecluster), helm.
+#   kubecluster (etcd + kube-apiserver + kube-controller-manager + kube-scheduler
+#   + kubelet + kubectl), kubectl (symlink to kubecluster), helm,
+#   containerd + containerd-shim-runc-v2 + ctr, and pause.tar (the node's sandbox image).
 # Everything comes from the Go module proxy; the result is cached, keyed by a
 # hash of this directory's sources, and rebuilt only when they change.
 set -euo pipefail
@@ -10,14 +11,20 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 bin="${CLUSTER_BIN:-$root/target/cluster/bin}"
 mkdir -p "$bin"
+if [[ "${CLUSTER_NO_BUILD:-0}" == 1 ]]; then
+	echo "build.sh: CLUSTER_NO_BUILD=1, using the binaries in $bin as they are" >&2
+	exit 0
+fi
 
 k8s_version="$(awk '$1 == "k8s.io/kubernetes" { print $2 }' "$here/versions.txt")"
 helm_module="$(awk '$1 ~ /^helm\.sh\/helm\// { print $1 }' "$here/versions.txt")"
 helm_version="$(awk '$1 ~ /^helm\.sh\/helm\// { print $2 }' "$here/versions.txt")"
 
-stamp="$(cd "$here" && cat go.mod go.sum ./*.go versions.txt build.sh | sha256sum | cut -d' ' -f1)"
+containerd_version="$(awk '$1 == "github.com/containerd/containerd/v2" { print $2 }' "$here/versions.txt")"
+
+stamp="$(cd "$here" && cat go.mod go.sum ./*.go pause/*.go versions.txt build.sh "$root/scripts/image.sh" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$bin/.stamp" && "$(cat "$bin/.stamp")" == "$stamp" &&
-	-x "$bin/kubecluster" && -x "$bin/helm" && -L "$bin/kubectl" ]]; then
+	-x "$bin/kubecluster" && -x "$bin/helm" && -L "$bin/kubectl" && -x "$bin/containerd" && -f "$bin/pause.tar" ]]; then
 	echo "build.sh: binaries up to date in $bin" >&2
 	exit 0
 fi
@@ -56,6 +63,22 @@ for p in lint/rules chartutil; do
 done
 GOBIN="$bin" build go install -trimpath -ldflags "$helm_ldflags" "$helm_module/cmd/helm@$helm_version"
 echo "build.sh: helm built in $((SECONDS - start))s" >&2
+
+echo "build.sh: building containerd $containerd_version ..." >&2
+start=$SECONDS
+# Its own main module too (go install pkg@version). The shim must sit next to
+# containerd (kubecluster puts this directory first in containerd's PATH).
+GOBIN="$bin" build go install -trimpath -ldflags "-s -w" -tags "no_btrfs urfave_cli_no_docs" \
+	"github.com/containerd/containerd/v2/cmd/containerd@$containerd_version" \
+	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$containerd_version" \
+	"github.com/containerd/containerd/v2/cmd/ctr@$containerd_version"
+echo "build.sh: containerd built in $((SECONDS - start))s" >&2
+
+# The pod sandbox ("pause") image: a static binary in a one-layer image, no registry.
+pause_root="$(mktemp -d)"
+trap 'rm -rf "$pause_root"' EXIT
+(cd "$here" && CGO_ENABLED=0 build go build -trimpath -ldflags "-s -w" -o "$pause_root/pause" ./pause)
+"$root/scripts/image.sh" pack "$pause_root" registry.k8s.io/pause:kubecluster "$bin/pause.tar" /pause
 
 echo "$stamp" >"$bin/.stamp"
 "$bin/kubectl" version --client >&2

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Stops the test control plane started by up.sh (SIGTERM, then SIGKILL after
-# 60 s) and checks that none of its processes is left.
+# 60 s) and checks that none of its processes is left. kubecluster undoes what
+# its node did to the host when it stops; if it had to be killed,
+# "kubecluster node-cleanup" does it here.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -15,6 +17,7 @@ if pid="$(cluster_pid "$pidfile")"; then
 		echo "down.sh: kubecluster (pid $pid) ignored SIGTERM for 60s, killing it" >&2
 		kill -KILL "$pid" 2>/dev/null || true
 		sleep 1
+		killed=1
 	fi
 	echo "down.sh: kubecluster (pid $pid) stopped" >&2
 else
@@ -24,7 +27,7 @@ rm -f "$pidfile" "$CLUSTER_STATE/ready"
 
 # The children die with their parent (Pdeathsig); make sure.
 left=0
-for name in apiserver controller-manager; do
+for name in apiserver controller-manager scheduler containerd kubelet; do
 	if cpid="$(cluster_pid "$CLUSTER_STATE/$name.pid")"; then
 		echo "down.sh: $name (pid $cpid) still running, killing it" >&2
 		kill -KILL "$cpid" 2>/dev/null || true
@@ -35,3 +38,7 @@ done
 if ((left)); then
 	sleep 1
 fi
+if [[ "${killed:-0}" == 1 || "$left" == 1 || -d /run/kubecluster ]] && [[ -x "$CLUSTER_BIN/kubecluster" ]] && [[ $EUID == 0 ]]; then
+	"$CLUSTER_BIN/kubecluster" node-cleanup || echo "down.sh: node cleanup failed (see above)" >&2
+fi
+rm -f "$CLUSTER_STATE/node.env"

@@ -4,6 +4,7 @@ cluster_root="$(cd "$cluster_here/../.." && pwd)"
 CLUSTER_BIN="${CLUSTER_BIN:-$cluster_root/target/cluster/bin}"
 CLUSTER_STATE="${CLUSTER_STATE:-$cluster_root/target/cluster/state}"
 CLUSTER_TIMEOUT="${CLUSTER_TIMEOUT:-180}"
+CLUSTER_NODE="${CLUSTER_NODE:-1}"
 
 # cluster_pid FILE: prints the pid in FILE if that process is alive and is ours.
 cluster_pid() {
@@ -26,11 +27,15 @@ cluster_exports() {
 	echo "export OPERATOR_KUBECONFIG=$CLUSTER_STATE/operator.kubeconfig"
 	echo "export CLUSTER_BIN=$CLUSTER_BIN"
 	echo "export PATH=$CLUSTER_BIN:\$PATH"
+	# With a node: CONTAINERD_ADDRESS, CONTAINERD_NAMESPACE, CLUSTER_NODE_IP.
+	if [[ -f "$CLUSTER_STATE/node.env" ]]; then
+		cat "$CLUSTER_STATE/node.env"
+	fi
 }
 
 cluster_logs() {
 	local f
-	for f in kubecluster apiserver controller-manager etcd; do
+	for f in kubecluster apiserver controller-manager scheduler containerd kubelet etcd; do
 		if [[ -s "$CLUSTER_STATE/$f.log" ]]; then
 			echo "----- last lines of $CLUSTER_STATE/$f.log -----"
 			tail -n 25 "$CLUSTER_STATE/$f.log"

@@ -1,17 +1,21 @@
 // kubecluster runs a real, single-machine Kubernetes control plane for the
 // integration tests: embedded etcd, kube-apiserver and kube-controller-manager
-// built from k8s.io/kubernetes (see versions.txt). No nodes, kubelet or
-// scheduler: Pods stay Pending.
+// built from k8s.io/kubernetes (see versions.txt), and with --node one worker
+// node (kube-scheduler, containerd, kubelet) on which pods really run.
 //
 // It is one multi-call binary:
 //
 //	kubecluster up --dir DIR           supervisor: etcd in-process, the others as children
 //	kubecluster apiserver FLAGS...     kube-apiserver (started by "up")
 //	kubecluster controller-manager ... kube-controller-manager (started by "up")
+//	kubecluster scheduler FLAGS...     kube-scheduler (started by "up --node")
+//	kubecluster kubelet FLAGS...       kubelet (started by "up --node")
+//	kubecluster node-cleanup --dir DIR undo what a killed "up --node" left on the host
 //	kubecluster kubectl ARGS...        kubectl (also when invoked through a "kubectl" symlink)
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -27,6 +31,8 @@ import (
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 func main() {
@@ -45,6 +51,12 @@ func main() {
 		os.Exit(runCobra(apiserver.NewAPIServerCommand(), "kube-apiserver", args))
 	case "controller-manager":
 		os.Exit(runCobra(controllermanager.NewControllerManagerCommand(), "kube-controller-manager", args))
+	case "scheduler":
+		os.Exit(runCobra(scheduler.NewSchedulerCommand(), "kube-scheduler", args))
+	case "kubelet":
+		os.Exit(runCobra(kubelet.NewKubeletCommand(context.Background()), "kubelet", args))
+	case "node-cleanup":
+		os.Exit(nodeCleanupMain(args))
 	case "kubectl":
 		runKubectl(args)
 	default:
@@ -53,7 +65,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: kubecluster up --dir DIR [--port N] | apiserver FLAGS | controller-manager FLAGS | kubectl ARGS")
+	fmt.Fprintln(os.Stderr, "usage: kubecluster up --dir DIR [--port N] [--node] | apiserver | controller-manager | scheduler | kubelet FLAGS | node-cleanup --dir DIR | kubectl ARGS")
 	os.Exit(2)
 }
 

@@ -41,18 +41,19 @@ func up(args []string) int {
 	dir := fs.String("dir", "kubecluster-state", "state directory (kubeconfigs, logs, pid file)")
 	port := fs.Int("port", 0, "kube-apiserver port on 127.0.0.1 (0: pick a free one)")
 	timeout := fs.Duration("timeout", 180*time.Second, "how long to wait for the control plane to be ready")
+	node := fs.Bool("node", false, "also run a worker node (kube-scheduler, containerd, kubelet); needs root")
 	fs.Parse(args) //nolint:errcheck // ExitOnError
 
 	log.SetPrefix("kubecluster: ")
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
-	if err := run(*dir, *port, *timeout); err != nil {
+	if err := run(*dir, *port, *timeout, *node); err != nil {
 		log.Printf("error: %v", err)
 		return 1
 	}
 	return 0
 }
 
-func run(dir string, port int, timeout time.Duration) (err error) {
+func run(dir string, port int, timeout time.Duration, node bool) (err error) {
 	state, err := filepath.Abs(dir)
 	if err != nil {
 		return err
@@ -68,6 +69,36 @@ func run(dir string, port int, timeout time.Duration) (err error) {
 	}
 	defer os.Remove(pidFile)
 	defer os.Remove(readyFile)
+	nodeEnvFile := filepath.Join(state, "node.env")
+	os.Remove(nodeEnvFile)
+
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	paths := nodePaths{run: nodeRun, data: nodeData, bin: filepath.Dir(self)}
+	if node {
+		if err := nodePreflight(paths.bin); err != nil {
+			return err
+		}
+		if err := claimNode(paths); err != nil {
+			return err
+		}
+		// Shims outlive containerd: as a subreaper we inherit them (and reap them).
+		if err := setSubreaper(); err != nil {
+			return fmt.Errorf("prctl(PR_SET_CHILD_SUBREAPER): %w", err)
+		}
+		// Runs after the children are stopped (defers run last-in, first-out).
+		defer func() {
+			os.Remove(nodeEnvFile)
+			if cleanupNode(paths) {
+				log.Printf("node cleaned up: no process, mount, cgroup, bridge or iptables rule left")
+			}
+		}()
+		if !cleanupNode(paths) { // what a killed predecessor left
+			return errors.New("could not clean up what a previous node left behind (see above)")
+		}
+	}
 
 	// Stop on SIGTERM/SIGINT, also while starting.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
@@ -128,6 +159,12 @@ func run(dir string, port int, timeout time.Duration) (err error) {
 	if err != nil {
 		return err
 	}
+	var npki *nodePKI
+	if node {
+		if npki, err = issueNodePKI(ca); err != nil {
+			return err
+		}
+	}
 	_, saKeyPEM, err := newKey()
 	if err != nil {
 		return err
@@ -136,6 +173,10 @@ func run(dir string, port int, timeout time.Duration) (err error) {
 		"ca.crt": ca.certPEM, "ca.key": ca.keyPEM,
 		"apiserver.crt": serving.certPEM, "apiserver.key": serving.keyPEM,
 		"sa.key": saKeyPEM,
+	}
+	if node {
+		files["apiserver-kubelet-client.crt"] = npki.apiserverToKub.certPEM
+		files["apiserver-kubelet-client.key"] = npki.apiserverToKub.keyPEM
 	}
 	for name, data := range files {
 		if err := os.WriteFile(filepath.Join(pki, name), data, 0o600); err != nil {
@@ -204,7 +245,15 @@ func run(dir string, port int, timeout time.Duration) (err error) {
 		"--cert-dir=" + filepath.Join(work, "apiserver-certs"),
 		"--profiling=false",
 	}
-	a, err := startChild(ctx, "apiserver", state, apiserverArgs)
+	if node {
+		apiserverArgs = append(apiserverArgs,
+			"--kubelet-client-certificate="+p("apiserver-kubelet-client.crt"),
+			"--kubelet-client-key="+p("apiserver-kubelet-client.key"),
+			"--kubelet-certificate-authority="+p("ca.crt"),
+			"--kubelet-preferred-address-types=InternalIP",
+		)
+	}
+	a, err := startChild(ctx, "apiserver", state, self, apiserverArgs)
 	if err != nil {
 		return err
 	}
@@ -224,7 +273,7 @@ func run(dir string, port int, timeout time.Duration) (err error) {
 		"--leader-elect=false",
 		"--profiling=false",
 	}
-	c, err := startChild(ctx, "controller-manager", state, kcmArgs)
+	c, err := startChild(ctx, "controller-manager", state, self, kcmArgs)
 	if err != nil {
 		return err
 	}
@@ -252,9 +301,68 @@ func run(dir string, port int, timeout time.Duration) (err error) {
 		log.Printf("%s ok", path)
 	}
 
-	bin, _ := os.Executable()
+	if node {
+		start := time.Now()
+		schedKubeconfig := filepath.Join(work, "scheduler.kubeconfig")
+		if err := writeKubeconfig(schedKubeconfig, server, ca, npki.scheduler, "kube-scheduler"); err != nil {
+			return err
+		}
+		s, err := startChild(ctx, "scheduler", state, self, []string{
+			"--kubeconfig=" + schedKubeconfig,
+			"--authentication-kubeconfig=" + schedKubeconfig,
+			"--authorization-kubeconfig=" + schedKubeconfig,
+			"--bind-address=127.0.0.1", "--secure-port=0", "--leader-elect=false", "--profiling=false",
+		})
+		if err != nil {
+			return err
+		}
+		children = append(children, s)
+		if err := prepareHost(paths, port); err != nil {
+			return fmt.Errorf("preparing the host for the node: %w", err)
+		}
+		containerdArgs, kubeletArgs, err := writeNodeConfig(paths, pki, server, ca, npki)
+		if err != nil {
+			return err
+		}
+		cd, err := startChild(ctx, "containerd", state, filepath.Join(paths.bin, "containerd"), containerdArgs)
+		if err != nil {
+			return err
+		}
+		children = append(children, cd)
+		if err := waitSocket(ctx, paths.containerdSock(), deadline, cd); err != nil {
+			return err
+		}
+		if err := importPause(paths); err != nil {
+			return err
+		}
+		k, err := startChild(ctx, "kubelet", state, self, kubeletArgs)
+		if err != nil {
+			return err
+		}
+		children = append(children, k)
+		if err := waitNodeReady(ctx, hc, server, deadline, children); err != nil {
+			return err
+		}
+		log.Printf("node %s Ready in %.1fs", nodeName, time.Since(start).Seconds())
+		env := fmt.Sprintf("export CONTAINERD_ADDRESS=%s\nexport CONTAINERD_NAMESPACE=k8s.io\nexport CLUSTER_NODE_IP=%s\n",
+			paths.containerdSock(), nodeIP)
+		if err := os.WriteFile(nodeEnvFile, []byte(env), 0o644); err != nil {
+			return err
+		}
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(5 * time.Second):
+					reapOrphans()
+				}
+			}
+		}()
+	}
+
 	fmt.Printf("export KUBECONFIG=%s\n", adminKubeconfig)
-	fmt.Printf("export PATH=%s:$PATH\n", filepath.Dir(bin))
+	fmt.Printf("export PATH=%s:$PATH\n", paths.bin)
 	if err := os.WriteFile(readyFile, []byte(server+"\n"), 0o644); err != nil {
 		return err
 	}
@@ -270,7 +378,10 @@ func run(dir string, port int, timeout time.Duration) (err error) {
 	}
 }
 
-func startChild(ctx context.Context, name, state string, args []string) (*child, error) {
+// startChild starts NAME: "kubecluster NAME ARGS" when exe is kubecluster
+// itself, else "exe ARGS". Its PATH starts with exe's directory (containerd
+// finds its shim there).
+func startChild(ctx context.Context, name, state, exe string, args []string) (*child, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -279,7 +390,11 @@ func startChild(ctx context.Context, name, state string, args []string) (*child,
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(self, append([]string{name}, args...)...)
+	if exe == self {
+		args = append([]string{name}, args...)
+	}
+	cmd := exec.Command(exe, args...)
+	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(exe)+":"+os.Getenv("PATH"))
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Pdeathsig: the child is killed if this process dies, even by SIGKILL.
 	// Setpgid: a terminal's Ctrl-C reaches only us; we stop the children in order.
@@ -289,6 +404,7 @@ func startChild(ctx context.Context, name, state string, args []string) (*child,
 		return nil, fmt.Errorf("starting %s: %w", name, err)
 	}
 	c := &child{name: name, cmd: cmd, done: make(chan struct{})}
+	track(cmd.Process.Pid)
 	// NAME.pid lets down.sh check that nothing is left behind.
 	pidFile := filepath.Join(state, name+".pid")
 	os.WriteFile(pidFile, []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644) //nolint:errcheck

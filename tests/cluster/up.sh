@@ -4,7 +4,8 @@
 #   eval "$(tests/cluster/up.sh)"
 # Idempotent: if it is already running and ready, only prints them.
 # Env: CLUSTER_STATE (default target/cluster/state), CLUSTER_BIN
-# (default target/cluster/bin), CLUSTER_TIMEOUT seconds (default 180).
+# (default target/cluster/bin), CLUSTER_TIMEOUT seconds (default 180),
+# CLUSTER_NODE (default 1: also a worker node, which needs root; 0: control plane only).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -23,7 +24,11 @@ fi
 mkdir -p "$CLUSTER_STATE"
 rm -f "$CLUSTER_STATE/ready"
 start=$SECONDS
-setsid nohup "$CLUSTER_BIN/kubecluster" up --dir "$CLUSTER_STATE" --timeout "${CLUSTER_TIMEOUT}s" \
+node_flag=()
+if [[ "$CLUSTER_NODE" == 1 ]]; then
+	node_flag=(--node)
+fi
+setsid nohup "$CLUSTER_BIN/kubecluster" up --dir "$CLUSTER_STATE" --timeout "${CLUSTER_TIMEOUT}s" "${node_flag[@]}" \
 	>"$CLUSTER_STATE/kubecluster.log" 2>&1 </dev/null &
 pid=$!
 echo "up.sh: started kubecluster (pid $pid), state in $CLUSTER_STATE" >&2
