@@ -45,6 +45,10 @@ pub struct CheckArgs {
     /// Override the Entra ID authority (testing only, e.g. http://127.0.0.1:8089).
     #[arg(long, env = "ENTRA_AUTHORITY_OVERRIDE", hide = true)]
     pub entra_authority_override: Option<String>,
+    /// PEM file of CA certificates trusted in addition to the built-in roots (a corporate TLS proxy,
+    /// or a test CA).
+    #[arg(long, env = "EXTRA_CA_BUNDLE")]
+    pub extra_ca_bundle: Option<PathBuf>,
 }
 
 fn input_error(message: String) -> CliError {
@@ -94,6 +98,8 @@ pub async fn run(args: CheckArgs, log_format: LogFormat) -> Result<(), CliError>
         request_timeout: args.timeout,
         connect_timeout: args.timeout.min(Duration::from_secs(10)),
         entra_authority_override: args.entra_authority_override.clone(),
+        extra_roots: crate::cli::read_extra_roots(args.extra_ca_bundle.as_deref())
+            .map_err(|e| input_error(e.to_string()))?,
         ..ValidatorConfig::default()
     })
     .map_err(|e| input_error(e.to_string()))?;

@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// Override the Entra ID authority (testing only, e.g. http://127.0.0.1:8089).
     #[arg(long, env = "ENTRA_AUTHORITY_OVERRIDE", hide = true)]
     pub entra_authority_override: Option<String>,
+    /// PEM file of CA certificates trusted for provider calls in addition to the built-in web PKI
+    /// roots (a corporate TLS proxy, or a test CA). https is still required.
+    #[arg(long, env = "EXTRA_CA_BUNDLE")]
+    pub extra_ca_bundle: Option<std::path::PathBuf>,
     /// Address of the /healthz, /readyz and /metrics endpoints.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
@@ -87,17 +91,18 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The controller configuration these flags describe.
-    pub fn config(&self) -> crate::controller::Config {
+    /// The controller configuration these flags describe (reads the extra CA bundle, if any).
+    pub fn config(&self) -> Result<crate::controller::Config, CliError> {
         use crate::controller::{Config, children::RetrieverSettings, schedule::Policy};
         let validator = crate::providers::ValidatorConfig {
             request_timeout: self.provider_timeout,
             per_host_rate: self.provider_rate,
             per_host_burst: self.provider_burst,
             entra_authority_override: self.entra_authority_override.clone(),
+            extra_roots: read_extra_roots(self.extra_ca_bundle.as_deref())?,
             ..Default::default()
         };
-        Config {
+        Ok(Config {
             namespace: self.namespace.clone(),
             policy: Policy {
                 revalidate_every: self.revalidate_interval,
@@ -118,8 +123,23 @@ impl RunArgs {
             concurrency: self.concurrency,
             instance: std::env::var("POD_NAME").ok(),
             metrics_addr: Some(self.metrics_addr),
-        }
+        })
     }
+}
+
+/// Reads `--extra-ca-bundle` (a startup error, exit 1, when it is missing or holds no usable
+/// certificate) and logs what is trusted.
+pub fn read_extra_roots(
+    path: Option<&std::path::Path>,
+) -> Result<Option<crate::providers::ExtraRoots>, CliError> {
+    let Some(path) = path else { return Ok(None) };
+    let roots = crate::providers::ExtraRoots::read(path).map_err(|e| CliError::Config(e.to_string()))?;
+    tracing::info!(
+        bundle = roots.source(),
+        certificates = roots.len(),
+        "trusting extra CA certificates for provider calls, besides the built-in roots"
+    );
+    Ok(Some(roots))
 }
 
 /// Flags of `retrieve`.
@@ -229,9 +249,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn run_operator(args: RunArgs) -> Result<(), CliError> {
+    let config = args.config()?;
     let client = kube::Client::try_default().await.map_err(CliError::Connect)?;
     ensure_crd_installed(&client).await?;
-    crate::controller::run(client, args.config(), shutdown_signal())
+    crate::controller::run(client, config, shutdown_signal())
         .await
         .map_err(|e| CliError::Config(e.to_string()))
 }

@@ -5,17 +5,39 @@ mod common;
 
 use common::*;
 
-fn render() -> String {
+fn render_with(extra: &[&str]) -> String {
     run_ok(
-        helm().args([
-            "template",
-            "connection-operator",
-            "charts/connection-operator",
-            "--namespace",
-            "connection-operator",
-        ]),
+        helm()
+            .args([
+                "template",
+                "connection-operator",
+                "charts/connection-operator",
+                "--namespace",
+                "connection-operator",
+            ])
+            .args(extra),
         None,
     )
+}
+
+fn render() -> String {
+    render_with(&[])
+}
+
+fn documents(rendered: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(rendered)
+        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// A PEM file with a test CA certificate, and the directory holding it.
+fn ca_bundle_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let pki = fake_providers::TestPki::generate(&["127.0.0.1".parse().unwrap()], &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ca.pem");
+    std::fs::write(&path, &pki.ca_pem).unwrap();
+    (dir, path, pki.ca_pem)
 }
 
 #[test]
@@ -31,11 +53,15 @@ fn rendered_chart_is_accepted_by_the_api_server() {
         kubectl().args(["create", "namespace", "connection-operator"]),
         None,
     );
+    // With the optional extra CA bundle, so its ConfigMap and volume are checked too.
+    let (_dir, bundle, _) = ca_bundle_file();
+    let set_file = format!("extraCABundle={}", bundle.display());
     let out = run_ok(
         kubectl().args(["apply", "--dry-run=server", "-f", "-"]),
-        Some(&render()),
+        Some(&render_with(&["--set-file", &set_file])),
     );
     for kind in [
+        "configmap/",
         "serviceaccount/",
         "clusterrole.rbac",
         "clusterrolebinding.rbac",
@@ -48,8 +74,8 @@ fn rendered_chart_is_accepted_by_the_api_server() {
 #[test]
 fn operator_pod_runs_restricted_with_resources() {
     let rendered = render();
-    let deployment = serde_yaml::Deserializer::from_str(&rendered)
-        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
+    let deployment = documents(&rendered)
+        .into_iter()
         .find(|v| v["kind"] == "Deployment")
         .expect("a Deployment");
     let pod = &deployment["spec"]["template"]["spec"];
@@ -61,6 +87,42 @@ fn operator_pod_runs_restricted_with_resources() {
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["cpu"].is_string());
     assert_eq!(c["args"][0], "run");
+    // Long enough for an in-flight provider call (providerTimeout 20s) and the writes after it.
+    assert_eq!(pod["terminationGracePeriodSeconds"], 45);
+}
+
+#[test]
+fn extra_ca_bundle_is_a_mounted_configmap_only_when_set() {
+    let without = documents(&render());
+    assert!(!without.iter().any(|d| d["kind"] == "ConfigMap"));
+    let deployment = without.iter().find(|v| v["kind"] == "Deployment").unwrap();
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+    assert!(!env.contains("EXTRA_CA_BUNDLE"), "{env}");
+
+    let (_dir, bundle, pem) = ca_bundle_file();
+    let set_file = format!("extraCABundle={}", bundle.display());
+    let with = documents(&render_with(&["--set-file", &set_file]));
+    let config_map = with
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("the CA bundle ConfigMap");
+    assert_eq!(config_map["metadata"]["name"], "connection-operator-ca-bundle");
+    assert_eq!(config_map["data"]["ca.crt"].as_str().unwrap().trim(), pem.trim());
+    let pod = &with.iter().find(|v| v["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"],
+        "connection-operator-ca-bundle"
+    );
+    let c = &pod["containers"][0];
+    let mount = &c["volumeMounts"][0];
+    assert_eq!(mount["readOnly"], true);
+    let path = format!("{}/ca.crt", mount["mountPath"].as_str().unwrap());
+    let env = c["env"].as_array().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "EXTRA_CA_BUNDLE" && e["value"] == path.as_str()),
+        "{env:?}"
+    );
 }
 
 #[test]

@@ -448,3 +448,52 @@ async fn environment_url_outside_the_cloud_exits_1_before_any_call() {
     );
     assert_eq!(fake.token_requests(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_provider_signed_by_a_test_ca_needs_the_extra_ca_bundle() {
+    let pki = fake_providers::TestPki::generate(&["127.0.0.1".parse().unwrap()], &[]).unwrap();
+    let fake = FakeProviders::start_https(&pki).await;
+    fake.add_salesforce_org(
+        SalesforceOrg::new(ORG, USER, USERNAME, CLIENT_ID).with_client_secret(CLIENT_SECRET),
+    );
+    let token = fake.issue_salesforce_token(ORG);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "acme.yaml", &combined_file(&fake.url(), &token));
+    let ca = write(dir.path(), "ca.pem", &pki.ca_pem);
+
+    let untrusted = check(vec!["-f".into(), path_arg(&file)], vec![], None).await;
+    assert_eq!(untrusted.code, 2, "transient: {}", untrusted.all());
+    assert!(untrusted.all().contains("certificate"), "{}", untrusted.all());
+
+    let trusted = check(
+        vec![
+            "-f".into(),
+            path_arg(&file),
+            "--extra-ca-bundle".into(),
+            path_arg(&ca),
+        ],
+        vec![],
+        None,
+    )
+    .await;
+    assert_eq!(trusted.code, 0, "{}", trusted.all());
+    assert!(trusted.stdout.contains(ORG), "{}", trusted.all());
+
+    let missing = check(
+        vec!["-f".into(), path_arg(&file)],
+        vec![("EXTRA_CA_BUNDLE", "/nonexistent/ca.pem".into())],
+        None,
+    )
+    .await;
+    assert_eq!(missing.code, 1, "{}", missing.all());
+    assert!(
+        missing.stderr.contains("/nonexistent/ca.pem") && missing.stderr.contains("No such file"),
+        "{}",
+        missing.all()
+    );
+    assert_eq!(
+        fake.token_requests(),
+        1,
+        "only the trusted run reached the provider"
+    );
+}

@@ -1,5 +1,6 @@
 //! The binary's own commands (no cluster needed).
 
+use std::path::Path;
 use std::process::Command;
 
 fn bin() -> Command {
@@ -49,6 +50,30 @@ fn run_without_a_cluster_fails_with_a_clear_error() {
     );
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("error:"), "{err}");
+}
+
+#[test]
+fn run_with_an_unusable_extra_ca_bundle_exits_1_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    for (path, expected) in [
+        (Path::new("/nonexistent/ca.pem"), "No such file or directory"),
+        (not_pem.as_path(), "holds no certificate"),
+    ] {
+        let out = bin()
+            .args(["run", "--extra-ca-bundle"])
+            .arg(path)
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains(expected),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -43,7 +43,11 @@ impl Http {
             config.limiter_max_wait,
         )
         .map_err(ValidatorError::Config)?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(roots) = &config.extra_roots {
+            builder = roots.trust_in(builder);
+        }
+        let client = builder
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             // Never follow redirects: a token must not travel to a host we did not choose.

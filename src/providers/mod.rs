@@ -37,6 +37,7 @@ mod http;
 mod limiter;
 pub mod rules;
 mod salesforce;
+pub mod trust;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,6 +48,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::api::{ConnectionSpec, Provider};
 
 pub use backoff::{jittered, retry_delay};
+pub use trust::ExtraRoots;
 
 /// The reasons a [`Failure`] carries (CamelCase, written to `status.reason`).
 pub mod reason {
@@ -315,6 +317,8 @@ pub struct ValidatorConfig {
     /// Replaces the Entra ID authority of every cloud (e.g. `http://127.0.0.1:8089` for tests and the
     /// demo). https, or http on a loopback host only.
     pub entra_authority_override: Option<String>,
+    /// CA certificates trusted in addition to the built-in web PKI roots (`--extra-ca-bundle`).
+    pub extra_roots: Option<ExtraRoots>,
 }
 
 impl Default for ValidatorConfig {
@@ -327,6 +331,7 @@ impl Default for ValidatorConfig {
             per_host_burst: 20,
             limiter_max_wait: Duration::from_secs(30),
             entra_authority_override: None,
+            extra_roots: None,
         }
     }
 }
@@ -338,6 +343,8 @@ pub enum ValidatorError {
     Config(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    #[error("{0}")]
+    CaBundle(String),
 }
 
 /// Validates credentials against the providers. Cheap to clone (shares the HTTP client and limiter);
