@@ -20,7 +20,8 @@ pub enum Command {
     Crd,
     /// Run the operator against the cluster of the current kubeconfig or in-cluster config.
     Run(Box<RunArgs>),
-    /// Run a job retriever for one connection (the container command of retriever pods).
+    /// Hold one connection's session in a retriever pod (its container command): reads the mounted
+    /// session Secret, serves /healthz and /readyz. Job retrieval itself is not implemented yet.
     Retrieve(RetrieveArgs),
     /// Validate one connection's credentials from local files (no cluster) and print the identity or
     /// the classified failure. Exit code 0 valid, 1 permanent/configuration failure, 2 transient.
@@ -151,9 +152,34 @@ pub struct RetrieveArgs {
     /// Directory where the session Secret is mounted.
     #[arg(long, default_value = "/var/run/crmconnect/session")]
     pub session_dir: std::path::PathBuf,
-    /// How often to poll the CRM for queued jobs.
+    /// How often to poll the CRM for queued jobs (job retrieval is not implemented yet).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub poll_interval: std::time::Duration,
+    /// Address of the /healthz and /readyz endpoints.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    pub probe_addr: std::net::SocketAddr,
+    /// The connection's namespace (the pod's own; set from the downward API), for logs.
+    #[arg(long, env = "CONNECTION_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// How often the mounted session is re-read (the kubelet swaps the files when the Secret changes).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, hide = true)]
+    pub session_check_interval: std::time::Duration,
+}
+
+impl RetrieveArgs {
+    /// The retriever settings these flags describe.
+    pub fn settings(&self) -> crate::retriever::Settings {
+        crate::retriever::Settings {
+            connection: self.connection.clone(),
+            namespace: self.namespace.clone(),
+            session_dir: self.session_dir.clone(),
+            poll_interval: self.poll_interval,
+            probe_addr: self.probe_addr,
+            session_check_interval: self
+                .session_check_interval
+                .max(std::time::Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Parses durations like `90s`, `15m`, `1h`, `500ms`.
@@ -193,8 +219,8 @@ pub enum CliError {
     Kube(#[source] kube::Error),
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("{0}")]
-    NotImplemented(String),
+    #[error(transparent)]
+    Retriever(#[from] crate::retriever::Error),
     /// `check-credentials` did not succeed; `exit_code` is 1 (permanent/configuration) or 2 (transient).
     #[error("{message}")]
     CheckFailed { message: String, exit_code: i32 },
@@ -204,7 +230,7 @@ impl CliError {
     /// Process exit code: 1 for errors the user must fix, 2 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::CrdMissing | CliError::Config(_) | CliError::NotImplemented(_) => 1,
+            CliError::CrdMissing | CliError::Config(_) | CliError::Retriever(_) => 1,
             CliError::Connect(_) | CliError::Kube(_) => 2,
             CliError::CheckFailed { exit_code, .. } => *exit_code,
         }
@@ -238,12 +264,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::CheckCredentials(args) => crate::check_credentials::run(args, cli.log_format).await,
         Command::Retrieve(args) => {
             init_logging(cli.log_format);
-            Err(CliError::NotImplemented(format!(
-                "`retrieve` for connection {:?} is not implemented yet: job retrieval (polling the CRM every {:?} with the session in {}) is planned for the retriever issue",
-                args.connection,
-                args.poll_interval,
-                args.session_dir.display()
-            )))
+            Ok(crate::retriever::run(args.settings(), shutdown_signal()).await?)
         }
     }
 }

@@ -6,3 +6,4 @@ mod check_credentials;
 pub mod cli;
 pub mod controller;
 pub mod providers;
+pub mod retriever;

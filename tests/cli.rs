@@ -1,7 +1,8 @@
 //! The binary's own commands (no cluster needed).
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_connection-operator"))
@@ -16,13 +17,163 @@ fn crd_command_prints_the_committed_crd() {
     assert_eq!(String::from_utf8(out.stdout).unwrap(), committed);
 }
 
+/// `GET path` on 127.0.0.1:port: the status code, or None when nothing answers.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn wait_for_status(port: u16, path: &str, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http_status(port, path) != Some(want) {
+        assert!(Instant::now() < deadline, "{path} never answered {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const TOKEN: &str = "00Dxx!AQ-first-access-token";
+const ROTATED: &str = "00Dxx!AQ-second-access-token";
+
+/// A session directory as the kubelet mounts the operator's session Secret.
+fn session_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, value) in [
+        ("access_token", TOKEN),
+        ("instance_url", "https://acme.my.salesforce.com"),
+        ("provider", "SalesforceProduction"),
+        ("expires_at", "2030-01-01T00:00:00Z"),
+    ] {
+        std::fs::write(dir.path().join(key), value).unwrap();
+    }
+    dir
+}
+
+fn retrieve(dir: &Path, port: u16) -> Command {
+    let mut cmd = bin();
+    cmd.args(["retrieve", "--connection", "acme", "--session-dir"])
+        .arg(dir)
+        .args(["--probe-addr", &format!("127.0.0.1:{port}")])
+        .args(["--session-check-interval", "100ms"])
+        .env("CONNECTION_NAMESPACE", "sales")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 #[test]
-fn retrieve_says_clearly_that_it_is_not_implemented_yet() {
-    let out = bin().args(["retrieve", "--connection", "acme"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8(out.stderr).unwrap();
+fn retrieve_holds_the_session_follows_its_changes_and_exits_0_on_sigterm() {
+    let dir = session_dir();
+    let port = free_port();
+    let child = retrieve(dir.path(), port).spawn().unwrap();
+    wait_for_status(port, "/readyz", 200);
+    assert_eq!(http_status(port, "/healthz"), Some(200));
+
+    // The operator rotates the access token; the re-read sees it. A session that cannot be read
+    // makes the pod unready (but alive) until it can be read again.
+    std::fs::write(dir.path().join("access_token"), ROTATED).unwrap();
+    let url = dir.path().join("instance_url");
+    std::fs::remove_file(&url).unwrap();
+    wait_for_status(port, "/readyz", 503);
+    assert_eq!(http_status(port, "/healthz"), Some(200));
+    std::fs::write(&url, "https://acme.my.salesforce.com").unwrap();
+    wait_for_status(port, "/readyz", 200);
+
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = child.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{logs}");
+    for expected in [
+        "job retrieval is not implemented yet",
+        "session loaded",
+        "sales/acme",
+        "https://acme.my.salesforce.com",
+        "session changed",
+        "instance_url",
+    ] {
+        assert!(logs.contains(expected), "{expected:?} missing from:\n{logs}");
+    }
+    assert_eq!(
+        logs.matches("job retrieval is not implemented yet").count(),
+        1,
+        "said once: {logs}"
+    );
     assert!(
-        err.contains("not implemented yet") && err.contains("acme"),
+        !logs.contains(TOKEN) && !logs.contains(ROTATED),
+        "a token was logged:\n{logs}"
+    );
+}
+
+#[test]
+fn retrieve_without_a_readable_session_exits_1_naming_the_file() {
+    // Missing: the Secret volume is not there.
+    let out = bin()
+        .args([
+            "retrieve",
+            "--connection",
+            "acme",
+            "--session-dir",
+            "/nonexistent/session",
+        ])
+        .args(["--probe-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/session/access_token") && err.contains("No such file or directory"),
+        "{err}"
+    );
+
+    // Unreadable: reading the file fails with an OS error, which is shown. (Tests may run as root,
+    // which reads any file regardless of mode; a directory in the file's place fails for everyone.)
+    let dir = session_dir();
+    let token = dir.path().join("access_token");
+    std::fs::remove_file(&token).unwrap();
+    std::fs::create_dir(&token).unwrap();
+    let out = retrieve(dir.path(), free_port()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot read the session file {}", token.display()))
+            && err.contains("os error"),
+        "{err}"
+    );
+
+    // Permission denied (what a pod without fsGroup met): only observable when not root.
+    let dir = session_dir();
+    let token = dir.path().join("access_token");
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    if std::fs::read(&token).is_ok() {
+        eprintln!("running as root: the Permission denied case cannot be observed here");
+        return;
+    }
+    let out = retrieve(dir.path(), free_port()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&token.display().to_string()) && err.contains("Permission denied"),
         "{err}"
     );
 }

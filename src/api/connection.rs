@@ -155,6 +155,22 @@ impl Provider {
     }
 }
 
+impl std::str::FromStr for Provider {
+    type Err = String;
+
+    /// The name as written in manifests (exact).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            Provider::SalesforceProduction,
+            Provider::SalesforceSandbox,
+            Provider::Dynamics365,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| format!("unknown provider {s:?}"))
+    }
+}
+
 impl std::fmt::Display for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

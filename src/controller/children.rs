@@ -5,11 +5,13 @@ use crate::api::Connection;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,6 +30,23 @@ pub const SESSION_LABEL: &str = "crmconnect.io/session";
 pub const SPEC_DIGEST_ANNOTATION: &str = "crmconnect.io/spec-digest";
 /// Where retriever pods find the session Secret.
 pub const SESSION_MOUNT: &str = "/var/run/crmconnect/session";
+/// The retriever container's probe port (`/healthz`, `/readyz`).
+pub const RETRIEVER_PROBE_PORT: i32 = 8081;
+/// The uid and gid retriever pods (and the operator) run as; the session volume is readable by this
+/// group (`fsGroup`).
+pub const RUN_AS: i64 = 65532;
+
+/// The keys of the session Secret (each becomes a file in the retriever's volume).
+pub mod session_keys {
+    /// The current access token (the only secret in the session Secret).
+    pub const ACCESS_TOKEN: &str = "access_token";
+    /// The CRM's API base URL.
+    pub const INSTANCE_URL: &str = "instance_url";
+    /// The connection's provider (`SalesforceProduction`, `SalesforceSandbox`, `Dynamics365`).
+    pub const PROVIDER: &str = "provider";
+    /// When the access token expires (RFC 3339); only when the provider said.
+    pub const EXPIRES_AT: &str = "expires_at";
+}
 
 /// Settings of retriever workloads (operator flags / Helm values).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,20 +138,23 @@ pub fn session_secret(conn: &Connection, session: &SessionData) -> Secret {
     meta.annotations = Some(session.annotations.clone());
     let mut data = BTreeMap::from([
         (
-            "access_token".to_string(),
+            session_keys::ACCESS_TOKEN.to_string(),
             ByteString(session.access_token.as_bytes().to_vec()),
         ),
         (
-            "instance_url".to_string(),
+            session_keys::INSTANCE_URL.to_string(),
             ByteString(session.instance_url.as_bytes().to_vec()),
         ),
         (
-            "provider".to_string(),
+            session_keys::PROVIDER.to_string(),
             ByteString(conn.spec.provider.as_str().as_bytes().to_vec()),
         ),
     ]);
     if let Some(exp) = &session.expires_at {
-        data.insert("expires_at".to_string(), ByteString(exp.as_bytes().to_vec()));
+        data.insert(
+            session_keys::EXPIRES_AT.to_string(),
+            ByteString(exp.as_bytes().to_vec()),
+        );
     }
     Secret {
         metadata: meta,
@@ -165,7 +187,18 @@ pub fn retriever_deployment(conn: &Connection, settings: &RetrieverSettings, rep
             SESSION_MOUNT.into(),
             "--poll-interval".into(),
             format!("{}s", settings.poll_interval.as_secs()),
+            "--probe-addr".into(),
+            format!("0.0.0.0:{RETRIEVER_PROBE_PORT}"),
         ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("probes".into()),
+            container_port: RETRIEVER_PROBE_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        // Ready once the session was read; alive while the process answers.
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
         env: Some(vec![EnvVar {
             name: "CONNECTION_NAMESPACE".into(),
             value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
@@ -200,7 +233,13 @@ pub fn retriever_deployment(conn: &Connection, settings: &RetrieverSettings, rep
     let pod = PodSpec {
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
-        security_context: Some(restricted_pod_security()),
+        security_context: Some(PodSecurityContext {
+            // The session volume is mode 0440 (owner root): the pod reads it through its group.
+            fs_group: Some(RUN_AS),
+            ..restricted_pod_security()
+        }),
+        // The retriever holds no work in flight yet; it exits at once on SIGTERM.
+        termination_grace_period_seconds: Some(10),
         containers: vec![container],
         volumes: Some(vec![Volume {
             name: "session".into(),
@@ -279,6 +318,21 @@ pub fn session_up_to_date(existing: &Secret, desired: &Secret) -> bool {
         && existing.metadata.owner_references == desired.metadata.owner_references
 }
 
+/// An HTTP GET probe on the named probe port.
+fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("probes".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
 fn digest(spec: &DeploymentSpec) -> String {
     let json = serde_json::to_vec(spec).expect("DeploymentSpec serializes");
     let d = ring::digest::digest(&ring::digest::SHA256, &json);
@@ -289,8 +343,8 @@ fn digest(spec: &DeploymentSpec) -> String {
 pub fn restricted_pod_security() -> PodSecurityContext {
     PodSecurityContext {
         run_as_non_root: Some(true),
-        run_as_user: Some(65532),
-        run_as_group: Some(65532),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
         seccomp_profile: Some(SeccompProfile {
             type_: "RuntimeDefault".into(),
             ..Default::default()
@@ -383,6 +437,47 @@ mod tests {
                 .and_then(|v| v.secret_key_ref.as_ref())
                 .is_none()
         }));
+    }
+
+    #[test]
+    fn retriever_pod_can_read_its_0440_session_volume_through_fs_group() {
+        let pod = retriever_deployment(&conn(), &RetrieverSettings::default(), 1)
+            .spec
+            .template
+            .spec
+            .unwrap();
+        let psc = pod.security_context.unwrap();
+        assert_eq!((psc.run_as_user, psc.run_as_group), (Some(65532), Some(65532)));
+        assert_eq!(psc.fs_group, Some(65532), "without it: Permission denied");
+        let volume = pod.volumes.unwrap()[0].secret.clone().unwrap();
+        assert_eq!(volume.default_mode, Some(0o440));
+        assert_eq!(pod.termination_grace_period_seconds, Some(10));
+    }
+
+    #[test]
+    fn retriever_is_probed_on_its_named_port() {
+        let pod = retriever_deployment(&conn(), &RetrieverSettings::default(), 1)
+            .spec
+            .template
+            .spec
+            .unwrap();
+        let c = &pod.containers[0];
+        let port = &c.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("probes"), 8081)
+        );
+        let args = c.args.as_ref().unwrap();
+        let at = args
+            .iter()
+            .position(|a| a == "--probe-addr")
+            .expect("--probe-addr");
+        assert_eq!(args[at + 1], "0.0.0.0:8081");
+        for (probe, path) in [(&c.readiness_probe, "/readyz"), (&c.liveness_probe, "/healthz")] {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!(get.path.as_deref(), Some(path));
+            assert_eq!(get.port, IntOrString::String("probes".into()));
+        }
     }
 
     #[test]
