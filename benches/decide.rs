@@ -80,6 +80,7 @@ fn main() {
                             &all,
                         )
                     },
+                    &connection_operator::controller::children::RetrieverObserved::Available,
                     &now,
                 )
             },

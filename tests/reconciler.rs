@@ -242,9 +242,15 @@ async fn new_connection_becomes_active_with_org_id_session_secret_and_one_replic
     assert_eq!(status.remote_id.as_deref(), Some(ORG));
     assert_eq!(status.username.as_deref(), Some("ops@acme.example"));
     assert_eq!(status.observed_generation, c.metadata.generation);
-    for type_ in [conditions::READY, conditions::AUTHORIZED, conditions::RETRIEVING] {
+    for type_ in [conditions::READY, conditions::AUTHORIZED] {
         assert_eq!(condition(&c, type_).unwrap().0, "True", "{type_}");
     }
+    // No pod of this Deployment becomes ready here (no kubelet runs its image): the condition says
+    // the retriever is starting, never that it runs.
+    assert_eq!(
+        condition(&c, conditions::RETRIEVER_READY).unwrap(),
+        ("False".into(), "RetrieverStarting".into())
+    );
     env.wait_replicas("acme", 1).await;
     // The session Secret holds the access token, never the refresh token, and is owned by the connection.
     let session = env.secrets().get("acme-session").await.unwrap();
@@ -379,7 +385,7 @@ async fn pause_holds_retrieval_and_activate_resumes_it_without_provider_calls() 
         .unwrap();
     let c = env.wait_state("acme", State::Paused).await;
     assert_eq!(
-        condition(&c, conditions::RETRIEVING).unwrap(),
+        condition(&c, conditions::RETRIEVER_READY).unwrap(),
         ("False".into(), "Holding".into())
     );
     env.wait_replicas("acme", 0).await;
@@ -591,7 +597,19 @@ async fn operator_restart_on_an_unchanged_cluster_writes_nothing_and_calls_no_pr
     env.create_salesforce("acme", "sales", "creds").await;
     env.wait_state("acme", State::Active).await;
     env.wait_replicas("acme", 1).await;
-    // Let follow-up reconciles (own writes echoing back) settle.
+    // The RetrieverReady condition follows the Deployment's status: wait until the deployment
+    // controller has reported on the current spec and its pod, then let follow-up reconciles (own
+    // writes echoing back) settle.
+    eventually(
+        "the deployment controller to report the retriever pod",
+        Duration::from_secs(30),
+        || async {
+            let d = env.deployments().get("acme-retriever").await.ok()?;
+            let status = d.status?;
+            (status.observed_generation >= d.metadata.generation && status.replicas == Some(1)).then_some(())
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     op.stop().await;
 

@@ -7,8 +7,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub const READY: &str = "Ready";
 /// Condition type: the tokens were accepted by the provider.
 pub const AUTHORIZED: &str = "Authorized";
-/// Condition type: a job retriever is running for this connection.
-pub const RETRIEVING: &str = "Retrieving";
+/// Condition type: the connection's retriever pod is ready (observed on its Deployment). It holds the
+/// session; job retrieval itself is not implemented yet.
+pub const RETRIEVER_READY: &str = "RetrieverReady";
 
 /// Condition status values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,7 +167,7 @@ mod tests {
         let first = merge(
             &[],
             &[
-                Desired::new(RETRIEVING, Status::True, "RetrieverRunning", "m"),
+                Desired::new(RETRIEVER_READY, Status::True, "RetrieverAvailable", "m"),
                 Desired::new(READY, Status::True, "Active", "m"),
             ],
             Some(1),
@@ -179,7 +180,7 @@ mod tests {
             &t(200),
         );
         let types: Vec<_> = second.iter().map(|c| c.type_.as_str()).collect();
-        assert_eq!(types, vec![AUTHORIZED, READY, RETRIEVING]);
+        assert_eq!(types, vec![AUTHORIZED, READY, RETRIEVER_READY]);
         assert_eq!(find(&second, READY).unwrap().last_transition_time, t(100));
     }
 }

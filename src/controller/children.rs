@@ -301,6 +301,47 @@ pub fn deployment_up_to_date(existing: &Deployment, desired: &Deployment) -> boo
         && replicas(existing) == replicas(desired)
 }
 
+/// What the cluster shows of a connection's retriever Deployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RetrieverObserved {
+    /// A pod of the spec an active connection wants is available (Ready).
+    Available,
+    /// None is (yet): why, for the condition's message.
+    NotAvailable(String),
+}
+
+/// Reads the retriever's availability from the observed Deployment. `wanted` is the Deployment an
+/// active connection needs (one replica): an existing one that differs is about to be re-applied, so
+/// what it shows is not the wanted retriever. Available means: the Deployment controller has seen the
+/// current generation, and one updated replica is available (with the `Recreate` strategy there are
+/// never old and new pods at once).
+pub fn observe_retriever(existing: Option<&Deployment>, wanted: &Deployment) -> RetrieverObserved {
+    let not = |why: &str| RetrieverObserved::NotAvailable(why.to_string());
+    let Some(existing) = existing else {
+        return not("the retriever Deployment is being created");
+    };
+    if !deployment_up_to_date(existing, wanted) {
+        return not("the retriever Deployment is being updated");
+    }
+    let Some(status) = &existing.status else {
+        return not("the Deployment controller has not reported on the retriever yet");
+    };
+    let observed = status.observed_generation.unwrap_or(0);
+    if existing.metadata.generation.is_none_or(|g| observed < g) {
+        return not("the Deployment controller has not yet seen the retriever's current spec");
+    }
+    let available = status.available_replicas.unwrap_or(0);
+    let updated = status.updated_replicas.unwrap_or(0);
+    if available >= 1 && updated >= 1 {
+        return RetrieverObserved::Available;
+    }
+    RetrieverObserved::NotAvailable(format!(
+        "no retriever pod is ready yet ({} of {} pods ready)",
+        status.ready_replicas.unwrap_or(0),
+        status.replicas.unwrap_or(0).max(1)
+    ))
+}
+
 /// Whether the existing session Secret already holds the desired session: same data (token, URL,
 /// expiry) and validated for the same inputs. Only the next-check bookkeeping may differ; a
 /// revalidation that got the same session back then writes nothing.
@@ -478,6 +519,64 @@ mod tests {
             assert_eq!(get.path.as_deref(), Some(path));
             assert_eq!(get.port, IntOrString::String("probes".into()));
         }
+    }
+
+    /// The wanted Deployment as the API server would show it after the deployment controller
+    /// reported `available` of one replica.
+    fn observed(generation: i64, observed_generation: i64, available: i32) -> Deployment {
+        let mut d = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        d.metadata.generation = Some(generation);
+        d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus {
+            observed_generation: Some(observed_generation),
+            replicas: Some(1),
+            updated_replicas: Some(1),
+            ready_replicas: Some(available),
+            available_replicas: Some(available),
+            ..Default::default()
+        });
+        d
+    }
+
+    #[test]
+    fn retriever_is_available_only_when_its_current_spec_has_an_available_pod() {
+        let wanted = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        let available =
+            |d: Option<&Deployment>| observe_retriever(d, &wanted) == RetrieverObserved::Available;
+        assert!(available(Some(&observed(2, 2, 1))));
+        assert!(available(Some(&observed(2, 3, 1))));
+        assert!(!available(None), "not created yet");
+        assert!(
+            !available(Some(&observed(3, 2, 1))),
+            "generation not observed yet"
+        );
+        assert!(!available(Some(&observed(2, 2, 0))), "pod not ready");
+        let mut no_status = observed(2, 2, 1);
+        no_status.status = None;
+        assert!(!available(Some(&no_status)));
+        let mut scaled_down = observed(2, 2, 1);
+        scaled_down.spec.replicas = Some(0);
+        assert!(!available(Some(&scaled_down)), "about to be scaled up");
+        let other = RetrieverSettings {
+            image: "x:2".into(),
+            ..Default::default()
+        };
+        let mut old_image = retriever_deployment(&conn(), &other, 1);
+        old_image.metadata.generation = Some(1);
+        old_image.status = observed(1, 1, 1).status;
+        assert!(!available(Some(&old_image)), "about to be updated");
+        let mut rolling = observed(2, 2, 1);
+        rolling.status.as_mut().unwrap().updated_replicas = Some(0);
+        assert!(!available(Some(&rolling)), "the available pod is an old one");
+    }
+
+    #[test]
+    fn an_unavailable_retriever_says_why() {
+        let wanted = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        let RetrieverObserved::NotAvailable(why) = observe_retriever(Some(&observed(2, 2, 0)), &wanted)
+        else {
+            panic!("not available")
+        };
+        assert_eq!(why, "no retriever pod is ready yet (0 of 1 pods ready)");
     }
 
     #[test]

@@ -159,6 +159,10 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         // 2. validate against the provider, when due.
         let validated = apply::validate(&ctx, conn, &ns, &observed, now).await?;
         // 3. build the desired status and children (pure).
+        let retriever = children::observe_retriever(
+            observed.deployment.as_ref(),
+            &children::retriever_deployment(conn, &ctx.config.retriever, 1),
+        );
         let status = state::decide(
             conn,
             &validated.check,
@@ -172,6 +176,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
                 };
                 claims::resolve(&me, &dereference::claimants_of(&ctx.store, &id.remote_id))
             },
+            &retriever,
             &Time(now),
         );
         let replicas = i32::from(status.state == Some(State::Active));

@@ -5,6 +5,7 @@
 //! not from the status of the object being reconciled: the cached object can lag behind the
 //! operator's own last write, and deciding from it would flap the state.
 
+use super::children::RetrieverObserved;
 use super::claims::Claim;
 use crate::api::conditions::{self, Desired, Status};
 use crate::api::{Connection, ConnectionStatus, Provider, State};
@@ -114,7 +115,8 @@ pub mod reasons {
     pub const CLAIMED_BY_OTHER_TEAM: &str = "OrgClaimedByAnotherTeam";
     pub const CLAIMED_BY_OLDER_CONNECTION: &str = "OrgClaimedByOlderConnection";
     pub const TOKENS_VALID: &str = "TokensValid";
-    pub const RETRIEVER_ENABLED: &str = "RetrieverEnabled";
+    pub const RETRIEVER_AVAILABLE: &str = "RetrieverAvailable";
+    pub const RETRIEVER_STARTING: &str = "RetrieverStarting";
     pub const HOLDING: &str = "Holding";
 }
 
@@ -125,19 +127,32 @@ fn what(provider: Provider) -> &'static str {
     }
 }
 
-/// Computes the desired status. `claim` is asked only when the tokens are valid. The existing status
-/// is read only for the conditions' `lastTransitionTime`.
+/// Condition types older versions wrote and this one no longer does (dropped from the status).
+const OBSOLETE_CONDITIONS: [&str; 1] = [
+    // Claimed a running retriever from the desired replica count alone; now `RetrieverReady`, from
+    // the observed Deployment.
+    "Retrieving",
+];
+
+/// Computes the desired status. `claim` is asked only when the tokens are valid; `retriever` is what
+/// the cluster shows of the retriever Deployment (see [`super::children::observe_retriever`]). The
+/// existing status is read only for the conditions' `lastTransitionTime`.
 pub fn decide(
     conn: &Connection,
     check: &Check,
     claim: impl FnOnce(&Identity) -> Claim,
+    retriever: &RetrieverObserved,
     now: &Time,
 ) -> ConnectionStatus {
-    let prior_conditions = conn
+    let prior_conditions: Vec<_> = conn
         .status
         .as_ref()
         .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| !OBSOLETE_CONDITIONS.contains(&c.type_.as_str()))
+        .cloned()
+        .collect();
     let provider = conn.spec.provider;
 
     let authorized = match (&check.unavailable, &check.known) {
@@ -259,24 +274,29 @@ pub fn decide(
         ),
         _ => Desired::new(conditions::READY, Status::False, reason.clone(), message.clone()),
     };
-    let retrieving = if state == State::Active {
-        Desired::new(
-            conditions::RETRIEVING,
+    let retriever_ready = match (state, retriever) {
+        (State::Active, RetrieverObserved::Available) => Desired::new(
+            conditions::RETRIEVER_READY,
             Status::True,
-            reasons::RETRIEVER_ENABLED,
-            "the job retriever is scaled to one replica",
-        )
-    } else {
-        Desired::new(
-            conditions::RETRIEVING,
+            reasons::RETRIEVER_AVAILABLE,
+            "the retriever pod is ready: it has read the session (job retrieval itself is not implemented yet)",
+        ),
+        (State::Active, RetrieverObserved::NotAvailable(why)) => Desired::new(
+            conditions::RETRIEVER_READY,
+            Status::False,
+            reasons::RETRIEVER_STARTING,
+            why.clone(),
+        ),
+        _ => Desired::new(
+            conditions::RETRIEVER_READY,
             Status::False,
             reasons::HOLDING,
-            format!("no jobs are retrieved while the connection is {state}; queued jobs are holding"),
-        )
+            format!("no retriever runs while the connection is {state}; queued jobs are holding"),
+        ),
     };
     status.conditions = conditions::merge(
-        prior_conditions,
-        &[authorized, ready, retrieving],
+        &prior_conditions,
+        &[authorized, ready, retriever_ready],
         conn.metadata.generation,
         now,
     );
@@ -343,6 +363,8 @@ mod tests {
         }
     }
 
+    const AVAILABLE: &RetrieverObserved = &RetrieverObserved::Available;
+
     fn won(_: &Identity) -> Claim {
         Claim::Won
     }
@@ -381,7 +403,7 @@ mod tests {
         claim: impl FnOnce(&Identity) -> Claim,
         now: i64,
     ) -> ConnectionStatus {
-        let s = decide(c, &check, claim, &t(now));
+        let s = decide(c, &check, claim, AVAILABLE, &t(now));
         c.status = Some(s.clone());
         s
     }
@@ -395,7 +417,7 @@ mod tests {
     #[test]
     fn new_connection_without_a_check_is_pending() {
         let c = conn(Provider::SalesforceProduction);
-        let s = decide(&c, &unknown(), no_claim_asked, &t(1));
+        let s = decide(&c, &unknown(), no_claim_asked, AVAILABLE, &t(1));
         assert_eq!(s.state, Some(State::Pending));
         assert_eq!(s.reason.as_deref(), Some(reasons::AWAITING_VALIDATION));
         assert_eq!(cond(&s, conditions::READY), "Unknown");
@@ -404,14 +426,18 @@ mod tests {
     #[test]
     fn valid_tokens_make_it_active_with_org_id() {
         let c = conn(Provider::SalesforceProduction);
-        let s = decide(&c, &Check::valid(id()), won, &t(1));
+        let s = decide(&c, &Check::valid(id()), won, AVAILABLE, &t(1));
         assert_eq!(s.state, Some(State::Active));
         assert_eq!(s.org_id.as_deref(), Some("00DORG"));
         assert_eq!(s.remote_id.as_deref(), Some("00DORG"));
         assert_eq!(s.environment_id, None);
         assert_eq!(s.username.as_deref(), Some("u@acme"));
         assert_eq!(s.observed_generation, Some(1));
-        for c in [conditions::READY, conditions::AUTHORIZED, conditions::RETRIEVING] {
+        for c in [
+            conditions::READY,
+            conditions::AUTHORIZED,
+            conditions::RETRIEVER_READY,
+        ] {
             assert_eq!(cond(&s, c), "True", "{c}");
         }
     }
@@ -419,7 +445,7 @@ mod tests {
     #[test]
     fn dynamics_identity_goes_to_environment_id() {
         let c = conn(Provider::Dynamics365);
-        let s = decide(&c, &Check::valid(id()), won, &t(1));
+        let s = decide(&c, &Check::valid(id()), won, AVAILABLE, &t(1));
         assert_eq!(s.environment_id.as_deref(), Some("00DORG"));
         assert_eq!(s.org_id, None);
         assert!(s.message.unwrap().contains("environment"));
@@ -438,7 +464,7 @@ mod tests {
         );
         assert_eq!(s.remote_id.as_deref(), Some("00DORG"));
         assert_eq!(cond(&s, conditions::AUTHORIZED), "False");
-        assert_eq!(cond(&s, conditions::RETRIEVING), "False");
+        assert_eq!(cond(&s, conditions::RETRIEVER_READY), "False");
     }
 
     #[test]
@@ -448,7 +474,7 @@ mod tests {
         let second = step(&mut c, revoked(), no_claim_asked, 2);
         assert_eq!(first, second);
         let prefixed = Check::invalid("OrgIdChanged", "Connection inactive: the org changed");
-        let s = decide(&c, &prefixed, no_claim_asked, &t(3));
+        let s = decide(&c, &prefixed, no_claim_asked, AVAILABLE, &t(3));
         assert_eq!(s.message.as_deref(), Some("Connection inactive: the org changed"));
     }
 
@@ -459,7 +485,7 @@ mod tests {
         let mut fresh = conn(Provider::SalesforceProduction);
         let active = step(&mut fresh, Check::valid(id()), won, 1);
         let stale = conn(Provider::SalesforceProduction);
-        let from_stale = decide(&stale, &Check::valid(id()), won, &t(1));
+        let from_stale = decide(&stale, &Check::valid(id()), won, AVAILABLE, &t(1));
         assert_eq!(from_stale.state, active.state);
         assert_eq!(from_stale.remote_id, active.remote_id);
     }
@@ -471,7 +497,7 @@ mod tests {
             let s = step(&mut c, check.clone(), won, 1);
             let remembered = Check::from_status(Some(&s));
             assert_eq!(remembered.known, check.known, "{s:#?}");
-            assert_eq!(decide(&c, &remembered, won, &t(2)), s);
+            assert_eq!(decide(&c, &remembered, won, AVAILABLE, &t(2)), s);
         }
     }
 
@@ -490,7 +516,7 @@ mod tests {
                     .reason,
                 "ProviderUnavailable"
             );
-            assert_eq!(cond(&s, conditions::RETRIEVING), "True");
+            assert_eq!(cond(&s, conditions::RETRIEVER_READY), "True");
         }
     }
 
@@ -524,7 +550,7 @@ mod tests {
         let before = c.status.clone();
         let s = step(&mut c, Check::valid(id()), no_claim_asked, 2);
         assert_eq!(s.state, Some(State::Paused));
-        assert_eq!(cond(&s, conditions::RETRIEVING), "False");
+        assert_eq!(cond(&s, conditions::RETRIEVER_READY), "False");
         assert_eq!(cond(&s, conditions::AUTHORIZED), "True");
         assert_eq!(transition(before.as_ref(), &s).unwrap().reason, "Paused");
         c.spec.paused = false;
@@ -560,13 +586,14 @@ mod tests {
             |_| Claim::Lost {
                 winner: winner.clone(),
             },
+            AVAILABLE,
             &t(1),
         );
         assert_eq!(s.state, Some(State::Conflict));
         assert_eq!(s.reason.as_deref(), Some(reasons::CLAIMED_BY_OTHER_TEAM));
         let msg = s.message.clone().unwrap();
         assert!(msg.contains("other/first (team marketing)"), "{msg}");
-        assert_eq!(cond(&s, conditions::RETRIEVING), "False");
+        assert_eq!(cond(&s, conditions::RETRIEVER_READY), "False");
     }
 
     #[test]
@@ -585,9 +612,87 @@ mod tests {
             |_| Claim::Lost {
                 winner: winner.clone(),
             },
+            AVAILABLE,
             &t(1),
         );
         assert_eq!(s.reason.as_deref(), Some(reasons::CLAIMED_BY_OLDER_CONNECTION));
+    }
+
+    fn retriever_condition(s: &ConnectionStatus) -> (&str, &str) {
+        let c = conditions::find(&s.conditions, conditions::RETRIEVER_READY).expect("RetrieverReady");
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn retriever_ready_follows_the_observed_deployment_while_active() {
+        let starting =
+            RetrieverObserved::NotAvailable("no retriever pod is ready yet (0 of 1 pods ready)".into());
+        let mut c = conn(Provider::SalesforceProduction);
+        let s = decide(&c, &Check::valid(id()), won, &starting, &t(1));
+        assert_eq!(s.state, Some(State::Active));
+        assert_eq!(retriever_condition(&s), ("False", reasons::RETRIEVER_STARTING));
+        let message = &conditions::find(&s.conditions, conditions::RETRIEVER_READY)
+            .unwrap()
+            .message;
+        assert!(message.contains("0 of 1 pods ready"), "{message}");
+        c.status = Some(s);
+        let s = decide(&c, &Check::valid(id()), won, AVAILABLE, &t(2));
+        assert_eq!(retriever_condition(&s), ("True", reasons::RETRIEVER_AVAILABLE));
+        let message = &conditions::find(&s.conditions, conditions::RETRIEVER_READY)
+            .unwrap()
+            .message;
+        assert!(message.contains("not implemented yet"), "{message}");
+    }
+
+    #[test]
+    fn retriever_ready_is_holding_whenever_the_connection_is_not_active() {
+        // Even a Deployment still showing an available pod (about to be scaled down) is not claimed.
+        let mut paused = conn(Provider::SalesforceProduction);
+        paused.spec.paused = true;
+        let cases = [
+            decide(&paused, &Check::valid(id()), no_claim_asked, AVAILABLE, &t(1)),
+            decide(
+                &conn(Provider::SalesforceProduction),
+                &revoked(),
+                no_claim_asked,
+                AVAILABLE,
+                &t(1),
+            ),
+            decide(
+                &conn(Provider::SalesforceProduction),
+                &unknown(),
+                no_claim_asked,
+                AVAILABLE,
+                &t(1),
+            ),
+        ];
+        for s in &cases {
+            assert_eq!(
+                retriever_condition(s),
+                ("False", reasons::HOLDING),
+                "{:?}",
+                s.state
+            );
+        }
+    }
+
+    #[test]
+    fn the_obsolete_retrieving_condition_is_dropped() {
+        let mut c = conn(Provider::SalesforceProduction);
+        let mut s = decide(&c, &Check::valid(id()), won, AVAILABLE, &t(1));
+        s.conditions
+            .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Retrieving".into(),
+                status: "True".into(),
+                reason: "RetrieverEnabled".into(),
+                message: "the job retriever is scaled to one replica".into(),
+                observed_generation: Some(1),
+                last_transition_time: t(1),
+            });
+        c.status = Some(s);
+        let s = decide(&c, &Check::valid(id()), won, AVAILABLE, &t(2));
+        assert!(conditions::find(&s.conditions, "Retrieving").is_none());
+        assert_eq!(s.conditions.len(), 3);
     }
 
     #[test]
