@@ -13,7 +13,11 @@ echo "# links"
 ip -o link show 2>/dev/null | awk -F': ' '{ print $2 }' | sed 's/@.*//' | sort
 for ipt in iptables-save ip6tables-save; do
 	echo "# $ipt"
-	if command -v "$ipt" >/dev/null; then "$ipt" 2>/dev/null | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//'; fi
+	# Rules and chains only: an empty table that iptables-nft created (and cannot remove) is no rule.
+	if command -v "$ipt" >/dev/null; then
+		"$ipt" 2>/dev/null | sed 's/ *\[[0-9]*:[0-9]*\]//' |
+			grep -Ev '^(#|\*|COMMIT$|:(PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) ACCEPT)'
+	fi
 done
 echo "# sysctl"
 echo "net.ipv4.ip_forward=$(cat /proc/sys/net/ipv4/ip_forward)"
