@@ -23,7 +23,7 @@ image:
 
 # Tests that need no cluster.
 unit:
-	cargo test --workspace --lib --test crd_schema --test cli --test providers_salesforce --test providers_dynamics
+	cargo test --workspace --lib --test crd_schema --test cli --test providers_salesforce --test providers_dynamics --test providers_tls
 
 # Regenerate the CRD (and the chart's copy) from the Rust types.
 crds:
@@ -32,7 +32,8 @@ crds:
 
 lint:
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
+	scripts/hadolint.sh Containerfile
 
 fmt:
 	cargo fmt

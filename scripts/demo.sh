@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
-# The local demo (`make demo`): builds everything, starts the real control plane (tests/cluster/), a
-# simulated Salesforce + Dynamics 365 (the fake-providers test binary, not part of the operator),
-# the operator with the chart's least-privilege RBAC, applies example connections, shows them turn
-# Active, revokes one token and shows it Inactive with its reason. `make demo-down` stops it all.
+# The local demo (`make demo`): builds everything, starts the real cluster with its node
+# (tests/cluster/: control plane + kubelet + containerd; needs root), loads the operator image
+# (scripts/image.sh), serves a simulated Salesforce + Dynamics 365 over https with a throwaway CA
+# on the node's bridge address (the fake-providers test binary, not part of the operator), installs
+# the operator with Helm as a pod, applies example connections, shows them turn Active with their
+# retriever pods Running, revokes one token and shows it Inactive with its pod gone.
+# `make demo-down` stops it all.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 state=$root/target/demo
-fake_port=${DEMO_FAKE_PORT:-18089}
-fake=http://127.0.0.1:$fake_port
-metrics_port=${DEMO_METRICS_PORT:-18090}
+# The real provider host names, which the operator pod resolves to the simulated providers
+# (the chart's hostAliases): the connections below look exactly like real ones.
+hosts=(login.salesforce.com test.salesforce.com login.microsoftonline.us contoso.crm.microsoftdynamics.us)
 ns=demo
+release=connection-operator
+release_ns=connection-operator
 
-stop_all() {
-	for p in operator fake-providers; do
-		if [[ -f $state/$p.pid ]]; then
-			kill "$(cat "$state/$p.pid")" 2>/dev/null || true
-			rm -f "$state/$p.pid"
-		fi
-	done
+stop_fake() {
+	if [[ -f $state/fake-providers.pid ]]; then
+		kill "$(cat "$state/fake-providers.pid")" 2>/dev/null || true
+		rm -f "$state/fake-providers.pid"
+	fi
 }
 
 if [[ ${1:-} == down ]]; then
-	stop_all
+	stop_fake
 	tests/cluster/down.sh
 	echo "demo stopped"
 	exit 0
@@ -30,25 +33,21 @@ fi
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-step "Building the operator and the fake providers (first run: a few minutes)"
+step "Building the operator image and the fake providers (first run: a few minutes)"
 cargo build --workspace --bins --quiet
+scripts/image.sh 2>&1 | grep '^image.sh' || true
 bin=$root/target/debug
 
-step "Starting the Kubernetes control plane (first run builds it from the Go module proxy)"
+step "Starting the Kubernetes cluster with one node (first run builds it from the Go module proxy)"
 eval "$(tests/cluster/up.sh)"
-export KUBECONFIG OPERATOR_KUBECONFIG PATH
+export KUBECONFIG PATH
 mkdir -p "$state"
-stop_all
+stop_fake
+scripts/image.sh --load 2>&1 | grep -v '^unpacking\|^Loaded\|^loaded' || true
+kubectl get nodes
+fake=https://$CLUSTER_NODE_IP
 
-step "Installing the CRD and the chart's ServiceAccount + least-privilege RBAC"
-kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
-kubectl wait --for condition=established --timeout=60s -f crds/ >/dev/null
-kubectl create namespace connection-operator --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-helm template connection-operator charts/connection-operator --namespace connection-operator \
-	--show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml |
-	kubectl apply --server-side --force-conflicts -f - >/dev/null
-
-step "Starting the simulated Salesforce and Dynamics 365 on $fake"
+step "Starting the simulated Salesforce and Dynamics 365 on $fake (https, a throwaway test CA)"
 cat >"$state/seed.yaml" <<SEED
 salesforce:
   - {orgId: 00D5g000004ACMEAA1, userId: 0055g00000ACMEAAA1, username: ops@acme.example, clientId: demo-client, refreshTokens: [demo-prod-token]}
@@ -56,16 +55,28 @@ salesforce:
 dynamics:
   - {organizationId: 6f1c2a9e-0000-4000-8000-00000000c0de, userId: 2b7d4e11-0000-4000-8000-0000000a11ce, clientId: demo-app, refreshTokens: [demo-dyn-token]}
 SEED
-nohup "$bin/fake-providers" --listen "127.0.0.1:$fake_port" --seed "$state/seed.yaml" >"$state/fake-providers.log" 2>&1 &
+dns_args=()
+for h in "${hosts[@]}"; do dns_args+=(--dns "$h"); done
+"$bin/fake-providers" gen-certs --dir "$state/pki" --ip "$CLUSTER_NODE_IP" "${dns_args[@]}" >/dev/null
+nohup "$bin/fake-providers" --listen "$CLUSTER_NODE_IP:443" --seed "$state/seed.yaml" \
+	--tls-cert "$state/pki/tls.crt" --tls-key "$state/pki/tls.key" >"$state/fake-providers.log" 2>&1 &
 echo $! >"$state/fake-providers.pid"
-for _ in $(seq 50); do curl -fsS "$fake/_admin/stats" >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 50); do curl -fsS --cacert "$state/pki/ca.crt" "$fake/_admin/stats" >/dev/null 2>&1 && break; sleep 0.1; done
 
-step "Starting the operator as its ServiceAccount (log: target/demo/operator.log)"
-KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=info,kube=warn NO_COLOR=1 nohup "$bin/connection-operator" run \
-	--namespace "$ns" --revalidate-interval 10s --entra-authority-override "$fake" \
-	--metrics-addr "127.0.0.1:$metrics_port" \
-	--retriever-image connection-operator:demo >"$state/operator.log" 2>&1 &
-echo $! >"$state/operator.pid"
+step "Installing the operator with Helm (its image loaded into the node; it trusts the test CA)"
+cat >"$state/values.yaml" <<VALUES
+watchNamespace: $ns
+revalidateInterval: 10s
+image: {pullPolicy: Never}
+retriever: {pullPolicy: Never}
+# The simulated providers answer for the real host names (on $fake).
+hostAliases:
+  - ip: "$CLUSTER_NODE_IP"
+    hostnames: [$(IFS=,; echo "${hosts[*]}")]
+VALUES
+helm upgrade --install "$release" charts/connection-operator -n "$release_ns" --create-namespace \
+	-f "$state/values.yaml" --set-file extraCABundle="$state/pki/ca.crt" --wait --timeout 180s >/dev/null
+kubectl get pods -n "$release_ns" -o wide
 
 step "Applying example connections in namespace $ns"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
@@ -92,7 +103,6 @@ spec:
   team: sales-ops
   provider: SalesforceProduction
   displayName: ACME production org
-  salesforce: {loginUrl: "$fake"}
   credentialsSecretRef: {name: acme-prod-credentials}
 ---
 apiVersion: crmconnect.io/v1alpha1
@@ -102,7 +112,6 @@ spec:
   team: sales-ops
   provider: SalesforceSandbox
   displayName: ACME UAT sandbox
-  salesforce: {loginUrl: "$fake"}
   credentialsSecretRef: {name: acme-uat-credentials}
 ---
 apiVersion: crmconnect.io/v1alpha1
@@ -112,7 +121,7 @@ spec:
   team: public-sector
   provider: Dynamics365
   displayName: Contoso (GCC High)
-  dynamics: {environmentUrl: "$fake", cloud: GCCHigh}
+  dynamics: {environmentUrl: "https://contoso.crm.microsoftdynamics.us", cloud: GCCHigh}
   credentialsSecretRef: {name: contoso-credentials}
 ---
 apiVersion: crmconnect.io/v1alpha1
@@ -122,7 +131,6 @@ spec:
   team: marketing
   provider: SalesforceProduction
   displayName: Marketing's try at the same org
-  salesforce: {loginUrl: "$fake"}
   credentialsSecretRef: {name: acme-prod-credentials}
 YAML
 
@@ -131,7 +139,7 @@ wait_for() { # name jsonpath-value
 		[[ $(kubectl get conn -n "$ns" "$1" -o jsonpath='{.status.state}' 2>/dev/null) == "$2" ]] && return 0
 		sleep 0.5
 	done
-	echo "timed out waiting for $1 to be $2 (see target/demo/operator.log)" >&2
+	echo "timed out waiting for $1 to be $2 (see: kubectl logs -n connection-operator deploy/connection-operator)" >&2
 	return 1
 }
 
@@ -142,31 +150,43 @@ wait_for contoso Active
 wait_for acme-prod-marketing Conflict
 kubectl get connections -n "$ns"
 echo
-kubectl get deployments -n "$ns"
+for _ in $(seq 120); do
+	[[ $(kubectl get pods -n "$ns" -l app.kubernetes.io/name=connection-retriever \
+		-o jsonpath='{range .items[*]}{.status.containerStatuses[0].ready}{"\n"}{end}' | grep -c true) == 3 ]] && break
+	sleep 0.5
+done
+kubectl get deployments,pods -n "$ns" -o wide
 
 step "Revoking the UAT sandbox's refresh token at the provider (as an admin would in Salesforce)"
-curl -fsS -X POST "$fake/_admin/revoke" -H 'content-type: application/json' -d '{"refreshToken":"demo-uat-token"}'
+curl -fsS --cacert "$state/pki/ca.crt" -X POST "$fake/_admin/revoke" -H 'content-type: application/json' -d '{"refreshToken":"demo-uat-token"}'
 echo
 echo "(the operator re-checks every 10 s here; 15 min by default)"
 wait_for acme-uat Inactive
 kubectl get connections -n "$ns"
 echo
 kubectl get conn acme-uat -n "$ns" -o jsonpath='{.status.message}{"\n"}'
-kubectl get deployment acme-uat-retriever -n "$ns" -o jsonpath='acme-uat-retriever replicas: {.spec.replicas}{"\n"}'
+for _ in $(seq 60); do
+	[[ -z $(kubectl get pods -n "$ns" -l crmconnect.io/connection=acme-uat -o name) ]] && break
+	sleep 0.5
+done
+kubectl get pods -n "$ns"
 
 cat <<EOF
 
-Poke further (in this shell: eval "\$(tests/cluster/up.sh)"):
+Poke further: first point kubectl at the demo cluster in your shell (make ran in a subshell):
+  eval "\$(tests/cluster/up.sh)"
+then:
   kubectl get conn -n $ns -o wide                      # all connections
   kubectl describe conn acme-uat -n $ns                # conditions and events
   kubectl get events -n $ns                            # Activated, Deactivated, Conflict, ...
   kubectl patch conn acme-prod -n $ns --type merge -p '{"spec":{"paused":true}}'   # pause
-  curl -X POST $fake/_admin/tokens -H 'content-type: application/json' -d '{"remoteId":"00D7z000000UATAAA1","refreshToken":"new-uat-token"}'
+  curl --cacert target/demo/pki/ca.crt -X POST $fake/_admin/tokens -H 'content-type: application/json' -d '{"remoteId":"00D7z000000UATAAA1","refreshToken":"new-uat-token"}'
   kubectl create secret generic acme-uat-credentials -n $ns --from-literal=client_id=demo-client \\
       --from-literal=refresh_token=new-uat-token --dry-run=client -o yaml | kubectl apply -f -   # re-authorize
   kubectl delete conn acme-prod -n $ns                 # acme-prod-marketing takes over the org
-  curl -s 127.0.0.1:$metrics_port/metrics | grep ^connection_operator_connections   # metrics
-  tail -f target/demo/operator.log
+  kubectl port-forward -n $release_ns deploy/$release 18090:8080 &  curl -s 127.0.0.1:18090/metrics | grep ^connection_operator_connections
+  kubectl logs -n $release_ns deploy/$release -f       # the operator's log
+  kubectl logs -n $ns deploy/acme-prod-retriever       # a retriever's log
 
 Stop everything: make demo-down
 EOF

@@ -245,8 +245,8 @@ async fn new_connection_becomes_active_with_org_id_session_secret_and_one_replic
     for type_ in [conditions::READY, conditions::AUTHORIZED] {
         assert_eq!(condition(&c, type_).unwrap().0, "True", "{type_}");
     }
-    // No pod of this Deployment becomes ready here (no kubelet runs its image): the condition says
-    // the retriever is starting, never that it runs.
+    // No pod of this Deployment becomes ready here (its image is absent from the node, see
+    // ABSENT_RETRIEVER_IMAGE): the condition says the retriever is starting, never that it runs.
     assert_eq!(
         condition(&c, conditions::RETRIEVER_READY).unwrap(),
         ("False".into(), "RetrieverStarting".into())

@@ -10,6 +10,10 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 "$cluster_here/build.sh" >&2
+if [[ "$CLUSTER_NODE" == 1 ]]; then
+	# runc, the CNI plugins, iptables, iproute2 from Debian (a no-op when they are there).
+	"$cluster_root/scripts/install-node-deps.sh" >&2
+fi
 
 if cluster_ready; then
 	echo "up.sh: cluster already running (pid $(cat "$CLUSTER_STATE/kubecluster.pid"))" >&2

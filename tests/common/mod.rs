@@ -313,8 +313,15 @@ pub struct InProcessOperator {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The retriever image of in-process operators: one the test node does not have and may not pull.
+/// Those tests check the reconciler's objects and conditions; a retriever pod that became Ready
+/// would race their assertions. Real retriever pods run in `tests/e2e_pods.rs`.
+pub const ABSENT_RETRIEVER_IMAGE: &str = "connection-operator.test/absent-retriever:never";
+
 impl InProcessOperator {
-    pub async fn start(config: connection_operator::controller::Config) -> Self {
+    pub async fn start(mut config: connection_operator::controller::Config) -> Self {
+        config.retriever.image = ABSENT_RETRIEVER_IMAGE.to_string();
+        config.retriever.pull_policy = "Never".to_string();
         let client = operator_client().await;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {

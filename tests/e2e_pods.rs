@@ -1,0 +1,424 @@
+//! End to end with real pods on the test cluster's node (kubelet + containerd + runc): the chart
+//! installed with Helm and the image `make image` builds (`scripts/image.sh --load`), the operator
+//! running as a pod with its in-cluster ServiceAccount, retriever pods that really start and read
+//! their session, pause/activate, `helm upgrade` and `helm uninstall`. The simulated Salesforce is
+//! served over https with a test CA on the node's bridge address, which pods reach; the operator
+//! trusts that CA through the chart's `extraCABundle`.
+//!
+//! Needs the node (`make test` starts it; it needs root). With `CLUSTER_NODE=0` these tests say
+//! they are skipped and pass.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fake_providers::{FakeProviders, SalesforceOrg, TestPki};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+const ORG: &str = "00D5g000004E2EAA1";
+const ORG_USER: &str = "0055g00000E2EUSR1";
+const CLIENT_ID: &str = "e2e-client";
+
+/// The node's bridge address (`CLUSTER_NODE_IP`), or None when the cluster runs without a node.
+fn node_ip() -> Option<IpAddr> {
+    match std::env::var("CLUSTER_NODE_IP") {
+        Ok(ip) if !ip.is_empty() => Some(ip.parse().expect("CLUSTER_NODE_IP is an IP address")),
+        _ => {
+            assert_eq!(
+                std::env::var("CLUSTER_NODE").as_deref(),
+                Ok("0"),
+                "CLUSTER_NODE_IP is not set: these tests need the test cluster's node; {RUN_HINT} as root"
+            );
+            None
+        }
+    }
+}
+
+/// The image `scripts/image.sh` builds: the chart's default (repository + appVersion).
+fn chart_image() -> (String, String) {
+    let chart = std::fs::read_to_string(repo_root().join("charts/connection-operator/Chart.yaml")).unwrap();
+    let app_version = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .expect("appVersion in Chart.yaml");
+    ("ghcr.io/crmconnect/connection-operator".to_string(), app_version)
+}
+
+struct Release {
+    name: String,
+    ns: String,
+}
+
+impl Release {
+    fn helm(&self, verb: &str, extra: &[&str]) -> Duration {
+        let start = Instant::now();
+        let mut cmd = helm();
+        cmd.args([verb, &self.name]);
+        if verb != "uninstall" {
+            cmd.arg("charts/connection-operator");
+        }
+        cmd.args(["--namespace", &self.ns]).args(extra);
+        run_ok(&mut cmd, None);
+        start.elapsed()
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        // The ClusterRole/Binding are cluster-scoped: remove them even when the test failed.
+        let _ = helm()
+            .args([
+                "uninstall",
+                &self.name,
+                "--namespace",
+                &self.ns,
+                "--ignore-not-found",
+                "--wait=false",
+            ])
+            .output();
+    }
+}
+
+fn pods(client: &Client, ns: &str) -> Api<Pod> {
+    Api::namespaced(client.clone(), ns)
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    let status = p.status.as_ref();
+    status.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+async fn retriever_pods(client: &Client, ns: &str, conn: &str) -> Vec<Pod> {
+    pods(client, ns)
+        .list(&ListParams::default().labels(&format!("crmconnect.io/connection={conn}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+async fn conn_status(client: &Client, ns: &str, name: &str) -> serde_json::Value {
+    let api: Api<connection_operator::api::Connection> = Api::namespaced(client.clone(), ns);
+    api.get_opt(name)
+        .await
+        .unwrap()
+        .and_then(|c| c.status)
+        .map(|s| serde_json::to_value(s).unwrap())
+        .unwrap_or_default()
+}
+
+fn condition<'a>(status: &'a serde_json::Value, type_: &str) -> Option<&'a serde_json::Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// Waits for one Running and Ready retriever pod of `conn`, and returns its name.
+async fn one_ready_retriever(client: &Client, ns: &str, conn: &str) -> String {
+    eventually(
+        &format!("one Ready retriever pod of {conn}"),
+        Duration::from_secs(120),
+        || async {
+            let ps = retriever_pods(client, ns, conn).await;
+            (ps.len() == 1 && pod_ready(&ps[0])).then(|| ps[0].metadata.name.clone().unwrap())
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
+    let Some(ip) = node_ip() else {
+        eprintln!("skipped: CLUSTER_NODE=0 (no node in the test cluster)");
+        return;
+    };
+    ensure_crds();
+    let client = client().await;
+    let ns_guard = TempNamespace::new(&client).await;
+    let ns = ns_guard.name().to_string();
+
+    // The simulated Salesforce on the bridge address, over https with a test CA.
+    let pki = TestPki::generate(&[ip], &[]).unwrap();
+    let fake = FakeProviders::start_https_on((ip, 0).into(), &pki.server_identity(), None)
+        .await
+        .expect("serve the fake providers on the node's bridge address");
+    fake.add_salesforce_org(SalesforceOrg::new(ORG, ORG_USER, "ops@e2e.example", CLIENT_ID));
+    fake.set_rotation(true); // every refresh returns a new refresh token and kills the old one
+    let token = fake.issue_salesforce_token(ORG);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+
+    // helm install: the operator as a pod, from the image scripts/image.sh loaded into the node.
+    let (repo, tag) = chart_image();
+    let release = Release {
+        name: format!("e2e-{}", &ns[2..]),
+        ns: ns.clone(),
+    };
+    let install = release.helm(
+        "install",
+        &[
+            "--set",
+            &format!("watchNamespace={ns}"),
+            "--set",
+            "image.pullPolicy=Never",
+            "--set",
+            "retriever.pullPolicy=Never",
+            "--set",
+            "revalidateInterval=15s",
+            "--set-file",
+            &format!("extraCABundle={}", ca_file.display()),
+            "--wait",
+            "--timeout",
+            "180s",
+        ],
+    );
+    eprintln!("e2e timing: helm install --wait: {:.1} s", install.as_secs_f64());
+    let operator_pods = pods(&client, &ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=connection-operator"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(operator_pods.len(), 1, "one operator pod");
+    let operator_pod = &operator_pods[0];
+    assert!(
+        pod_ready(operator_pod),
+        "helm --wait returned with a Ready operator pod (probes pass)"
+    );
+    let spec = operator_pod.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.containers[0].image.as_deref(),
+        Some(format!("{repo}:{tag}").as_str())
+    );
+    assert_eq!(spec.service_account_name.as_deref(), Some("connection-operator"));
+    let operator_name = operator_pod.metadata.name.clone().unwrap();
+
+    // /metrics through the API server and the kubelet (kubectl port-forward).
+    let metrics = port_forward_get(&ns, &operator_name, 8080, "/metrics").await;
+    assert!(
+        metrics.contains("connection_operator_reconcile_duration_seconds"),
+        "the operator's metrics through port-forward:\n{metrics}"
+    );
+
+    // A Connection goes Active and its retriever pod runs, Ready, having read its session.
+    let applied = Instant::now();
+    kubectl_ok_stdin(
+        &["apply", "-n", &ns, "-f", "-"],
+        &salesforce_manifest(
+            &ns,
+            "acme",
+            "sales-ops",
+            &fake.salesforce_login_url(),
+            &format!("client_id: {CLIENT_ID}, refresh_token: {token}"),
+        ),
+    );
+    eventually("acme Active", Duration::from_secs(120), || async {
+        (conn_status(&client, &ns, "acme").await["state"] == "Active").then_some(())
+    })
+    .await;
+    let retriever = one_ready_retriever(&client, &ns, "acme").await;
+    eprintln!(
+        "e2e timing: Connection applied -> retriever pod Ready: {:.1} s",
+        applied.elapsed().as_secs_f64()
+    );
+    let logs = kubectl_ok(&["logs", "-n", &ns, &retriever]);
+    assert!(
+        logs.contains(fake.url().as_str()),
+        "the retriever read its session (instance URL in its log):\n{logs}"
+    );
+    assert!(!logs.contains(&token), "no token in the retriever's log");
+    let ready = eventually("RetrieverReady=True", Duration::from_secs(60), || async {
+        let st = conn_status(&client, &ns, "acme").await;
+        condition(&st, "RetrieverReady")
+            .filter(|c| c["status"] == "True")
+            .cloned()
+    })
+    .await;
+    assert_eq!(ready["reason"], "RetrieverAvailable");
+
+    // Pause: the pod goes away; activate: it comes back.
+    let conns: Api<connection_operator::api::Connection> = Api::namespaced(client.clone(), &ns);
+    let pause = |paused: bool| {
+        let conns = conns.clone();
+        async move {
+            conns
+                .patch(
+                    "acme",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"paused": paused}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    pause(true).await;
+    eventually(
+        "no retriever pod while paused",
+        Duration::from_secs(90),
+        || async {
+            retriever_pods(&client, &ns, "acme")
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let st = conn_status(&client, &ns, "acme").await;
+    assert_eq!(st["state"], "Paused");
+    assert_eq!(condition(&st, "RetrieverReady").unwrap()["reason"], "Holding");
+    pause(false).await;
+    one_ready_retriever(&client, &ns, "acme").await;
+
+    // helm upgrade: a new operator pod; never two retrievers, and the rotated token is not lost.
+    let requests_before = fake.token_requests();
+    let watch_ns = ns.clone();
+    let watch_client = client.clone();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let max_retrievers = tokio::spawn(async move {
+        let mut max = 0;
+        loop {
+            max = max.max(retriever_pods(&watch_client, &watch_ns, "acme").await.len());
+            if stop_rx.try_recv().is_ok() {
+                return max;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let upgrade = release.helm(
+        "upgrade",
+        &[
+            "--reuse-values",
+            "--set",
+            "logFormat=text",
+            "--wait",
+            "--timeout",
+            "180s",
+        ],
+    );
+    eprintln!("e2e timing: helm upgrade --wait: {:.1} s", upgrade.as_secs_f64());
+    let new_operator = eventually("the upgraded operator pod", Duration::from_secs(60), || async {
+        let ps = pods(&client, &ns)
+            .list(&ListParams::default().labels("app.kubernetes.io/name=connection-operator"))
+            .await
+            .unwrap()
+            .items;
+        let live: Vec<_> = ps
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        (live.len() == 1
+            && live[0].metadata.name.as_deref() != Some(operator_name.as_str())
+            && pod_ready(&live[0]))
+        .then(|| live[0].metadata.name.clone().unwrap())
+    })
+    .await;
+    // The new operator revalidates (15 s here) with rotation on: it must use and save live tokens.
+    eventually(
+        "two token refreshes after the upgrade",
+        Duration::from_secs(90),
+        || async { (fake.token_requests() >= requests_before + 2).then_some(()) },
+    )
+    .await;
+    stop_tx.send(()).unwrap();
+    assert!(
+        max_retrievers.await.unwrap() <= 1,
+        "never two retriever pods for one org"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let stored = eventually(
+        "the stored refresh token is the live one",
+        Duration::from_secs(30),
+        || async {
+            let s = secrets.get("acme-creds").await.unwrap();
+            let t = String::from_utf8(s.data.unwrap()["refresh_token"].0.clone()).unwrap();
+            fake.is_live(t.trim()).then_some(t)
+        },
+    )
+    .await;
+    assert_ne!(stored, token, "the token was rotated and saved");
+    assert_eq!(conn_status(&client, &ns, "acme").await["state"], "Active");
+    one_ready_retriever(&client, &ns, "acme").await;
+    assert!(
+        kubectl_ok(&["logs", "-n", &ns, &new_operator]).contains("acme"),
+        "the upgraded operator reconciles (its log names the connection)"
+    );
+
+    // helm uninstall: the operator goes; the CRD, the Connection and the user's Secret stay.
+    let uninstall = release.helm("uninstall", &["--wait", "--timeout", "120s"]);
+    eprintln!(
+        "e2e timing: helm uninstall --wait: {:.1} s",
+        uninstall.as_secs_f64()
+    );
+    kubectl_ok(&["get", "crd", "connections.crmconnect.io"]);
+    kubectl_ok(&["get", "secret", "-n", &ns, "acme-creds"]);
+    kubectl_ok(&["get", "connection", "-n", &ns, "acme"]);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        deployments.get_opt(&release.name).await.unwrap().is_none(),
+        "the operator Deployment is gone"
+    );
+    drop(ns_guard);
+}
+
+fn kubectl_ok_stdin(args: &[&str], stdin: &str) -> String {
+    run_ok(kubectl().args(args), Some(stdin))
+}
+
+/// `kubectl port-forward pod/NAME :PORT` (API server -> kubelet -> containerd), then GET `path`
+/// on the local end.
+async fn port_forward_get(ns: &str, pod: &str, port: u16, path: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = kubectl()
+        .args([
+            "port-forward",
+            "--address=127.0.0.1",
+            "-n",
+            ns,
+            &format!("pod/{pod}"),
+            &format!(":{port}"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // "Forwarding from 127.0.0.1:43121 -> 8080"
+    // Read the first line, then keep draining: kubectl writes a line per connection, and dies
+    // (resetting it) if nobody reads them.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next().and_then(Result::ok).unwrap_or_default());
+        for _ in lines {}
+    });
+    let line = tokio::task::spawn_blocking(move || rx.recv().unwrap_or_default())
+        .await
+        .unwrap();
+    let Some(local) = line.split_whitespace().nth(2).map(str::to_string) else {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "kubectl port-forward printed {line:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let body = reqwest::get(format!("http://{local}{path}"))
+        .await
+        .and_then(|r| r.error_for_status());
+    let _ = child.kill();
+    let _ = child.wait();
+    body.unwrap().text().await.unwrap()
+}
