@@ -35,7 +35,7 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 step "Building the operator image and the fake providers (first run: a few minutes)"
 cargo build --workspace --bins --quiet
-scripts/image.sh 2>&1 | grep '^image.sh' || true
+scripts/image.sh 2>&1 | grep '^image.sh' || { scripts/image.sh; exit 1; }
 bin=$root/target/debug
 
 step "Starting the Kubernetes cluster with one node (first run builds it from the Go module proxy)"
@@ -43,7 +43,7 @@ eval "$(tests/cluster/up.sh)"
 export KUBECONFIG PATH
 mkdir -p "$state"
 stop_fake
-scripts/image.sh --load 2>&1 | grep -v '^unpacking\|^Loaded\|^loaded' || true
+scripts/image.sh --load 2>&1 | grep '^image.sh: loaded' || true
 kubectl get nodes
 fake=https://$CLUSTER_NODE_IP
 
@@ -53,7 +53,7 @@ salesforce:
   - {orgId: 00D5g000004ACMEAA1, userId: 0055g00000ACMEAAA1, username: ops@acme.example, clientId: demo-client, refreshTokens: [demo-prod-token]}
   - {orgId: 00D7z000000UATAAA1, userId: 0057z00000UATAAAA1, username: qa@acme.example.uat, clientId: demo-client, refreshTokens: [demo-uat-token]}
 dynamics:
-  - {organizationId: 6f1c2a9e-0000-4000-8000-00000000c0de, userId: 2b7d4e11-0000-4000-8000-0000000a11ce, clientId: demo-app, refreshTokens: [demo-dyn-token]}
+  - {organizationId: 6f1c2a9e-0000-4000-8000-00000000c0de, userId: 2b7d4e11-0000-4000-8000-0000000a11ce, clientId: demo-app, environmentUrl: "https://contoso.crm.microsoftdynamics.us", refreshTokens: [demo-dyn-token]}
 SEED
 dns_args=()
 for h in "${hosts[@]}"; do dns_args+=(--dns "$h"); done
@@ -155,7 +155,7 @@ for _ in $(seq 120); do
 		-o jsonpath='{range .items[*]}{.status.containerStatuses[0].ready}{"\n"}{end}' | grep -c true) == 3 ]] && break
 	sleep 0.5
 done
-kubectl get deployments,pods -n "$ns" -o wide
+kubectl get deployments,pods -n "$ns"
 
 step "Revoking the UAT sandbox's refresh token at the provider (as an admin would in Salesforce)"
 curl -fsS --cacert "$state/pki/ca.crt" -X POST "$fake/_admin/revoke" -H 'content-type: application/json' -d '{"refreshToken":"demo-uat-token"}'
