@@ -98,6 +98,9 @@ func run(dir string, port int, timeout time.Duration, node bool) (err error) {
 		if !cleanupNode(paths) { // what a killed predecessor left
 			return errors.New("could not clean up what a previous node left behind (see above)")
 		}
+		if err := claimNode(paths); err != nil { // the cleanup removed our claim with the rest
+			return err
+		}
 	}
 
 	// Stop on SIGTERM/SIGINT, also while starting.
