@@ -362,6 +362,26 @@ async fn hanging_provider_times_out_as_transient() {
 }
 
 #[tokio::test]
+async fn a_bearer_token_echoed_by_the_identity_endpoint_never_reaches_the_message() {
+    let failure = failure_for(Fault::status(
+        FaultTarget::SalesforceIdentity,
+        401,
+        r#"[{"message":"Session expired or invalid: Authorization Bearer AT-echoed-0123456789","errorCode":"INVALID_SESSION_ID"}]"#,
+    ))
+    .await;
+    assert!(
+        !failure.message.contains("AT-echoed-0123456789"),
+        "{}",
+        failure.message
+    );
+    assert!(
+        failure.message.contains("Bearer [redacted]"),
+        "the provider's text is shown, scrubbed: {}",
+        failure.message
+    );
+}
+
+#[tokio::test]
 async fn hanging_identity_url_times_out_as_transient() {
     let failure = failure_for(Fault::hang(FaultTarget::SalesforceIdentity)).await;
     assert_eq!(failure.kind, FailureKind::Transient);

@@ -472,6 +472,37 @@ async fn rotated_refresh_token_is_written_back_to_the_secret() {
 }
 
 #[tokio::test]
+async fn rotated_token_is_saved_when_the_stored_token_ends_with_a_newline() {
+    // `kubectl create secret --from-file` keeps the file's trailing newline. The provider is sent
+    // the trimmed token; the save must not mistake "token\n" for a re-authorization and drop the
+    // rotated token (the old one is dead: that lost the connection).
+    let env = Env::new().await;
+    env.fake.set_rotation(true);
+    let original = env.fake.issue_refresh_token(ORG);
+    env.put_secret(
+        "creds",
+        &[
+            ("client_id", CLIENT_ID.as_bytes()),
+            ("refresh_token", format!("{original}\n").as_bytes()),
+        ],
+    )
+    .await;
+    let op = Operator::start(env.ns(), &env.fake, fast()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // several rotations (2 s revalidation)
+    op.stop().await;
+    let c = env.get("acme").await;
+    assert_eq!(state_of(&c), Some(State::Active), "{:#?}", c.status);
+    let stored = env.secret_value("creds", "refresh_token").await.unwrap();
+    assert_ne!(stored.trim(), original);
+    assert!(
+        env.fake.is_live(&stored),
+        "the Secret holds the live refresh token"
+    );
+}
+
+#[tokio::test]
 async fn two_teams_same_org_one_active_one_conflict_and_the_loser_takes_over() {
     let env = Env::new().await;
     env.put_credentials("first-creds", ORG).await;

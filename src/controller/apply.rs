@@ -8,7 +8,7 @@ use super::schedule::{self, Due, Memo};
 use super::state::{Check, Identity};
 use super::{Context, Error, PendingToken, jitter, uid};
 use crate::api::{Connection, ConnectionStatus};
-use crate::providers::{Credentials, Failure, FailureKind};
+use crate::providers::{Credentials, Failure, FailureKind, secret_text};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
@@ -296,16 +296,18 @@ async fn save_pending_token(
     let name = secret.name_any();
     let mut current = secret.clone();
     for _ in 0..5 {
+        // Read as the provider layer reads it (trimmed): a stored "token\n" is the token that was
+        // sent and rotated, not a re-authorization (which would drop the live token).
         let stored = current
             .data
             .as_ref()
-            .and_then(|d| d.get("refresh_token"))
-            .map(|b| b.0.as_slice());
-        if stored == Some(token.as_bytes()) {
+            .and_then(|d| d.get(Credentials::REFRESH_TOKEN))
+            .and_then(|b| secret_text(&b.0).ok().flatten());
+        if stored == Some(token.as_str()) {
             ctx.pending_tokens.lock().unwrap().remove(key);
             return Ok(Some(current));
         }
-        if stored != Some(replaced.as_bytes()) {
+        if stored != Some(replaced.as_str()) {
             // Re-authorized by the user while we held the rotated token: keep theirs.
             ctx.pending_tokens.lock().unwrap().remove(key);
             return Ok(None);

@@ -63,11 +63,13 @@ pub(crate) async fn validate(
 
     // Entra returns a new refresh token on every refresh: keep the newest.
     let rotated_refresh_token = rotated(&creds.refresh_token, token.refresh_token());
-    let with_rotated = |mut failure: Failure| {
+    let access_token = SecretString::from(token.access_token().secret().as_str());
+    // The access token just issued is a secret too: a provider may echo it in an error body.
+    let with_rotated = |failure: Failure| {
+        let mut failure = failure.scrub(&[access_token.expose_secret()]);
         failure.rotated_refresh_token = rotated_refresh_token.clone();
         failure
     };
-    let access_token = SecretString::from(token.access_token().secret().as_str());
     let expires_at = token
         .expires_in()
         .and_then(|d| k8s_openapi::jiff::SignedDuration::try_from(d).ok())

@@ -212,6 +212,30 @@ pub(crate) fn scrub(text: &str, secrets: &[&str]) -> String {
             out = out.replace(secret, "[redacted]");
         }
     }
+    scrub_bearer(&out)
+}
+
+/// Whatever follows `Bearer ` (any case) is a credential, known to us or not: a provider echoing
+/// an `Authorization` header must not put a token into a status, an event or a log.
+fn scrub_bearer(text: &str) -> String {
+    const WORD: &str = "bearer ";
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = 0;
+    let mut from = 0;
+    while let Some(i) = lower[from..].find(WORD) {
+        let start = from + i + WORD.len();
+        let end = text[start..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | ';' | ')' | ']' | '}' | '<'))
+            .map_or(text.len(), |n| start + n);
+        if end > start {
+            out.push_str(&text[rest..start]);
+            out.push_str("[redacted]");
+            rest = end;
+        }
+        from = end.max(start);
+    }
+    out.push_str(&text[rest..]);
     out
 }
 
@@ -222,6 +246,14 @@ pub struct Credentials {
     pub client_id: String,
     pub client_secret: Option<SecretString>,
     pub access_token: Option<SecretString>,
+}
+
+/// A Secret value as the operator reads it: UTF-8 text, trimmed (a trailing newline from `echo` or
+/// `kubectl create secret --from-file` is common); `None` when that leaves nothing. Every reader of a
+/// token uses this, so a stored token compares equal to the one the provider was sent.
+pub fn secret_text(bytes: &[u8]) -> Result<Option<&str>, std::str::Utf8Error> {
+    let text = std::str::from_utf8(bytes)?.trim();
+    Ok((!text.is_empty()).then_some(text))
 }
 
 impl Credentials {
@@ -244,11 +276,8 @@ impl Credentials {
         let get = |key: &str| -> Result<Option<String>, Failure> {
             match data.get(key) {
                 None => Ok(None),
-                Some(bytes) => match std::str::from_utf8(&bytes.0) {
-                    Ok(text) => {
-                        let text = text.trim();
-                        Ok((!text.is_empty()).then(|| text.to_string()))
-                    }
+                Some(bytes) => match secret_text(&bytes.0) {
+                    Ok(text) => Ok(text.map(str::to_string)),
                     Err(_) => Err(Failure::configuration(
                         reason::SECRET_KEY_INVALID,
                         format!("key {key} of Secret {secret_name} is not valid UTF-8 text"),
@@ -526,6 +555,23 @@ mod tests {
         failure.rotated_refresh_token = Some("rt3-very-secret".into());
         let text = format!("{creds:?} {session:?} {failure:?} {failure}");
         assert!(!text.contains("very-secret"), "{text}");
+    }
+
+    #[test]
+    fn scrub_redacts_whatever_follows_bearer_in_any_case() {
+        assert_eq!(
+            scrub(
+                r#"401: {"error":"bad header Bearer AT-00D5g.abc_123=","x":1} and bearer  zz"#,
+                &[]
+            ),
+            r#"401: {"error":"bad header Bearer [redacted]","x":1} and bearer  zz"#
+        );
+        assert_eq!(
+            scrub("Authorization: BEARER tok123 end", &[]),
+            "Authorization: BEARER [redacted] end"
+        );
+        assert_eq!(scrub("no header here; bearer", &[]), "no header here; bearer");
+        assert_eq!(scrub("ümlaut Bearer ü-tok", &[]), "ümlaut Bearer [redacted]");
     }
 
     #[test]

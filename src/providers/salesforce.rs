@@ -124,11 +124,13 @@ pub(crate) async fn validate(
 
     // From here on the old refresh token may be dead: every failure carries the new one.
     let rotated_refresh_token = rotated(&creds.refresh_token, token.refresh_token());
-    let with_rotated = |mut failure: Failure| {
+    let access_token = SecretString::from(token.access_token().secret().as_str());
+    // The access token just issued is a secret too: a provider may echo it in an error body.
+    let with_rotated = |failure: Failure| {
+        let mut failure = failure.scrub(&[access_token.expose_secret()]);
         failure.rotated_refresh_token = rotated_refresh_token.clone();
         failure
     };
-    let access_token = SecretString::from(token.access_token().secret().as_str());
 
     let Some((identity_url, url_org, _user)) = rules::parse_salesforce_identity_url(&fields.id) else {
         return Err(with_rotated(classify::malformed_success(
