@@ -7,8 +7,11 @@ mod common;
 use common::*;
 use connection_operator::api::{Connection, State};
 use connection_operator::controller::Config;
+use connection_operator::providers::ValidatorConfig;
 use fake_providers::{FakeProviders, SalesforceOrg};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
+use kube::api::ListParams;
 use std::time::Duration;
 
 #[tokio::test]
@@ -35,7 +38,40 @@ async fn a_cluster_wide_operator_serves_connections_in_every_namespace_and_keeps
         run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest));
     };
 
-    let operator = InProcessOperator::start(Config::default()).await;
+    // A cluster-wide operator also sees what earlier test binaries left in namespaces still being
+    // deleted (pods now terminate on the node first): Connections whose fakes are gone, some with
+    // the real default login hosts, where a connect "succeeds" here and then hangs until the
+    // request timeout. Those held the operator's reconcile slots and made this test time out on a
+    // busy machine. Start once only this test's namespaces are left, with the short provider
+    // timeouts the other operator tests use.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ours = [a.name().to_string(), b.name().to_string()];
+    eventually(
+        "earlier test binaries' namespaces to be deleted",
+        Duration::from_secs(300),
+        || async {
+            let left: Vec<String> = namespaces
+                .list_metadata(&ListParams::default().labels(&format!("{TEMP_NS_LABEL}=true")))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .filter_map(|n| n.metadata.name)
+                .filter(|n| !ours.contains(n))
+                .collect();
+            left.is_empty().then_some(())
+        },
+    )
+    .await;
+    let operator = InProcessOperator::start(Config {
+        validator: ValidatorConfig {
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+        ..Config::default()
+    })
+    .await;
     let state = |ns: String, name: &'static str| {
         let api: Api<Connection> = Api::namespaced(client.clone(), &ns);
         async move {
