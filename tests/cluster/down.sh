@@ -38,7 +38,7 @@ done
 if ((left)); then
 	sleep 1
 fi
-if [[ "${killed:-0}" == 1 || "$left" == 1 || -d /run/kubecluster ]] && [[ -x "$CLUSTER_BIN/kubecluster" ]] && [[ $EUID == 0 ]]; then
+if [[ "$CLUSTER_NODE" == 1 ]] && [[ "${killed:-0}" == 1 || "$left" == 1 || -d /run/kubecluster ]] && [[ -x "$CLUSTER_BIN/kubecluster" ]] && [[ $EUID == 0 ]]; then
 	"$CLUSTER_BIN/kubecluster" node-cleanup || echo "down.sh: node cleanup failed (see above)" >&2
 fi
 rm -f "$CLUSTER_STATE/node.env"

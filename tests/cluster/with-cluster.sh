@@ -22,6 +22,8 @@ teardown() {
 	local rc=$? after
 	if [[ "${CLUSTER_KEEP:-0}" != 1 ]]; then
 		"$cluster_here/down.sh" || true
+	fi
+	if [[ "${CLUSTER_KEEP:-0}" != 1 && "$CLUSTER_NODE" == 1 ]]; then
 		after="$(mktemp)"
 		"$cluster_here/host-state.sh" >"$after"
 		if diff -u "$before" "$after" >&2; then
