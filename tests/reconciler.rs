@@ -621,6 +621,58 @@ async fn deleting_a_connection_garbage_collects_its_children_but_not_the_credent
 }
 
 #[tokio::test]
+async fn an_existing_object_with_a_childs_name_is_never_taken_over_or_collected() {
+    // A user's Secret that happens to be named `<connection>-session`: applying over it (force)
+    // would make the Connection its controller and garbage-collect it with the Connection.
+    let env = Env::new().await;
+    env.put_credentials("creds", ORG).await;
+    env.put_secret("acme-session", &[("tls.key", b"users-private-key")])
+        .await;
+    let before = env.secrets().get("acme-session").await.unwrap();
+    let requests = env.fake.token_requests();
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "ChildConflict");
+    assert!(message(&c).contains("Secret acme-session"), "{}", message(&c));
+    assert_eq!(
+        env.fake.token_requests(),
+        requests,
+        "no provider call for a conflicted connection"
+    );
+    let after = env.secrets().get("acme-session").await.unwrap();
+    assert_eq!(
+        after.resource_version(),
+        before.resource_version(),
+        "the user's Secret is untouched"
+    );
+    assert!(after.owner_references().is_empty());
+
+    env.connections()
+        .delete("acme", &DeleteParams::default())
+        .await
+        .unwrap();
+    // Garbage collection of what the Connection did own (its Deployment) has run once it is gone.
+    eventually(
+        "the retriever Deployment collected",
+        Duration::from_secs(60),
+        || async {
+            env.deployments()
+                .get_opt("acme-retriever")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    let kept = env.secrets().get("acme-session").await.unwrap();
+    assert_eq!(kept.data.unwrap()["tls.key"].0, b"users-private-key");
+    op.stop().await;
+}
+
+#[tokio::test]
 async fn operator_restart_on_an_unchanged_cluster_writes_nothing_and_calls_no_provider() {
     let env = Env::new().await;
     env.put_credentials("creds", ORG).await;

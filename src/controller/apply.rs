@@ -12,6 +12,7 @@ use crate::providers::{Credentials, Failure, FailureKind, secret_text};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
@@ -339,27 +340,32 @@ async fn save_pending_token(
 /// Step 4: apply the children that changed.
 pub async fn children(
     ctx: &Context,
+    conn: &Connection,
     ns: &str,
     observed: &Observed,
     session: Option<Secret>,
     deployment: Deployment,
 ) -> Result<(), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    // Never apply over an object we did not create (the force would take it over).
+    let foreign = |existing: Option<&ObjectMeta>| existing.is_some_and(|m| !children::is_ours(conn, m));
     let session = session.filter(|desired| {
-        !observed
-            .session
-            .as_ref()
-            .is_some_and(|existing| children::session_up_to_date(existing, desired))
+        !foreign(observed.session.as_ref().map(|s| &s.metadata))
+            && !observed
+                .session
+                .as_ref()
+                .is_some_and(|existing| children::session_up_to_date(existing, desired))
     });
     if let Some(session) = session {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
         api.patch(&session.name_any(), &params, &Patch::Apply(typed(session)))
             .await?;
     }
-    let up_to_date = observed
-        .deployment
-        .as_ref()
-        .is_some_and(|d| children::deployment_up_to_date(d, &deployment));
+    let up_to_date = foreign(observed.deployment.as_ref().map(|d| &d.metadata))
+        || observed
+            .deployment
+            .as_ref()
+            .is_some_and(|d| children::deployment_up_to_date(d, &deployment));
     if !up_to_date {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
         let replicas = deployment.spec.replicas;

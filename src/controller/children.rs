@@ -286,6 +286,44 @@ pub fn retriever_deployment(conn: &Connection, settings: &RetrieverSettings, rep
     }
 }
 
+/// Whether an existing child object is this connection's: its controller owner reference names the
+/// connection's UID. The operator never applies to, and so never takes over, an object it did not
+/// create (a user's Secret named `<name>-session` would otherwise get the Connection as owner and be
+/// garbage-collected with it).
+pub fn is_ours(conn: &Connection, child: &ObjectMeta) -> bool {
+    let Some(uid) = conn.metadata.uid.as_deref() else {
+        return false;
+    };
+    child
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.controller == Some(true) && r.uid == uid)
+}
+
+/// The existing children that are not this connection's ("Secret acme-session", ...), in a stable
+/// order; empty when every child is ours or absent.
+pub fn foreign_children(
+    conn: &Connection,
+    session: Option<&Secret>,
+    deployment: Option<&Deployment>,
+) -> Vec<String> {
+    let mut foreign = Vec::new();
+    if let Some(s) = session.filter(|s| !is_ours(conn, &s.metadata)) {
+        foreign.push(format!(
+            "Secret {}",
+            s.metadata.name.as_deref().unwrap_or_default()
+        ));
+    }
+    if let Some(d) = deployment.filter(|d| !is_ours(conn, &d.metadata)) {
+        foreign.push(format!(
+            "Deployment {}",
+            d.metadata.name.as_deref().unwrap_or_default()
+        ));
+    }
+    foreign
+}
+
 /// Whether `existing` already is what `desired` asks for (same digest, same replica count).
 pub fn deployment_up_to_date(existing: &Deployment, desired: &Deployment) -> bool {
     let annotation = |d: &Deployment| {
@@ -415,6 +453,58 @@ pub fn restricted_container_security() -> SecurityContext {
 mod tests {
     use super::*;
     use crate::api::{ConnectionSpec, Provider};
+
+    #[test]
+    fn children_without_our_controller_reference_are_foreign() {
+        let c = conn();
+        let session = session_secret(
+            &c,
+            &SessionData {
+                access_token: "at".into(),
+                instance_url: "https://x".into(),
+                expires_at: None,
+                annotations: BTreeMap::new(),
+            },
+        );
+        let deployment = retriever_deployment(&c, &RetrieverSettings::default(), 1);
+        assert!(
+            foreign_children(&c, Some(&session), Some(&deployment)).is_empty(),
+            "what we build is ours"
+        );
+        assert!(
+            foreign_children(&c, None, None).is_empty(),
+            "absent children are not foreign"
+        );
+
+        let mut users = Secret::default();
+        users.metadata.name = Some("acme-session".into());
+        let mut other_owner = deployment.clone();
+        for r in other_owner.metadata.owner_references.iter_mut().flatten() {
+            r.uid = "someone-else".into();
+        }
+        let mut not_controller = session.clone();
+        for r in not_controller.metadata.owner_references.iter_mut().flatten() {
+            r.controller = None;
+        }
+        assert_eq!(
+            foreign_children(&c, Some(&users), Some(&other_owner)),
+            vec![
+                "Secret acme-session".to_string(),
+                "Deployment acme-retriever".to_string()
+            ]
+        );
+        assert_eq!(
+            foreign_children(&c, Some(&not_controller), None),
+            vec!["Secret acme-session".to_string()]
+        );
+        let mut no_uid = c.clone();
+        no_uid.metadata.uid = None;
+        assert_eq!(
+            foreign_children(&no_uid, Some(&session), None).len(),
+            1,
+            "no UID, no claim"
+        );
+    }
 
     fn conn() -> Connection {
         let mut c = Connection::new(

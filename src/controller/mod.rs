@@ -134,6 +134,9 @@ fn jitter() -> f64 {
 }
 
 /// One reconcile of one Connection.
+/// How often a connection whose child name is taken looks again (the foreign object is not watched).
+const CHILD_CONFLICT_RECHECK: Duration = Duration::from_secs(30);
+
 async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let conn = match &guard.0 {
         Ok(conn) => conn,
@@ -156,8 +159,25 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         let now = Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid time");
         // 1. dereference: the credentials Secret, the current children, the competing connections.
         let observed = dereference::observe(&ctx, conn, &ns).await?;
-        // 2. validate against the provider, when due.
-        let validated = apply::validate(&ctx, conn, &ns, &observed, now).await?;
+        // 2. validate against the provider, when due — unless a child's name is taken by an object
+        // that is not ours: then nothing is validated, written or taken over.
+        let foreign = children::foreign_children(conn, observed.session.as_ref(), observed.deployment.as_ref());
+        let validated = if foreign.is_empty() {
+            apply::validate(&ctx, conn, &ns, &observed, now).await?
+        } else {
+            apply::Validated {
+                check: state::Check::invalid(
+                    state::reasons::CHILD_CONFLICT,
+                    format!(
+                        "{} already exists in namespace {ns} and was not created for this Connection; the operator never takes over or changes an object it did not create. Rename or delete it (or use another Connection name); checked again every {}s",
+                        foreign.join(" and "),
+                        CHILD_CONFLICT_RECHECK.as_secs()
+                    ),
+                ),
+                session: None,
+                recheck_in: Some(CHILD_CONFLICT_RECHECK),
+            }
+        };
         // 3. build the desired status and children (pure).
         let retriever = children::observe_retriever(
             observed.deployment.as_ref(),
@@ -186,7 +206,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
             .as_ref()
             .map(|s| children::session_secret(conn, s));
         // 4. apply the children (only what changed).
-        apply::children(&ctx, &ns, &observed, session, deployment).await?;
+        apply::children(&ctx, conn, &ns, &observed, session, deployment).await?;
         // 5. update status (skipped when nothing changed) and tell the user about transitions.
         apply::status(&ctx, conn, &ns, status).await?;
         ctx.failures.lock().unwrap().remove(&uid(conn));

@@ -86,6 +86,10 @@ impl Check {
                 Some(id) => Known::Valid(id.clone()),
                 None => Known::Unknown,
             },
+            // Not a verdict on the tokens: validate again once the foreign child is gone.
+            Some(State::Inactive) if prior.reason.as_deref() == Some(reasons::CHILD_CONFLICT) => {
+                Known::Unknown
+            }
             Some(State::Inactive) => Known::Invalid {
                 reason: prior.reason.clone().unwrap_or_else(|| "Unknown".into()),
                 message: prior
@@ -118,6 +122,8 @@ pub mod reasons {
     pub const RETRIEVER_AVAILABLE: &str = "RetrieverAvailable";
     pub const RETRIEVER_STARTING: &str = "RetrieverStarting";
     pub const HOLDING: &str = "Holding";
+    /// A child object (`<name>-session`, `<name>-retriever`) exists and is not this connection's.
+    pub const CHILD_CONFLICT: &str = "ChildConflict";
 }
 
 fn what(provider: Provider) -> &'static str {
