@@ -124,6 +124,15 @@ fn valid_salesforce_and_dynamics_connections_pass_cel() {
 }
 
 #[test]
+fn credentials_naming_the_connections_own_session_secret_are_rejected() {
+    let mut obj = salesforce();
+    obj["spec"]["credentialsSecretRef"]["name"] = json!("c-session");
+    assert_rejected(&obj, None, "own session Secret");
+    obj["spec"]["credentialsSecretRef"]["name"] = json!("other-session");
+    assert_accepted(&obj, None);
+}
+
+#[test]
 fn team_change_is_rejected() {
     let old = salesforce();
     let mut new = old.clone();
