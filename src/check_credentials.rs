@@ -139,8 +139,27 @@ pub async fn run(args: CheckArgs, log_format: LogFormat) -> Result<(), CliError>
     outcome
 }
 
+/// The largest input file read (a Connection and its Secret are a few KiB; `-f /dev/zero` must not
+/// grow until out of memory).
+const MAX_INPUT_BYTES: u64 = 1024 * 1024;
+
 fn read(path: &Path) -> Result<String, CliError> {
-    std::fs::read_to_string(path).map_err(|e| input_error(format!("cannot read {}: {e}", path.display())))
+    use std::io::Read;
+    let cannot = |e: std::io::Error| input_error(format!("cannot read {}: {e}", path.display()));
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_INPUT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_INPUT_BYTES {
+        return Err(input_error(format!(
+            "{} is larger than {} KiB: not a Connection/Secret manifest",
+            path.display(),
+            MAX_INPUT_BYTES / 1024
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| input_error(format!("{} is not UTF-8 text", path.display())))
 }
 
 fn check_failed(failure: &Failure) -> CliError {

@@ -375,6 +375,17 @@ async fn unreadable_or_invalid_files_exit_1() {
     assert_eq!(run.code, 1, "{}", run.all());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_input_is_refused_with_exit_1_instead_of_filling_memory() {
+    let run = check(vec!["-f".into(), "/dev/zero".into()], vec![], None).await;
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(
+        run.stderr.contains("/dev/zero is larger than 1024 KiB"),
+        "{}",
+        run.all()
+    );
+}
+
 fn dynamics_file(environment_url: &str, cloud: &str, refresh_token: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: contoso-credentials\ntype: Opaque\nstringData:\n  client_id: \"{ENV_CLIENT}\"\n  refresh_token: \"{refresh_token}\"\n---\napiVersion: crmconnect.io/v1alpha1\nkind: Connection\nmetadata:\n  name: contoso\nspec:\n  team: public-sector\n  provider: Dynamics365\n  dynamics:\n    environmentUrl: {environment_url}\n    cloud: {cloud}\n    tenantId: contoso.onmicrosoft.us\n  credentialsSecretRef:\n    name: contoso-credentials\n"

@@ -382,6 +382,45 @@ async fn a_bearer_token_echoed_by_the_identity_endpoint_never_reaches_the_messag
 }
 
 #[tokio::test]
+async fn an_instance_url_that_is_not_https_is_refused() {
+    let (fake, token) = fake_with_org(None).await;
+    let body = serde_json::json!({
+        "access_token": "00Dx!at",
+        "instance_url": "javascript:alert(1)",
+        "id": format!("{}/id/{ORG}/{USER}", fake.url()),
+        "issued_at": "1700000000000",
+        "token_type": "Bearer",
+    });
+    fake.push_fault(Fault::status(FaultTarget::Token, 200, &body.to_string()));
+    let failure = validator()
+        .validate(&spec(&fake.url()), &creds(&token, None), None)
+        .await
+        .unwrap_err();
+    assert!(
+        failure.message.contains("`instance_url` is not an https URL"),
+        "{}",
+        failure.message
+    );
+}
+
+#[tokio::test]
+async fn control_and_bidi_characters_from_the_provider_never_reach_the_session() {
+    let fake = FakeProviders::start().await;
+    fake.add_salesforce_org(SalesforceOrg::new(
+        ORG,
+        USER,
+        "\u{1b}[2Jops\u{202E}@acme.example",
+        CLIENT_ID,
+    ));
+    let token = fake.issue_salesforce_token(ORG);
+    let session = validator()
+        .validate(&spec(&fake.url()), &creds(&token, None), None)
+        .await
+        .unwrap();
+    assert_eq!(session.user, "[2Jops@acme.example");
+}
+
+#[tokio::test]
 async fn hanging_identity_url_times_out_as_transient() {
     let failure = failure_for(Fault::hang(FaultTarget::SalesforceIdentity)).await;
     assert_eq!(failure.kind, FailureKind::Transient);

@@ -98,8 +98,8 @@ pub(crate) async fn validate(
         )));
     }
     Ok(Session {
-        remote_id: whoami.organization_id,
-        user: whoami.user_id,
+        remote_id: rules::display_text(&whoami.organization_id),
+        user: rules::display_text(&whoami.user_id),
         instance_url: rules::origin_string(&environment),
         access_token,
         expires_at,

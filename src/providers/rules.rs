@@ -12,6 +12,19 @@ pub const SALESFORCE_PRODUCTION_LOGIN: &str = "https://login.salesforce.com";
 /// Salesforce Sandbox login host.
 pub const SALESFORCE_SANDBOX_LOGIN: &str = "https://test.salesforce.com";
 
+/// Text a provider returned (a user name, an ID) as it may be shown in a status, an event or a
+/// terminal: control characters (ANSI escapes) and bidirectional-override characters removed, at most
+/// 256 characters.
+pub fn display_text(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| {
+            !c.is_control()
+                && !matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        })
+        .take(256)
+        .collect()
+}
+
 /// True for 127.0.0.1 (any 127/8 address), [::1] and `localhost`.
 pub fn is_loopback(url: &Url) -> bool {
     match url.host() {
@@ -324,6 +337,15 @@ mod tests {
             let base = salesforce_login_base(&spec(provider, login)).unwrap();
             assert_eq!(salesforce_token_url(&base).as_str(), expected, "{login:?}");
         }
+    }
+
+    #[test]
+    fn display_text_drops_escapes_and_bidi_overrides() {
+        assert_eq!(display_text("ops@acme.example"), "ops@acme.example");
+        assert_eq!(display_text("\u{1b}[31madmin\u{1b}[0m@x"), "[31madmin[0m@x");
+        assert_eq!(display_text("evil\u{202E}gpj.exe\u{2066}"), "evilgpj.exe");
+        assert_eq!(display_text("a\nb\tc"), "abc");
+        assert_eq!(display_text(&"x".repeat(1000)).len(), 256);
     }
 
     #[test]

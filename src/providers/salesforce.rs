@@ -132,6 +132,15 @@ pub(crate) async fn validate(
         failure
     };
 
+    // The retriever will send the access token there: https (or loopback http in tests) only.
+    let instance_ok = url::Url::parse(&fields.instance_url).is_ok_and(|u| rules::is_allowed_transport(&u));
+    if !instance_ok {
+        return Err(with_rotated(classify::malformed_success(
+            Endpoint::SalesforceToken,
+            &login_host,
+            "`instance_url` is not an https URL",
+        )));
+    }
     let Some((identity_url, url_org, _user)) = rules::parse_salesforce_identity_url(&fields.id) else {
         return Err(with_rotated(classify::malformed_success(
             Endpoint::SalesforceToken,
@@ -168,8 +177,8 @@ pub(crate) async fn validate(
         )));
     }
     Ok(Session {
-        remote_id: identity.organization_id,
-        user: identity.username,
+        remote_id: rules::display_text(&identity.organization_id),
+        user: rules::display_text(&identity.username),
         instance_url: fields.instance_url.trim_end_matches('/').to_string(),
         access_token,
         expires_at: None,
