@@ -192,3 +192,25 @@ fn operator_identity_gets_exactly_the_chart_permissions() {
     assert!(!can("delete", "deployments.apps"));
     assert!(!can("create", "pods"));
 }
+
+#[test]
+fn cluster_rbac_names_never_clash_with_built_in_roles() {
+    let rendered = run_ok(
+        helm().args([
+            "template",
+            "admin",
+            "charts/connection-operator",
+            "--namespace",
+            "ops",
+        ]),
+        None,
+    );
+    for doc in documents(&rendered) {
+        if doc["kind"] == "ClusterRole" || doc["kind"] == "ClusterRoleBinding" {
+            assert_eq!(doc["metadata"]["name"], "crmconnect:admin", "{doc}");
+        }
+        if doc["kind"] == "ClusterRoleBinding" {
+            assert_eq!(doc["roleRef"]["name"], "crmconnect:admin");
+        }
+    }
+}

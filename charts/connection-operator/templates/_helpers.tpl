@@ -9,3 +9,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "connection-operator.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
+
+{{- define "connection-operator.rbacName" -}}
+crmconnect:{{ .Release.Name }}
+{{- end -}}
