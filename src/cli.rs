@@ -66,6 +66,19 @@ pub struct RunArgs {
     /// Connections reconciled concurrently.
     #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+    /// Reconcile only while holding a Lease, so that of several replicas exactly one reconciles
+    /// (and refreshes tokens); the others wait as standbys.
+    #[arg(long, env = "LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "connection-operator")]
+    pub lease_name: String,
+    /// Namespace of the leader Lease (the operator's own; the chart sets it from the pod).
+    #[arg(long, env = "POD_NAMESPACE", required_if_eq("leader_elect", "true"))]
+    pub lease_namespace: Option<String>,
+    /// How long the Lease is valid without renewal: the longest failover after a crash.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: std::time::Duration,
     /// Image of retriever pods.
     #[arg(
         long,
@@ -124,6 +137,16 @@ impl RunArgs {
             concurrency: self.concurrency,
             instance: std::env::var("POD_NAME").ok(),
             metrics_addr: Some(self.metrics_addr),
+            leader_election: self
+                .leader_elect
+                .then(|| crate::controller::leader::LeaderElection {
+                    lease_name: self.lease_name.clone(),
+                    namespace: self.lease_namespace.clone().unwrap_or_default(),
+                    // The pod name; outside a pod, unique per process.
+                    identity: std::env::var("POD_NAME")
+                        .unwrap_or_else(|_| format!("connection-operator-{}", std::process::id())),
+                    duration: self.lease_duration,
+                }),
         })
     }
 }

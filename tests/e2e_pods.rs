@@ -90,6 +90,22 @@ fn pods(client: &Client, ns: &str) -> Api<Pod> {
     Api::namespaced(client.clone(), ns)
 }
 
+async fn live_operator_pods(client: &Client, ns: &str) -> Vec<Pod> {
+    pods(client, ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=connection-operator"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+async fn lease_holder(client: &Client, ns: &str, name: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), ns);
+    leases.get_opt(name).await.ok()??.spec?.holder_identity
+}
+
 fn pod_ready(p: &Pod) -> bool {
     let status = p.status.as_ref();
     status.and_then(|s| s.phase.as_deref()) == Some("Running")
@@ -187,27 +203,38 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         ],
     );
     eprintln!("e2e timing: helm install --wait: {:.1} s", install.as_secs_f64());
-    let operator_pods = pods(&client, &ns)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=connection-operator"))
-        .await
-        .unwrap()
-        .items;
-    assert_eq!(operator_pods.len(), 1, "one operator pod");
-    let operator_pod = &operator_pods[0];
-    assert!(
-        pod_ready(operator_pod),
-        "helm --wait returned with a Ready operator pod (probes pass)"
-    );
-    let spec = operator_pod.spec.as_ref().unwrap();
+    let operator_pods = live_operator_pods(&client, &ns).await;
     assert_eq!(
-        spec.containers[0].image.as_deref(),
-        Some(format!("{repo}:{tag}").as_str())
+        operator_pods.len(),
+        2,
+        "two operator replicas (a leader and a standby)"
     );
-    assert_eq!(spec.service_account_name.as_deref(), Some("connection-operator"));
-    let operator_name = operator_pod.metadata.name.clone().unwrap();
+    for pod in &operator_pods {
+        assert!(
+            pod_ready(pod),
+            "helm --wait returned with Ready operator pods (probes pass)"
+        );
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.containers[0].image.as_deref(),
+            Some(format!("{repo}:{tag}").as_str())
+        );
+        assert_eq!(spec.service_account_name.as_deref(), Some("connection-operator"));
+    }
+    let lease_name = format!("crmconnect-{}", release.name);
+    let old_names: Vec<String> = operator_pods
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    let leader = eventually("a leader among the replicas", Duration::from_secs(60), || async {
+        lease_holder(&client, &ns, &lease_name)
+            .await
+            .filter(|h| old_names.contains(h))
+    })
+    .await;
 
     // /metrics through the API server and the kubelet (kubectl port-forward).
-    let metrics = port_forward_get(&ns, &operator_name, 8080, "/metrics").await;
+    let metrics = port_forward_get(&ns, &leader, 8080, "/metrics").await;
     assert!(
         metrics.contains("connection_operator_reconcile_duration_seconds"),
         "the operator's metrics through port-forward:\n{metrics}"
@@ -309,21 +336,22 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         ],
     );
     eprintln!("e2e timing: helm upgrade --wait: {:.1} s", upgrade.as_secs_f64());
-    let new_operator = eventually("the upgraded operator pod", Duration::from_secs(60), || async {
-        let ps = pods(&client, &ns)
-            .list(&ListParams::default().labels("app.kubernetes.io/name=connection-operator"))
-            .await
-            .unwrap()
-            .items;
-        let live: Vec<_> = ps
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .collect();
-        (live.len() == 1
-            && live[0].metadata.name.as_deref() != Some(operator_name.as_str())
-            && pod_ready(&live[0]))
-        .then(|| live[0].metadata.name.clone().unwrap())
-    })
+    let new_leader = eventually(
+        "two upgraded operator pods, one of them holding the lease",
+        Duration::from_secs(120),
+        || async {
+            let live = live_operator_pods(&client, &ns).await;
+            let names: Vec<String> = live.iter().filter_map(|p| p.metadata.name.clone()).collect();
+            let fresh =
+                live.len() == 2 && live.iter().all(pod_ready) && names.iter().all(|n| !old_names.contains(n));
+            if !fresh {
+                return None;
+            }
+            lease_holder(&client, &ns, &lease_name)
+                .await
+                .filter(|h| names.contains(h))
+        },
+    )
     .await;
     // The new operator revalidates (15 s here) with rotation on: it must use and save live tokens.
     eventually(
@@ -352,8 +380,8 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
     assert_eq!(conn_status(&client, &ns, "acme").await["state"], "Active");
     one_ready_retriever(&client, &ns, "acme").await;
     assert!(
-        kubectl_ok(&["logs", "-n", &ns, &new_operator]).contains("acme"),
-        "the upgraded operator reconciles (its log names the connection)"
+        kubectl_ok(&["logs", "-n", &ns, &new_leader]).contains("acme"),
+        "the upgraded leader reconciles (its log names the connection)"
     );
 
     // helm uninstall: the operator goes; the CRD, the Connection and the user's Secret stay.

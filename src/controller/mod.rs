@@ -8,6 +8,7 @@ pub mod apply;
 pub mod children;
 pub mod claims;
 pub mod dereference;
+pub mod leader;
 pub mod metrics;
 pub mod schedule;
 pub mod server;
@@ -49,6 +50,8 @@ pub struct Config {
     pub instance: Option<String>,
     /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints; none when `None`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Reconcile only while holding this Lease (several replicas); always when `None`.
+    pub leader_election: Option<leader::LeaderElection>,
 }
 
 impl Default for Config {
@@ -60,6 +63,7 @@ impl Default for Config {
             validator: ValidatorConfig::default(),
             concurrency: 16,
             instance: None,
+            leader_election: None,
             metrics_addr: None,
         }
     }
@@ -100,6 +104,10 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("leader election: {0}")]
+    Lease(String),
+    #[error("lost the leader lease; exiting so that this replica restarts as a standby")]
+    LeadershipLost,
 }
 
 /// Reconcile errors. Provider failures are not errors: they are states. These are API problems,
@@ -248,11 +256,14 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    // One shutdown signal for the controller and the HTTP endpoints.
+    // One shutdown signal for the controller and the HTTP endpoints (also sent when the leader
+    // lease is lost).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let on_signal = stop_tx.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = on_signal.send(true);
     });
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -304,6 +315,35 @@ pub async fn run(
         }
         None => None,
     };
+    // With leader election, a standby waits here (serving /healthz) and reconciles nothing.
+    let leadership = match &config.leader_election {
+        Some(election) => match leader::acquire(ctx.client.clone(), election, stopped()).await {
+            Ok(Some(leadership)) => Some(leadership),
+            Ok(None) => {
+                if let Some(server) = server {
+                    let _ = server.await;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(StartError::Lease(e.to_string())),
+        },
+        None => None,
+    };
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(leadership) = &leadership {
+        let (lease_lost, lost, stop_tx) = (leadership.lost(), lost.clone(), stop_tx.clone());
+        let mut stopping = stop_tx.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lease_lost => {
+                    warn!("lost the leader lease: stopping (a standby takes over; this process exits)");
+                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _ = stop_tx.send(true);
+                }
+                _ = stopping.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
     let managed = format!("{}={}", children::MANAGED_BY.0, children::MANAGED_BY.1);
     let credentials_store = store.clone();
     let peers_store = store.clone();
@@ -347,6 +387,12 @@ pub async fn run(
         let _ = server.await;
     }
     info!("controller stopped");
+    if lost.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(StartError::LeadershipLost);
+    }
+    if let Some(leadership) = leadership {
+        leadership.release().await;
+    }
     Ok(())
 }
 
