@@ -90,15 +90,20 @@ fn pods(client: &Client, ns: &str) -> Api<Pod> {
     Api::namespaced(client.clone(), ns)
 }
 
-async fn live_operator_pods(client: &Client, ns: &str) -> Vec<Pod> {
+/// The pods matching `selector` that are not being deleted.
+async fn live_pods(client: &Client, ns: &str, selector: &str) -> Vec<Pod> {
     pods(client, ns)
-        .list(&ListParams::default().labels("app.kubernetes.io/name=connection-operator"))
+        .list(&ListParams::default().labels(selector))
         .await
         .unwrap()
         .items
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect()
+}
+
+async fn live_operator_pods(client: &Client, ns: &str) -> Vec<Pod> {
+    live_pods(client, ns, "app.kubernetes.io/name=connection-operator").await
 }
 
 async fn lease_holder(client: &Client, ns: &str, name: &str) -> Option<String> {
@@ -115,14 +120,7 @@ fn pod_ready(p: &Pod) -> bool {
 }
 
 async fn retriever_pods(client: &Client, ns: &str, conn: &str) -> Vec<Pod> {
-    pods(client, ns)
-        .list(&ListParams::default().labels(&format!("crmconnect.io/connection={conn}")))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect()
+    live_pods(client, ns, &format!("crmconnect.io/connection={conn}")).await
 }
 
 async fn conn_status(client: &Client, ns: &str, name: &str) -> serde_json::Value {

@@ -51,16 +51,26 @@ pub async fn serve(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(ctx);
+    serve_router(addr, app, shutdown).await
+}
+
+/// Binds `addr` and serves `app` in a task until `shutdown` resolves (the operator's endpoints and
+/// the retriever's probes). Returns the bound address (port 0 picks one).
+pub(crate) async fn serve_router(
+    addr: SocketAddr,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::warn!(error = %e, "HTTP server stopped");
+            tracing::warn!(error = %e, address = %bound, "HTTP server stopped");
         }
     });
     Ok((bound, task))
