@@ -5,8 +5,13 @@
 #   counters), the sysctl the bridge plugin changes, top-level cgroups, and the
 #   fixed host paths the components use.
 set -uo pipefail
+# Processes this cluster could leave: its own (they name its state dir) and the node's (containerd,
+# its shims, runc, pause: they name the node's fixed directories or are those programs). Another
+# cluster on this machine with its own state dir is none of ours.
+state="${CLUSTER_STATE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target/cluster/state}"
 echo "# processes"
-ps -eo args= | grep -E '(^|/)(kubecluster|containerd|containerd-shim-runc-v2|runc|pause)( |$)' | grep -v grep | sort
+ps -eo args= | grep -v -e grep -e host-state.sh |
+	grep -E -e "$state" -e '/run/kubecluster|/var/lib/kubecluster' -e '(^|/)(containerd-shim-runc-v2|runc|pause)( |$)' | sort
 echo "# mounts"
 awk '{ print $5 }' /proc/self/mountinfo | sort
 echo "# links"
