@@ -76,7 +76,11 @@ hostAliases:
 VALUES
 helm upgrade --install "$release" charts/connection-operator -n "$release_ns" --create-namespace \
 	-f "$state/values.yaml" --set-file extraCABundle="$state/pki/ca.crt" --wait --timeout 180s >/dev/null
+kubectl wait pods -n "$release_ns" -l app.kubernetes.io/name=connection-operator --for=condition=Ready --timeout=120s >/dev/null
 kubectl get pods -n "$release_ns" -o wide
+echo
+echo "(two replicas: the Lease's holder reconciles, the other is a standby)"
+kubectl get lease -n "$release_ns"
 
 step "Applying example connections in namespace $ns"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
