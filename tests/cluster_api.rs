@@ -249,7 +249,7 @@ async fn kubectl_get_shows_printer_columns() {
         obj["spec"]["displayName"] = json!("Contoso prod");
         assert_apply_ok(&ns, &obj);
         let api: Api<Connection> = Api::namespaced(client, &ns);
-        let status = json!({"status": {"state": "Active", "reason": "TokensValid", "remoteId": "env-123"}});
+        let status = json!({"status": {"state": "Active", "reason": "TokensValid", "remoteId": "env-123", "message": "connected to environment env-123"}});
         api.patch_status("shown", &PatchParams::default(), &Patch::Merge(&status))
             .await
             .expect("patch status");
@@ -279,6 +279,8 @@ async fn kubectl_get_shows_printer_columns() {
         let wide = kubectl_ok(&["get", "conn", "-n", &ns, "-o", "wide"]);
         assert!(wide.lines().next().unwrap().contains("DISPLAY NAME"), "{wide}");
         assert!(wide.contains("Contoso prod"), "{wide}");
+        assert!(wide.lines().next().unwrap().contains("MESSAGE"), "{wide}");
+        assert!(wide.contains("connected to environment env-123"), "{wide}");
 
         // the "crm" category
         let out = kubectl_ok(&["get", "crm", "-n", &ns, "-o", "name"]);

@@ -105,7 +105,8 @@ fn crd_has_status_subresource_shortname_category_and_printer_columns() {
             "Reason",
             "Org",
             "Age",
-            "Display Name"
+            "Display Name",
+            "Message"
         ]
     );
 }

@@ -69,6 +69,13 @@ pub const HTTPS_URL_MESSAGE: &str =
         json_path = ".spec.displayName",
         priority = 1,
         description = "Display name"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        priority = 1,
+        description = "What happened and what to do (kubectl get -o wide)"
     )
 )]
 #[x_kube(validation = Rule::new("self.provider == 'Dynamics365' ? has(self.dynamics) : !has(self.dynamics)")
