@@ -370,6 +370,47 @@ async fn updating_the_secret_reauthorizes_an_inactive_connection_within_seconds(
 }
 
 #[tokio::test]
+async fn a_failed_reauthorization_leaves_a_warning_event() {
+    let env = Env::new().await;
+    let token = env.put_credentials("creds", ORG).await;
+    env.fake.revoke(&token);
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Inactive).await;
+    let requests = env.fake.token_requests();
+    assert!(
+        !env.event_reasons("acme")
+            .await
+            .contains(&"ReauthorizationFailed".to_string())
+    );
+
+    // Another dead token (one the provider never issued): the state and reason stay the same,
+    // but the attempt is visible.
+    env.put_secret(
+        "creds",
+        &[
+            ("client_id", CLIENT_ID.as_bytes()),
+            ("refresh_token", b"a-token-the-provider-never-issued"),
+        ],
+    )
+    .await;
+    eventually(
+        "a ReauthorizationFailed event",
+        Duration::from_secs(30),
+        || async {
+            env.event_reasons("acme")
+                .await
+                .contains(&"ReauthorizationFailed".to_string())
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(env.fake.token_requests() > requests, "the new token was tried");
+    assert_eq!(state_of(&env.get("acme").await), Some(State::Inactive));
+    op.stop().await;
+}
+
+#[tokio::test]
 async fn pause_holds_retrieval_and_activate_resumes_it_without_provider_calls() {
     let env = Env::new().await;
     env.put_credentials("creds", ORG).await;

@@ -5,7 +5,7 @@
 use super::children::{self, FIELD_MANAGER, SessionData};
 use super::dereference::Observed;
 use super::schedule::{self, Due, Memo};
-use super::state::{Check, Identity};
+use super::state::{Check, Identity, Known};
 use super::{Context, Error, PendingToken, jitter, uid};
 use crate::api::{Connection, ConnectionStatus};
 use crate::providers::{Credentials, Failure, FailureKind, secret_text};
@@ -195,6 +195,22 @@ async fn validate_when_due(
                     &failure.message,
                 ),
                 FailureKind::Permanent | FailureKind::Configuration => {
+                    // Already rejected, and the inputs (the Secret, the settings) changed since that
+                    // verdict: the user tried to re-authorize and it failed again. The status may
+                    // not change (same reason): say so in an event.
+                    if matches!(memo.check.known, Known::Invalid { .. })
+                        && !memo.fingerprint.is_empty()
+                        && memo.fingerprint != fingerprint
+                    {
+                        publish(
+                            ctx,
+                            conn,
+                            EventType::Warning,
+                            REAUTHORIZATION_FAILED,
+                            &format!("the changed credentials were rejected too: {}", failure.message),
+                        )
+                        .await;
+                    }
                     policy.after_rejection(&memo.check, fingerprint, failure.reason, &failure.message)
                 }
             }))
@@ -412,20 +428,29 @@ pub async fn status(
     .await?;
     if let Some(t) = super::state::transition(conn.status.as_ref(), &desired) {
         info!(event = t.reason, state = ?desired.state, "{}", t.note);
-        let event = Event {
-            type_: if t.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: t.reason.to_string(),
-            note: Some(t.note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
+        let type_ = if t.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
         };
-        if let Err(e) = ctx.recorder.publish(&event, &conn.object_ref(&())).await {
-            warn!(error = %e, "could not publish event");
-        }
+        publish(ctx, conn, type_, t.reason, &t.note).await;
     }
     Ok(())
+}
+
+/// Event reason: new credentials for an already rejected connection were rejected too.
+pub const REAUTHORIZATION_FAILED: &str = "ReauthorizationFailed";
+
+/// Publishes an event on the connection (a failure to publish is logged, never an error).
+async fn publish(ctx: &Context, conn: &Connection, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &conn.object_ref(&())).await {
+        warn!(error = %e, "could not publish event");
+    }
 }
