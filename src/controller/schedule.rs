@@ -169,12 +169,19 @@ impl Policy {
         let delay =
             crate::providers::retry_delay(attempt, retry_after, self.retry_base, self.retry_max, jitter);
         let before = previous.map(|m| &m.check).unwrap_or(known);
+        // How long this has lasted and when the next try is: an outage and a typo'd host look the
+        // same at first, but not after several attempts.
+        let tries = attempt.saturating_add(1);
         Memo {
             fingerprint,
             outcome: Outcome::Unavailable { attempt },
             next_check_at: Some(plus(now, delay)),
             check: Check {
-                unavailable: Some(message.to_string()),
+                unavailable: Some(format!(
+                    "{message} ({tries} failed attempt{} in a row; next try in {}s)",
+                    if tries == 1 { "" } else { "s" },
+                    delay.as_secs().max(1)
+                )),
                 ..before.clone()
             },
         }
@@ -382,7 +389,31 @@ mod tests {
         let ok = p.after_success("f".into(), at(0), None, 0.5, ident());
         let down = p.after_transient(Some(&ok), &unknown(), "f".into(), at(900), None, 0.5, "HTTP 503");
         assert_eq!(down.check.known, Known::Valid(ident()));
-        assert_eq!(down.check.unavailable.as_deref(), Some("HTTP 503"));
+        let wait_s = |m: &Memo, now: Timestamp| m.next_check_at.unwrap().as_second() - now.as_second();
+        assert_eq!(
+            down.check.unavailable.clone().unwrap(),
+            format!(
+                "HTTP 503 (1 failed attempt in a row; next try in {}s)",
+                wait_s(&down, at(900))
+            )
+        );
+        let again = p.after_transient(
+            Some(&down),
+            &unknown(),
+            "f".into(),
+            at(905),
+            None,
+            0.5,
+            "HTTP 503",
+        );
+        assert_eq!(
+            again.check.unavailable.clone().unwrap(),
+            format!(
+                "HTTP 503 (2 failed attempts in a row; next try in {}s)",
+                wait_s(&again, at(905))
+            )
+        );
+        assert!(wait_s(&again, at(905)) > wait_s(&down, at(900)), "backoff grows");
         let rejected = p.after_rejection(&down.check, "g".into(), "TokenRevoked", "revoked");
         assert_eq!(rejected.check.unavailable, None);
         assert_eq!(rejected.check.last_identity, Some(ident()), "the org stays known");
