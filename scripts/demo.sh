@@ -79,6 +79,7 @@ helm upgrade --install "$release" charts/connection-operator -n "$release_ns" --
 kubectl wait pods -n "$release_ns" -l app.kubernetes.io/name=connection-operator --for=condition=Ready --timeout=120s >/dev/null
 kubectl get pods -n "$release_ns" -o wide
 echo
+echo "(it watches namespace $ns only: Connections applied elsewhere get no status from it)"
 echo "(two replicas: the Lease's holder reconciles, the other is a standby)"
 kubectl get lease -n "$release_ns"
 
