@@ -523,7 +523,8 @@ func cleanupNode(paths nodePaths) bool {
 			fail("restoring %s: %v", ipForwardSysctl, err)
 		}
 	}
-	// 4. The kubelet's fixed host paths: container log links into our pod logs, device plugins.
+	// 4. The kubelet's fixed host paths: container log links into our pod logs (in a /var/log/containers
+	// that existed before us), then the fixed directories we created.
 	if links, err := os.ReadDir("/var/log/containers"); err == nil {
 		for _, l := range links {
 			p := filepath.Join("/var/log/containers", l.Name())
@@ -753,13 +754,6 @@ func splitRule(line string) []string {
 		out = append(out, cur.String())
 	}
 	return out
-}
-
-// removeEmptyDirs removes each directory if it is empty (never anything else).
-func removeEmptyDirs(dirs ...string) {
-	for _, d := range dirs {
-		syscall.Rmdir(d) //nolint:errcheck
-	}
 }
 
 func runQuiet(args ...string) error {
