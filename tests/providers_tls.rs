@@ -76,42 +76,36 @@ async fn the_https_fake_is_trusted_with_the_extra_ca_bundle() {
     assert_eq!(fake.token_requests(), 1);
 }
 
-#[tokio::test]
-async fn without_the_extra_ca_the_call_fails_as_a_transient_tls_failure() {
-    let pki = localhost_pki();
-    let (fake, creds) = https_fake(&pki).await;
-    let failure = validator(None)
+/// Serves the fake with `server`'s certificate, validates trusting `roots`, and checks that the TLS
+/// handshake was refused as a transient failure naming the certificate.
+async fn refused(server: &TestPki, roots: Option<ExtraRoots>) -> connection_operator::providers::Failure {
+    let (fake, creds) = https_fake(server).await;
+    let failure = validator(roots)
         .validate(&spec(&fake.url()), &creds, None)
         .await
         .unwrap_err();
     assert_eq!(failure.kind, FailureKind::Transient);
-    assert_eq!(failure.reason, reason::PROVIDER_UNAVAILABLE);
     assert!(failure.message.contains("certificate"), "{}", failure.message);
+    failure
+}
+
+#[tokio::test]
+async fn without_the_extra_ca_the_call_fails_as_a_transient_tls_failure() {
+    let failure = refused(&localhost_pki(), None).await;
+    assert_eq!(failure.reason, reason::PROVIDER_UNAVAILABLE);
 }
 
 #[tokio::test]
 async fn another_ca_does_not_make_the_fake_trusted() {
-    let (fake, creds) = https_fake(&localhost_pki()).await;
     let stranger = localhost_pki();
     let roots = ExtraRoots::from_pem("another CA", stranger.ca_pem.as_bytes()).unwrap();
-    let failure = validator(Some(roots))
-        .validate(&spec(&fake.url()), &creds, None)
-        .await
-        .unwrap_err();
-    assert_eq!(failure.kind, FailureKind::Transient);
-    assert!(failure.message.contains("certificate"), "{}", failure.message);
+    refused(&localhost_pki(), Some(roots)).await;
 }
 
 #[tokio::test]
 async fn a_certificate_for_another_host_is_refused_even_with_the_ca() {
     // The server certificate names only 10.0.0.1: the CA is trusted, the name check still applies.
     let pki = TestPki::generate(&["10.0.0.1".parse().unwrap()], &[]).unwrap();
-    let (fake, creds) = https_fake(&pki).await;
     let roots = ExtraRoots::from_pem("test CA", pki.ca_pem.as_bytes()).unwrap();
-    let failure = validator(Some(roots))
-        .validate(&spec(&fake.url()), &creds, None)
-        .await
-        .unwrap_err();
-    assert_eq!(failure.kind, FailureKind::Transient);
-    assert!(failure.message.contains("certificate"), "{}", failure.message);
+    refused(&pki, Some(roots)).await;
 }

@@ -106,6 +106,17 @@ impl Env {
             .expect("apply Secret");
     }
 
+    /// Connection `acme` (Secret `creds`, a revoked token) turned Inactive, with its operator.
+    async fn inactive_with_a_revoked_token() -> (Env, InProcessOperator) {
+        let env = Env::new().await;
+        let token = env.put_credentials("creds", ORG).await;
+        env.fake.revoke(&token);
+        let op = Operator::start(env.ns(), &env.fake, slow()).await;
+        env.create_salesforce("acme", "sales", "creds").await;
+        env.wait_state("acme", State::Inactive).await;
+        (env, op)
+    }
+
     /// A Secret with a fresh refresh token for `org`; returns the token.
     async fn put_credentials(&self, name: &str, org: &str) -> String {
         let token = self.fake.issue_refresh_token(org);
@@ -344,12 +355,7 @@ async fn revoked_token_turns_inactive_within_a_revalidation_period_with_zero_rep
 
 #[tokio::test]
 async fn updating_the_secret_reauthorizes_an_inactive_connection_within_seconds() {
-    let env = Env::new().await;
-    let token = env.put_credentials("creds", ORG).await;
-    env.fake.revoke(&token);
-    let op = Operator::start(env.ns(), &env.fake, slow()).await;
-    env.create_salesforce("acme", "sales", "creds").await;
-    env.wait_state("acme", State::Inactive).await;
+    let (env, op) = Env::inactive_with_a_revoked_token().await;
     env.wait_replicas("acme", 0).await;
 
     env.put_credentials("creds", ORG).await;
@@ -371,12 +377,7 @@ async fn updating_the_secret_reauthorizes_an_inactive_connection_within_seconds(
 
 #[tokio::test]
 async fn a_failed_reauthorization_leaves_a_warning_event() {
-    let env = Env::new().await;
-    let token = env.put_credentials("creds", ORG).await;
-    env.fake.revoke(&token);
-    let op = Operator::start(env.ns(), &env.fake, slow()).await;
-    env.create_salesforce("acme", "sales", "creds").await;
-    env.wait_state("acme", State::Inactive).await;
+    let (env, op) = Env::inactive_with_a_revoked_token().await;
     let requests = env.fake.token_requests();
     assert!(
         !env.event_reasons("acme")
