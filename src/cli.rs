@@ -79,6 +79,15 @@ pub struct RunArgs {
     /// How long the Lease is valid without renewal: the longest failover after a crash.
     #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: std::time::Duration,
+    /// Directory of the write-ahead journal of rotated refresh tokens (an emptyDir in the chart):
+    /// a token the provider issued is recorded there, encrypted, before it is saved to
+    /// `<name>-token`, so a crash in between loses nothing. No journal when unset.
+    #[arg(long, env = "JOURNAL_DIR")]
+    pub journal_dir: Option<std::path::PathBuf>,
+    /// The journal's encryption key (32 bytes, created when absent; a memory-backed emptyDir in
+    /// the chart, so it never touches a disk). Default: `<journal dir>.key`.
+    #[arg(long, env = "JOURNAL_KEY_FILE", requires = "journal_dir")]
+    pub journal_key_file: Option<std::path::PathBuf>,
     /// Image of retriever pods.
     #[arg(
         long,
@@ -146,6 +155,16 @@ impl RunArgs {
                     identity: std::env::var("POD_NAME")
                         .unwrap_or_else(|_| format!("connection-operator-{}", std::process::id())),
                     duration: self.lease_duration,
+                }),
+            journal: self
+                .journal_dir
+                .as_ref()
+                .map(|dir| crate::controller::JournalConfig {
+                    dir: dir.clone(),
+                    key_file: self
+                        .journal_key_file
+                        .clone()
+                        .unwrap_or_else(|| dir.with_extension("key")),
                 }),
         })
     }

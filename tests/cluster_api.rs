@@ -188,14 +188,16 @@ async fn cel_rules_reject_bad_manifests_through_kubectl() {
         obj["spec"]["team"] = json!("Sales Ops");
         assert_apply_rejected(&ns, &obj, "spec.team");
 
-        // credentials read from the connection's own session Secret (the operator writes it)
-        let mut obj = salesforce("s6");
-        obj["spec"]["credentialsSecretRef"]["name"] = json!("s6-session");
-        assert_apply_rejected(
-            &ns,
-            &obj,
-            "spec.credentialsSecretRef must not name the connection's own session Secret",
-        );
+        // credentials read from the connection's own session or token Secret (the operator writes them)
+        for own in ["s6-session", "s6-token"] {
+            let mut obj = salesforce("s6");
+            obj["spec"]["credentialsSecretRef"]["name"] = json!(own);
+            assert_apply_rejected(
+                &ns,
+                &obj,
+                "spec.credentialsSecretRef must not name the connection's own session or token Secret",
+            );
+        }
 
         // none of them was created
         let out = kubectl_ok(&["get", "connections", "-n", &ns, "-o", "name"]);

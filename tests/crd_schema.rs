@@ -125,10 +125,12 @@ fn valid_salesforce_and_dynamics_connections_pass_cel() {
 }
 
 #[test]
-fn credentials_naming_the_connections_own_session_secret_are_rejected() {
+fn credentials_naming_the_connections_own_session_or_token_secret_are_rejected() {
     let mut obj = salesforce();
     obj["spec"]["credentialsSecretRef"]["name"] = json!("c-session");
-    assert_rejected(&obj, None, "own session Secret");
+    assert_rejected(&obj, None, "own session or token Secret");
+    obj["spec"]["credentialsSecretRef"]["name"] = json!("c-token");
+    assert_rejected(&obj, None, "own session or token Secret");
     obj["spec"]["credentialsSecretRef"]["name"] = json!("other-session");
     assert_accepted(&obj, None);
 }

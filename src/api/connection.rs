@@ -27,9 +27,10 @@ pub const HTTPS_URL_MESSAGE: &str =
     category = "crm",
     status = "ConnectionStatus",
     derive = "PartialEq",
-    // The operator writes `<name>-session`; reading credentials from it would refresh in a loop.
-    validation = Rule::new("self.spec.credentialsSecretRef.name != self.metadata.name + '-session'")
-        .message("spec.credentialsSecretRef must not name the connection's own session Secret (<name>-session), which the operator writes")
+    // The operator writes `<name>-session` and `<name>-token`; reading the seed from either would
+    // refresh in a loop.
+    validation = Rule::new("!(self.spec.credentialsSecretRef.name in [self.metadata.name + '-session', self.metadata.name + '-token'])")
+        .message("spec.credentialsSecretRef must not name the connection's own session or token Secret (<name>-session, <name>-token), which the operator writes")
         .reason(Reason::FieldValueInvalid),
     doc = "A team's connection to a Salesforce org or Dynamics 365 environment. The operator validates its OAuth tokens, marks it inactive when they are revoked or expired, and runs a job retriever while it is active and not paused.",
     printcolumn(

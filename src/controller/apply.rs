@@ -6,10 +6,9 @@ use super::children::{self, FIELD_MANAGER, SessionData};
 use super::dereference::Observed;
 use super::schedule::{self, Due, Memo};
 use super::state::{Check, Identity, Known};
-use super::{Context, Error, PendingToken, jitter, uid};
+use super::{Context, Error, jitter, tokens, uid};
 use crate::api::{Connection, ConnectionStatus};
-use crate::providers::{Credentials, Failure, FailureKind, secret_text};
-use k8s_openapi::ByteString;
+use crate::providers::{Credentials, Failure, FailureKind};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -61,11 +60,18 @@ async fn validate_when_due(
 ) -> Result<Validated, Error> {
     let key = uid(conn);
     let policy = &ctx.config.policy;
-    let mut credentials = observed.credentials.clone();
+    let secret_name = &conn.spec.credentials_secret_ref.name;
 
-    // The user's Secret is labelled so the label-selected watch sees its next change.
-    if let Some(secret) = &credentials {
-        credentials = Some(ensure_credentials_label(ctx, ns, secret).await?);
+    // The seed is labelled (metadata only: its data is never written) so the label-selected watch
+    // sees its next change. Only a Secret that looks like credentials is labelled.
+    let mut seed_secret = observed.credentials.clone();
+    if let Some(secret) = &seed_secret
+        && secret
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key(Credentials::REFRESH_TOKEN))
+    {
+        seed_secret = Some(ensure_credentials_label(ctx, ns, secret).await?);
     }
     // What the operator remembers (seeded from status and the session Secret after a restart).
     let memo = ctx
@@ -93,128 +99,174 @@ async fn validate_when_due(
             recheck_in,
         }
     };
-
-    // The live refresh token exists only in memory: not Active, retry the save with backoff.
-    let not_saved_yet = |message: String, secret: Option<&Secret>| {
-        remember(not_saved(ctx, conn, &memo, secret, message, now))
+    let unchanged = |recheck_in: Option<Duration>| Validated {
+        check: memo.check.clone(),
+        session: None,
+        recheck_in,
     };
 
-    // A rotated token that could not be saved before is saved before anything else.
-    if let Some(secret) = &credentials {
-        match save_pending_token(ctx, ns, &key, secret).await {
-            Ok(Some(saved)) => credentials = Some(saved),
-            Ok(None) => {}
-            Err(message) => {
-                return Ok(not_saved_yet(message, credentials.as_ref()));
-            }
-        }
+    // 1. A rotated token that could not be saved before is saved before anything else.
+    let mut token_secret = observed.token.clone();
+    match save_pending(ctx, conn, ns, &key, token_secret.as_ref()).await {
+        Ok(Some(saved)) => token_secret = Some(saved),
+        Ok(None) => {}
+        Err(message) => return Ok(remember(not_saved(ctx, conn, &memo, message, now))),
     }
 
-    let version = credentials
-        .as_ref()
-        .and_then(|s| s.metadata.resource_version.clone());
-    let mut fingerprint = schedule::fingerprint(conn, version.as_deref());
-    match schedule::due(Some(&memo), &fingerprint, now) {
-        Due::Now => {}
-        later => {
-            let check = memo.check.clone();
-            return Ok(Validated {
-                check,
-                session: None,
-                recheck_in: schedule::wait(&later, now),
-            });
-        }
-    }
-
-    let secret_name = &conn.spec.credentials_secret_ref.name;
-    let creds = match &credentials {
+    // 2. The inputs: the seed and the live token. Due only when they (or the spec) changed, or on
+    // schedule.
+    let seed = match &seed_secret {
         None => Err(Failure::secret_missing(secret_name)),
         Some(secret) => {
             Credentials::from_secret_data(secret_name, secret.data.as_ref().unwrap_or(&BTreeMap::new()))
         }
     };
-    let previous_remote = memo.check.last_identity.as_ref().map(|id| id.remote_id.as_str());
-    let (creds, result) = match creds {
-        Err(f) => (None, Err(f)),
-        Ok(creds) => {
-            let result = ctx.validator.validate(&conn.spec, &creds, previous_remote).await;
-            let outcome = match &result {
-                Ok(_) => "authorized",
-                Err(f) if f.kind == FailureKind::Transient => "transient",
-                Err(_) => "rejected",
-            };
-            ctx.metrics.validated(conn.spec.provider, outcome);
-            (Some(creds), result)
+    let seed_hash = seed.as_ref().ok().map(tokens::seed_hash);
+    let fingerprint_with = |live: Option<&tokens::Live>| {
+        let live_hash = live.map(|l| tokens::token_hash(l.refresh_token.expose_secret()));
+        let inputs = seed_hash
+            .as_ref()
+            .map(|s| format!("{s}/{}", live_hash.as_deref().unwrap_or("-")));
+        schedule::fingerprint(conn, inputs.as_deref())
+    };
+    let live = token_secret.as_ref().and_then(tokens::read_live);
+    let fingerprint = fingerprint_with(live.as_ref());
+    match schedule::due(Some(&memo), &fingerprint, now) {
+        Due::Now => {}
+        later => return Ok(unchanged(schedule::wait(&later, now))),
+    }
+    let seed = match seed {
+        Ok(seed) => seed,
+        Err(failure) => return Ok(remember(rejected(ctx, conn, &memo, fingerprint, &failure).await)),
+    };
+    let seed_hash = tokens::seed_hash(&seed);
+
+    // 3. Which token to send, or why not now.
+    let (token, from_seed) = match tokens::plan(&seed, &seed_hash, live.as_ref(), &ctx.holder, now) {
+        tokens::Plan::Refresh { token, from_seed } => (token, from_seed),
+        tokens::Plan::Wait { holder, until } => {
+            info!(%holder, %until, "another refresh of this token is in flight; waiting for it");
+            let wait = until.duration_since(now).unsigned_abs().max(Duration::from_secs(1));
+            return Ok(unchanged(Some(wait)));
+        }
+        tokens::Plan::OutcomeUnknown(intent) => {
+            let token_name = tokens::token_secret_name(conn);
+            let failure = Failure::permanent(
+                REFRESH_OUTCOME_UNKNOWN,
+                format!(
+                    "a token refresh by {} did not finish before {}: if the provider rotated the refresh token then, the new one was lost and the stored one is dead. Not retried blindly (on Salesforce, reusing a rotated token revokes its successor). Re-authorize by putting a new token in Secret {secret_name}, or, if the refresh cannot have reached the provider, remove the annotation: kubectl annotate secret {token_name} {}-",
+                    intent.holder,
+                    intent.deadline,
+                    tokens::INTENT_ANNOTATION
+                ),
+            );
+            return Ok(remember(rejected(ctx, conn, &memo, fingerprint, &failure).await));
         }
     };
 
-    // The provider rotated the refresh token: the old one is dead. Persist the new one before the
-    // session is used or reported — also when a later step of the validation failed.
-    let rotated = match &result {
-        Ok(session) => session.rotated_refresh_token.clone(),
-        Err(failure) => failure.rotated_refresh_token.clone(),
+    // 4. Fence: record the intent on `<name>-token` (compare-and-swap) before the token leaves.
+    let intent = tokens::Intent {
+        holder: ctx.holder.clone(),
+        token: tokens::token_hash(token.expose_secret()),
+        deadline: plus(now, intent_ttl(ctx)),
     };
-    if let (Some(rotated), Some(creds), Some(secret)) = (rotated, &creds, &credentials) {
-        ctx.pending_tokens.lock().unwrap().insert(
-            key.clone(),
-            PendingToken {
-                replaced: creds.refresh_token.clone(),
-                token: rotated,
-            },
-        );
-        match save_pending_token(ctx, ns, &key, secret).await {
-            Ok(Some(saved)) => {
-                fingerprint = schedule::fingerprint(conn, saved.metadata.resource_version.as_deref())
-            }
-            Ok(None) => {
-                // The user replaced the token meanwhile: their change triggers a new reconcile.
-                let check = memo.check.clone();
-                return Ok(Validated {
-                    check,
-                    session: None,
-                    recheck_in: Some(Duration::ZERO),
-                });
-            }
-            Err(message) => {
-                return Ok(not_saved_yet(message, credentials.as_ref()));
+    let token_secret = match write_intent(ctx, conn, ns, token_secret.as_ref(), &intent, &token, &seed_hash)
+        .await
+    {
+        Ok(Some(secret)) => secret,
+        // Someone changed `<name>-token` meanwhile: that change triggers a new reconcile.
+        Ok(None) => return Ok(unchanged(Some(Duration::from_secs(1)))),
+        Err(e) => return Err(e),
+    };
+    crash_point("after-intent");
+
+    // 5. The token request, in its own task: never cancelled mid-flight (a dropped reconcile
+    // future, a shutdown), since its answer may be the only copy of the new refresh token.
+    let creds = Credentials {
+        refresh_token: token.clone(),
+        ..seed
+    };
+    let refresh = {
+        let (validator, spec, creds) = (ctx.validator.clone(), conn.spec.clone(), creds.clone());
+        tokio::spawn(async move { validator.refresh(&spec, &creds).await })
+    };
+    let granted = refresh.await.unwrap_or_else(|e| {
+        Err(Failure::transient(format!("the token request task failed: {e}")))
+    });
+
+    // 6. Settle `<name>-token` before the new access token is used: save a rotated token (through
+    // the journal), adopt a seed token the provider accepted, or withdraw the intent.
+    let settled = match &granted {
+        Ok(grant) => {
+            let new_token = grant
+                .rotated_refresh_token
+                .clone()
+                .unwrap_or_else(|| token.clone());
+            if grant.rotated_refresh_token.is_some() || from_seed {
+                let pending = tokens::Pending {
+                    namespace: ns.to_string(),
+                    secret: tokens::token_secret_name(conn),
+                    replaced: intent.token.clone(),
+                    token: new_token.expose_secret().to_string(),
+                    seed_hash: seed_hash.clone(),
+                };
+                remember_pending(ctx, &key, pending);
+                crash_point("after-journal");
+                save_pending(ctx, conn, ns, &key, Some(&token_secret)).await
+            } else {
+                withdraw_intent(ctx, ns, &token_secret).await;
+                Ok(None)
             }
         }
-    }
+        Err(_) => {
+            withdraw_intent(ctx, ns, &token_secret).await;
+            Ok(None)
+        }
+    };
+    let live_after = match settled {
+        Ok(Some(saved)) => tokens::read_live(&saved),
+        Ok(None) => live.clone(),
+        Err(message) => return Ok(remember(not_saved(ctx, conn, &memo, message, now))),
+    };
+    crash_point("after-save");
+    let fingerprint = fingerprint_with(live_after.as_ref());
+
+    // 7. Who the token belongs to.
+    let previous_remote = memo.check.last_identity.as_ref().map(|id| id.remote_id.as_str());
+    let result = match granted {
+        Ok(grant) => ctx.validator.identify(&conn.spec, &grant, previous_remote).await,
+        Err(mut failure) => {
+            if from_seed && live.is_some() && failure.kind != FailureKind::Transient {
+                failure.message = format!(
+                    "Secret {secret_name} changed (a re-authorization) and its refresh_token was refused: {}. The previous token is kept, unused, in Secret {}; put a valid token in {secret_name} (or restore its previous content)",
+                    failure.message,
+                    tokens::token_secret_name(conn)
+                );
+            }
+            Err(failure)
+        }
+    };
+    let outcome = match &result {
+        Ok(_) => "authorized",
+        Err(f) if f.kind == FailureKind::Transient => "transient",
+        Err(_) => "rejected",
+    };
+    ctx.metrics.validated(conn.spec.provider, outcome);
 
     match result {
-        Err(failure) => {
-            info!(reason = %failure.reason, kind = ?failure.kind, "validation failed: {}", failure.message);
-            Ok(remember(match failure.kind {
-                FailureKind::Transient => policy.after_transient(
-                    Some(&memo),
-                    &memo.check,
-                    fingerprint,
-                    now,
-                    failure.retry_after,
-                    jitter(),
-                    &failure.message,
-                ),
-                FailureKind::Permanent | FailureKind::Configuration => {
-                    // Already rejected, and the inputs (the Secret, the settings) changed since that
-                    // verdict: the user tried to re-authorize and it failed again. The status may
-                    // not change (same reason): say so in an event.
-                    if matches!(memo.check.known, Known::Invalid { .. })
-                        && !memo.fingerprint.is_empty()
-                        && memo.fingerprint != fingerprint
-                    {
-                        publish(
-                            ctx,
-                            conn,
-                            EventType::Warning,
-                            REAUTHORIZATION_FAILED,
-                            &format!("the changed credentials were rejected too: {}", failure.message),
-                        )
-                        .await;
-                    }
-                    policy.after_rejection(&memo.check, fingerprint, failure.reason, &failure.message)
-                }
-            }))
+        Err(failure) if failure.kind == FailureKind::Transient => {
+            info!(reason = %failure.reason, "validation failed (transient): {}", failure.message);
+            Ok(remember(policy.after_transient(
+                Some(&memo),
+                &memo.check,
+                fingerprint,
+                now,
+                failure.retry_after,
+                jitter(),
+                &failure.message,
+            )))
         }
+        Err(failure) => Ok(remember(rejected(ctx, conn, &memo, fingerprint, &failure).await)),
         Ok(session) => {
             let identity = Identity {
                 remote_id: session.remote_id.clone(),
@@ -238,25 +290,63 @@ async fn validate_when_due(
     }
 }
 
-/// The connection cannot be reported Active: the live refresh token exists only in memory. It is
-/// Inactive with `RefreshTokenNotSaved`, and the save is retried with backoff.
-fn not_saved(
-    ctx: &Context,
-    conn: &Connection,
-    memo: &Memo,
-    credentials: Option<&Secret>,
-    message: String,
-    now: Timestamp,
-) -> Memo {
+/// Reason when a refresh started by a process that stopped may have rotated the token.
+pub const REFRESH_OUTCOME_UNKNOWN: &str = "RefreshOutcomeUnknown";
+
+/// How long an intent fences a token: the limiter wait, the token request and the save.
+fn intent_ttl(ctx: &Context) -> Duration {
+    let v = &ctx.config.validator;
+    v.limiter_max_wait + v.request_timeout + Duration::from_secs(30)
+}
+
+fn plus(t: Timestamp, d: Duration) -> Timestamp {
+    k8s_openapi::jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(t)
+}
+
+/// Test hook: `CRMCONNECT_TEST_ABORT_AT=<point>` aborts the process there (no cleanup, like a
+/// SIGKILL), so the tests can show that a crash at each point of the rotation path loses no token.
+fn crash_point(point: &str) {
+    if std::env::var("CRMCONNECT_TEST_ABORT_AT").is_ok_and(|p| p == point) {
+        eprintln!("CRMCONNECT_TEST_ABORT_AT={point}: aborting");
+        std::process::abort();
+    }
+}
+
+/// A permanent or configuration failure: Inactive with its reason. When the inputs changed since
+/// an earlier rejection (the user tried to re-authorize and it failed again), an event says so:
+/// the status may not change.
+async fn rejected(ctx: &Context, conn: &Connection, memo: &Memo, fingerprint: String, failure: &Failure) -> Memo {
+    info!(reason = %failure.reason, kind = ?failure.kind, "validation failed: {}", failure.message);
+    if matches!(memo.check.known, Known::Invalid { .. })
+        && !memo.fingerprint.is_empty()
+        && memo.fingerprint != fingerprint
+    {
+        publish(
+            ctx,
+            conn,
+            EventType::Warning,
+            REAUTHORIZATION_FAILED,
+            &format!("the changed credentials were rejected too: {}", failure.message),
+        )
+        .await;
+    }
+    ctx.config
+        .policy
+        .after_rejection(&memo.check, fingerprint, failure.reason, &failure.message)
+}
+
+/// The connection cannot be reported Active: the live refresh token exists only in memory (and
+/// the journal). It is Inactive with `RefreshTokenNotSaved`, and the save is retried with backoff.
+fn not_saved(ctx: &Context, conn: &Connection, memo: &Memo, message: String, now: Timestamp) -> Memo {
     warn!("rotated refresh token not saved: {message}");
-    let fingerprint = schedule::fingerprint(
-        conn,
-        credentials.and_then(|s| s.metadata.resource_version.as_deref()),
-    );
     let mut retry = ctx.config.policy.after_transient(
         Some(memo),
         &memo.check,
-        fingerprint,
+        // Never equal to a real fingerprint: the next reconcile tries the save again.
+        String::from("unsaved"),
         now,
         None,
         jitter(),
@@ -267,8 +357,8 @@ fn not_saved(
         ..Check::invalid(
             REFRESH_TOKEN_NOT_SAVED,
             format!(
-                "the provider rotated the refresh token but the new one could not be saved to Secret {}: {message}; the operator keeps it in memory and retries",
-                conn.spec.credentials_secret_ref.name
+                "the provider issued a new refresh token that could not be saved to Secret {}: {message}; the operator keeps it (in memory and its journal) and retries",
+                tokens::token_secret_name(conn)
             ),
         )
     };
@@ -291,60 +381,121 @@ async fn ensure_credentials_label(ctx: &Context, ns: &str, secret: &Secret) -> R
         .await?)
 }
 
-/// Writes the pending rotated token (if any) into the credentials Secret, with optimistic
-/// concurrency on resourceVersion, retrying on conflict. `Ok(Some(secret))`: saved;
-/// `Ok(None)`: nothing to save, or the user replaced the token meanwhile (theirs wins);
-/// `Err`: it could not be saved (the token stays pending).
-async fn save_pending_token(
+/// Keeps a rotated token in memory and, when configured, in the journal (a failure to journal is
+/// logged: the Secret save comes next and is what counts).
+fn remember_pending(ctx: &Context, key: &str, pending: tokens::Pending) {
+    if let Some(journal) = &ctx.journal
+        && let Err(e) = journal.put(key, &pending)
+    {
+        warn!(error = %e, "could not journal the rotated refresh token; saving it to the Secret");
+    }
+    ctx.pending_tokens.lock().unwrap().insert(key.to_string(), pending);
+}
+
+fn forget_pending(ctx: &Context, key: &str) {
+    ctx.pending_tokens.lock().unwrap().remove(key);
+    if let Some(journal) = &ctx.journal
+        && let Err(e) = journal.remove(key)
+    {
+        warn!(error = %e, "could not remove a saved token from the journal");
+    }
+}
+
+/// Records `intent` on `<name>-token` with compare-and-swap, creating the Secret (holding `token`
+/// from the seed `seed_hash`) when it does not exist. `Ok(None)`: it changed meanwhile.
+async fn write_intent(
     ctx: &Context,
+    conn: &Connection,
+    ns: &str,
+    existing: Option<&Secret>,
+    intent: &tokens::Intent,
+    token: &secrecy::SecretString,
+    seed_hash: &str,
+) -> Result<Option<Secret>, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let result = match existing {
+        None => {
+            let secret = tokens::new_token_secret(conn, token.expose_secret(), seed_hash, Some(intent));
+            api.create(&kube::api::PostParams::default(), &secret).await
+        }
+        Some(secret) => {
+            let patch = tokens::intent_patch(intent, secret.metadata.resource_version.as_deref());
+            api.patch(&secret.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        }
+    };
+    match result {
+        Ok(secret) => Ok(Some(secret)),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes our intent from `<name>-token` (the token did not change). Best effort: a stale intent
+/// of ours blocks no one but a future holder, which then reports it.
+async fn withdraw_intent(ctx: &Context, ns: &str, secret: &Secret) {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = tokens::withdraw_patch(secret.metadata.resource_version.as_deref());
+    if let Err(e) = api
+        .patch(&secret.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        warn!(error = %e, secret = %secret.name_any(), "could not withdraw the refresh intent");
+    }
+}
+
+/// Writes the pending token of `key` (if any) to `<name>-token`, with compare-and-swap on its
+/// resourceVersion, retrying on conflict; never over a newer token. `Ok(Some(secret))`: saved;
+/// `Ok(None)`: nothing to save, or superseded; `Err`: not saved (it stays pending).
+async fn save_pending(
+    ctx: &Context,
+    conn: &Connection,
     ns: &str,
     key: &str,
-    secret: &Secret,
+    secret: Option<&Secret>,
 ) -> Result<Option<Secret>, String> {
-    let Some((replaced, token)) = ctx.pending_tokens.lock().unwrap().get(key).map(|p| {
-        (
-            p.replaced.expose_secret().to_string(),
-            p.token.expose_secret().to_string(),
-        )
-    }) else {
+    let Some(pending) = ctx.pending_tokens.lock().unwrap().get(key).cloned() else {
         return Ok(None);
     };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let name = secret.name_any();
-    let mut current = secret.clone();
+    let name = tokens::token_secret_name(conn);
+    let mut current = secret.cloned();
     for _ in 0..5 {
-        // Read as the provider layer reads it (trimmed): a stored "token\n" is the token that was
-        // sent and rotated, not a re-authorization (which would drop the live token).
-        let stored = current
-            .data
-            .as_ref()
-            .and_then(|d| d.get(Credentials::REFRESH_TOKEN))
-            .and_then(|b| secret_text(&b.0).ok().flatten());
-        if stored == Some(token.as_str()) {
-            ctx.pending_tokens.lock().unwrap().remove(key);
-            return Ok(Some(current));
-        }
-        if stored != Some(replaced.as_str()) {
-            // Re-authorized by the user while we held the rotated token: keep theirs.
-            ctx.pending_tokens.lock().unwrap().remove(key);
-            return Ok(None);
-        }
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": current.metadata.resource_version},
-            "data": {"refresh_token": ByteString(token.as_bytes().to_vec())},
-        });
-        match api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        let live = current.as_ref().and_then(tokens::read_live);
+        let result = match tokens::save_decision(&pending, live.as_ref()) {
+            tokens::Save::Done => {
+                forget_pending(ctx, key);
+                return Ok(current);
+            }
+            tokens::Save::Superseded => {
+                warn!(secret = %name, "a newer refresh token was saved meanwhile; dropping ours");
+                forget_pending(ctx, key);
+                return Ok(None);
+            }
+            tokens::Save::Write => match &current {
+                None => {
+                    let secret = tokens::new_token_secret(conn, &pending.token, &pending.seed_hash, None);
+                    api.create(&kube::api::PostParams::default(), &secret).await
+                }
+                Some(s) => {
+                    let patch = tokens::settled_patch(
+                        &pending.token,
+                        &pending.seed_hash,
+                        s.metadata.resource_version.as_deref(),
+                    );
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                }
+            },
+        };
+        match result {
             Ok(saved) => {
-                ctx.pending_tokens.lock().unwrap().remove(key);
-                info!(secret = %name, "saved the rotated refresh token");
+                forget_pending(ctx, key);
+                info!(secret = %name, "saved the refresh token");
                 return Ok(Some(saved));
             }
             Err(kube::Error::Api(s)) if s.code == 409 => match api.get_opt(&name).await {
-                Ok(Some(fresh)) => current = fresh,
-                Ok(None) => return Err(format!("Secret {name} was deleted")),
+                Ok(fresh) => current = fresh,
                 Err(e) => return Err(e.to_string()),
             },
             Err(e) => return Err(e.to_string()),

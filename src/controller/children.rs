@@ -82,7 +82,7 @@ pub fn retriever_name(conn: &Connection) -> String {
     format!("{}-retriever", conn.metadata.name.as_deref().unwrap_or_default())
 }
 
-fn labels(conn: &Connection, role: &str) -> BTreeMap<String, String> {
+pub(crate) fn labels(conn: &Connection, role: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
         (
@@ -97,7 +97,7 @@ fn labels(conn: &Connection, role: &str) -> BTreeMap<String, String> {
     ])
 }
 
-fn owned_meta(conn: &Connection, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+pub(crate) fn owned_meta(conn: &Connection, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: conn.metadata.namespace.clone(),
@@ -305,11 +305,11 @@ pub fn is_ours(conn: &Connection, child: &ObjectMeta) -> bool {
 /// order; empty when every child is ours or absent.
 pub fn foreign_children(
     conn: &Connection,
-    session: Option<&Secret>,
+    secrets: &[Option<&Secret>],
     deployment: Option<&Deployment>,
 ) -> Vec<String> {
     let mut foreign = Vec::new();
-    if let Some(s) = session.filter(|s| !is_ours(conn, &s.metadata)) {
+    for s in secrets.iter().flatten().filter(|s| !is_ours(conn, &s.metadata)) {
         foreign.push(format!(
             "Secret {}",
             s.metadata.name.as_deref().unwrap_or_default()
@@ -468,11 +468,11 @@ mod tests {
         );
         let deployment = retriever_deployment(&c, &RetrieverSettings::default(), 1);
         assert!(
-            foreign_children(&c, Some(&session), Some(&deployment)).is_empty(),
+            foreign_children(&c, &[Some(&session)], Some(&deployment)).is_empty(),
             "what we build is ours"
         );
         assert!(
-            foreign_children(&c, None, None).is_empty(),
+            foreign_children(&c, &[None, None], None).is_empty(),
             "absent children are not foreign"
         );
 
@@ -487,20 +487,20 @@ mod tests {
             r.controller = None;
         }
         assert_eq!(
-            foreign_children(&c, Some(&users), Some(&other_owner)),
+            foreign_children(&c, &[Some(&users)], Some(&other_owner)),
             vec![
                 "Secret acme-session".to_string(),
                 "Deployment acme-retriever".to_string()
             ]
         );
         assert_eq!(
-            foreign_children(&c, Some(&not_controller), None),
+            foreign_children(&c, &[None, Some(&not_controller)], None),
             vec!["Secret acme-session".to_string()]
         );
         let mut no_uid = c.clone();
         no_uid.metadata.uid = None;
         assert_eq!(
-            foreign_children(&no_uid, Some(&session), None).len(),
+            foreign_children(&no_uid, &[Some(&session)], None).len(),
             1,
             "no UID, no claim"
         );

@@ -11,8 +11,10 @@ use kube::{Api, ResourceExt};
 
 /// What exists in the cluster for one connection.
 pub struct Observed {
-    /// The user's credentials Secret, if it exists.
+    /// The user's credentials Secret (the seed), if it exists.
     pub credentials: Option<Secret>,
+    /// `<name>-token`, the operator-owned Secret holding the live refresh token, if any.
+    pub token: Option<Secret>,
     /// The session Secret the operator wrote last, if any.
     pub session: Option<Secret>,
     /// The retriever Deployment, if any.
@@ -26,13 +28,16 @@ pub async fn observe(ctx: &Context, conn: &Connection, ns: &str) -> Result<Obser
         children::session_secret_name(conn),
         children::retriever_name(conn),
     );
-    let (credentials, session, deployment) = futures::try_join!(
+    let token_name = super::tokens::token_secret_name(conn);
+    let (credentials, token, session, deployment) = futures::try_join!(
         secrets.get_opt(&conn.spec.credentials_secret_ref.name),
+        secrets.get_opt(&token_name),
         secrets.get_opt(&session_name),
         deployments.get_opt(&retriever_name),
     )?;
     Ok(Observed {
         credentials,
+        token,
         session,
         deployment,
     })

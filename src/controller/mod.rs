@@ -8,11 +8,13 @@ pub mod apply;
 pub mod children;
 pub mod claims;
 pub mod dereference;
+pub mod journal;
 pub mod leader;
 pub mod metrics;
 pub mod schedule;
 pub mod server;
 pub mod state;
+pub mod tokens;
 
 use crate::api::{Connection, State};
 use crate::providers::{Validator, ValidatorConfig};
@@ -52,6 +54,17 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Reconcile only while holding this Lease (several replicas); always when `None`.
     pub leader_election: Option<leader::LeaderElection>,
+    /// The write-ahead journal of rotated refresh tokens (directory, key file); none when `None`.
+    pub journal: Option<JournalConfig>,
+}
+
+/// Where the journal of rotated refresh tokens lives (see [`journal`]).
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    /// Directory of the entries (an `emptyDir` in the chart).
+    pub dir: std::path::PathBuf,
+    /// The encryption key, created when absent (a memory-backed `emptyDir` in the chart).
+    pub key_file: std::path::PathBuf,
 }
 
 impl Default for Config {
@@ -65,15 +78,9 @@ impl Default for Config {
             instance: None,
             leader_election: None,
             metrics_addr: None,
+            journal: None,
         }
     }
-}
-
-/// A rotated refresh token the provider issued but that could not be saved yet. The old token is
-/// dead, so this one is kept in memory and saved before anything else happens to the connection.
-pub(crate) struct PendingToken {
-    pub replaced: secrecy::SecretString,
-    pub token: secrecy::SecretString,
 }
 
 /// Shared by every reconcile.
@@ -84,8 +91,13 @@ pub struct Context {
     pub(crate) config: Config,
     /// Last validation per connection UID.
     pub(crate) memos: Mutex<HashMap<String, schedule::Memo>>,
-    /// Rotated refresh tokens not yet written back, per connection UID.
-    pub(crate) pending_tokens: Mutex<HashMap<String, PendingToken>>,
+    /// Refresh tokens received and not yet saved to `<name>-token`, per connection UID (also in
+    /// the journal, when there is one).
+    pub(crate) pending_tokens: Mutex<HashMap<String, tokens::Pending>>,
+    /// The write-ahead journal of those tokens.
+    pub(crate) journal: Option<journal::Journal>,
+    /// This process as the holder of refresh intents (instance name and a per-process nonce).
+    pub(crate) holder: String,
     /// Consecutive API errors per connection UID (error_policy backoff).
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     /// Every Connection the controller sees (for one-team-per-org claims).
@@ -108,6 +120,8 @@ pub enum StartError {
     Lease(String),
     #[error("lost the leader lease; exiting so that this replica restarts as a standby")]
     LeadershipLost,
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
 }
 
 /// Reconcile errors. Provider failures are not errors: they are states. These are API problems,
@@ -169,7 +183,11 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         let observed = dereference::observe(&ctx, conn, &ns).await?;
         // 2. validate against the provider, when due — unless a child's name is taken by an object
         // that is not ours: then nothing is validated, written or taken over.
-        let foreign = children::foreign_children(conn, observed.session.as_ref(), observed.deployment.as_ref());
+        let foreign = children::foreign_children(
+            conn,
+            &[observed.token.as_ref(), observed.session.as_ref()],
+            observed.deployment.as_ref(),
+        );
         let validated = if foreign.is_empty() {
             apply::validate(&ctx, conn, &ns, &observed, now).await?
         } else {
@@ -272,6 +290,16 @@ pub async fn run(
         }
     };
     let validator = Validator::new(config.validator.clone())?;
+    let journal = match &config.journal {
+        Some(j) => Some(journal::Journal::open(&j.dir, &j.key_file)?),
+        None => None,
+    };
+    // Tokens a previous run of this pod received and did not confirm saved: saved first, by every
+    // replica (leader or not), each only over the token it replaced.
+    let replayed = match &journal {
+        Some(journal) => journal::replay(&client, journal).await,
+        None => vec![],
+    };
     let (connections, secrets, deployments): (
         Api<DeserializeGuard<Connection>>,
         Api<Secret>,
@@ -299,7 +327,13 @@ pub async fn run(
         client,
         validator,
         memos: Mutex::default(),
-        pending_tokens: Mutex::default(),
+        pending_tokens: Mutex::new(replayed.into_iter().collect()),
+        journal,
+        holder: format!(
+            "{}/{:08x}",
+            config.instance.as_deref().unwrap_or("connection-operator"),
+            rand::random::<u32>()
+        ),
         failures: Mutex::default(),
         store: store.clone(),
         config: config.clone(),
@@ -361,10 +395,9 @@ pub async fn run(
             watcher::Config::default().labels(&format!("{}=true", children::CREDENTIALS_LABEL)),
             move |secret: Secret| dereference::connections_using_secret(&credentials_store, &secret),
         )
-        .owns(
-            secrets,
-            watcher::Config::default().labels(&format!("{}=true", children::SESSION_LABEL)),
-        )
+        // Its own Secrets (`<name>-session`, `<name>-token`): a hand edit, e.g. removing a stale
+        // refresh intent, is seen at once.
+        .owns(secrets, watcher::Config::default().labels(&managed))
         .owns(deployments, watcher::Config::default().labels(&managed))
         // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its rivals.
         .watches(

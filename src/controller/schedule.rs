@@ -46,12 +46,13 @@ pub enum Due {
     OnChange,
 }
 
-/// Fingerprint of everything a validation depends on. `secret_version` is the credentials Secret's
-/// resourceVersion, or `None` when it does not exist.
-pub fn fingerprint(conn: &Connection, secret_version: Option<&str>) -> String {
+/// Fingerprint of everything a validation depends on. `tokens` identifies the token inputs (the
+/// seed's hash and the live token's hash), `None` when the seed is missing or unreadable. Labels
+/// and annotations of the seed are not inputs: rewriting them changes nothing.
+pub fn fingerprint(conn: &Connection, tokens: Option<&str>) -> String {
     let settings = serde_json::json!({
         "secret": conn.spec.credentials_secret_ref.name,
-        "version": secret_version,
+        "tokens": tokens,
         "provider": conn.spec.provider,
         "salesforce": conn.spec.salesforce,
         "dynamics": conn.spec.dynamics,

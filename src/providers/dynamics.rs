@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::classify::Endpoint;
 use super::http::{Http, OAuthHttp, host_label};
 use super::salesforce::grant_error;
-use super::{Credentials, Failure, Session, reason, rotated, rules};
+use super::{Credentials, Failure, Grant, GrantDetail, Session, reason, rotated, rules};
 use crate::api::ConnectionSpec;
 
 /// WhoAmI's answer (only what we use).
@@ -19,13 +19,19 @@ struct WhoAmI {
     user_id: String,
 }
 
-pub(crate) async fn validate(
+/// What the token grant established, carried to the WhoAmI call.
+pub(crate) struct DynamicsGrant {
+    environment: url::Url,
+}
+
+/// The refresh-token grant at the cloud's Entra ID authority. Entra returns a new refresh token on
+/// every refresh: the caller keeps the newest before calling [`identify`].
+pub(crate) async fn refresh(
     http: &Http,
     authority_override: Option<&url::Url>,
     spec: &ConnectionSpec,
     creds: &Credentials,
-    previous_remote_id: Option<&str>,
-) -> Result<Session, Failure> {
+) -> Result<Grant, Failure> {
     let Some(dynamics) = &spec.dynamics else {
         return Err(Failure::configuration(
             reason::DYNAMICS_SETTINGS_MISSING,
@@ -60,49 +66,54 @@ pub(crate) async fn validate(
         .request_async(&send)
         .await
         .map_err(|e| grant_error(Endpoint::EntraToken, &entra_host, e))?;
-
-    // Entra returns a new refresh token on every refresh: keep the newest.
-    let rotated_refresh_token = rotated(&creds.refresh_token, token.refresh_token());
-    let access_token = SecretString::from(token.access_token().secret().as_str());
-    // The access token just issued is a secret too: a provider may echo it in an error body.
-    let with_rotated = |failure: Failure| {
-        let mut failure = failure.scrub(&[access_token.expose_secret()]);
-        failure.rotated_refresh_token = rotated_refresh_token.clone();
-        failure
-    };
     let expires_at = token
         .expires_in()
         .and_then(|d| k8s_openapi::jiff::SignedDuration::try_from(d).ok())
         .and_then(|d| requested_at.checked_add(d).ok());
+    Ok(Grant {
+        access_token: SecretString::from(token.access_token().secret().as_str()),
+        expires_at,
+        rotated_refresh_token: rotated(&creds.refresh_token, token.refresh_token()),
+        detail: GrantDetail::Dynamics(DynamicsGrant { environment }),
+    })
+}
 
-    let whoami_url = rules::whoami_url(&environment);
+/// WhoAmI with the granted access token.
+pub(crate) async fn identify(
+    http: &Http,
+    grant: &DynamicsGrant,
+    access_token: &SecretString,
+    expires_at: Option<k8s_openapi::jiff::Timestamp>,
+    previous_remote_id: Option<&str>,
+) -> Result<Session, Failure> {
+    let environment = &grant.environment;
+    let whoami_url = rules::whoami_url(environment);
     let whoami: WhoAmI = http
         .get_json(
             Endpoint::DataverseWhoAmI,
             &whoami_url,
-            &access_token,
+            access_token,
             "the WhoAmI JSON",
         )
-        .await
-        .map_err(with_rotated)?;
+        .await?;
     if let Some(previous) = previous_remote_id
         && !rules::same_guid(previous, &whoami.organization_id)
     {
-        return Err(with_rotated(Failure::permanent(
+        return Err(Failure::permanent(
             reason::ORG_ID_CHANGED,
             format!(
                 "Connection inactive: {} now belongs to organization {} but this connection was validated for {previous} (the environment was reset, copied or replaced); re-authorize, or create a new Connection",
-                rules::origin_string(&environment),
+                rules::origin_string(environment),
                 whoami.organization_id
             ),
-        )));
+        ));
     }
     Ok(Session {
         remote_id: rules::display_text(&whoami.organization_id),
         user: rules::display_text(&whoami.user_id),
-        instance_url: rules::origin_string(&environment),
-        access_token,
+        instance_url: rules::origin_string(environment),
+        access_token: access_token.clone(),
         expires_at,
-        rotated_refresh_token,
+        rotated_refresh_token: None,
     })
 }

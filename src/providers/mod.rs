@@ -405,28 +405,77 @@ impl Validator {
         })
     }
 
-    /// Refreshes the access token and identifies the org or environment.
+    /// Refreshes the access token and identifies the org or environment: [`Validator::refresh`]
+    /// then [`Validator::identify`], for callers that have nowhere to save a rotated token in
+    /// between (`check-credentials` writes it to a file afterwards).
     ///
     /// `previous_remote_id`: the org/environment ID recorded in status; a different one now is a
     /// permanent [`reason::ORG_ID_CHANGED`] failure.
     ///
-    /// On success, check [`Session::rotated_refresh_token`] and persist it before anything else.
+    /// On success, check [`Session::rotated_refresh_token`] and persist it before anything else;
+    /// on failure, [`Failure::rotated_refresh_token`].
     pub async fn validate(
         &self,
         spec: &ConnectionSpec,
         creds: &Credentials,
         previous_remote_id: Option<&str>,
     ) -> Result<Session, Failure> {
+        let grant = self.refresh(spec, creds).await?;
+        match self.identify(spec, &grant, previous_remote_id).await {
+            Ok(mut session) => {
+                session.rotated_refresh_token = grant.rotated_refresh_token;
+                Ok(session)
+            }
+            Err(mut failure) => {
+                failure.rotated_refresh_token = grant.rotated_refresh_token;
+                Err(failure)
+            }
+        }
+    }
+
+    /// Step one: the refresh-token grant. **When it returns a [`Grant::rotated_refresh_token`],
+    /// the token sent may already be dead**: save the new one before anything else, then call
+    /// [`Validator::identify`].
+    pub async fn refresh(&self, spec: &ConnectionSpec, creds: &Credentials) -> Result<Grant, Failure> {
         let result = match spec.provider {
             Provider::SalesforceProduction | Provider::SalesforceSandbox => {
-                salesforce::validate(&self.http, spec, creds, previous_remote_id).await
+                salesforce::refresh(&self.http, spec, creds).await
             }
             Provider::Dynamics365 => {
-                dynamics::validate(
+                dynamics::refresh(&self.http, self.entra_authority_override.as_deref(), spec, creds).await
+            }
+        };
+        result.map_err(|failure| {
+            let failure = failure.scrub(&creds.secret_values());
+            tracing::debug!(
+                provider = %spec.provider,
+                kind = %failure.kind,
+                reason = failure.reason,
+                message = %failure.message,
+                "refresh failed"
+            );
+            failure
+        })
+    }
+
+    /// Step two: who the granted access token belongs to (Salesforce identity URL, Dataverse
+    /// WhoAmI). `previous_remote_id` as in [`Validator::validate`].
+    pub async fn identify(
+        &self,
+        spec: &ConnectionSpec,
+        grant: &Grant,
+        previous_remote_id: Option<&str>,
+    ) -> Result<Session, Failure> {
+        let result = match &grant.detail {
+            GrantDetail::Salesforce(g) => {
+                salesforce::identify(&self.http, g, &grant.access_token, previous_remote_id).await
+            }
+            GrantDetail::Dynamics(g) => {
+                dynamics::identify(
                     &self.http,
-                    self.entra_authority_override.as_deref(),
-                    spec,
-                    creds,
+                    g,
+                    &grant.access_token,
+                    grant.expires_at,
                     previous_remote_id,
                 )
                 .await
@@ -434,30 +483,52 @@ impl Validator {
         };
         match result {
             Ok(session) => {
-                tracing::debug!(
-                    provider = %spec.provider,
-                    remote_id = %session.remote_id,
-                    rotated = session.rotated_refresh_token.is_some(),
-                    "credentials valid"
-                );
+                tracing::debug!(provider = %spec.provider, remote_id = %session.remote_id, "credentials valid");
                 Ok(session)
             }
             Err(failure) => {
-                let rotated = failure.rotated_refresh_token.clone();
-                let mut secrets = creds.secret_values();
-                secrets.extend(rotated.as_ref().map(|r| r.expose_secret()));
+                // The access token just issued (and a rotated refresh token) are secrets too: a
+                // provider may echo anything in an error body.
+                let mut secrets = vec![grant.access_token.expose_secret()];
+                secrets.extend(grant.rotated_refresh_token.as_ref().map(|r| r.expose_secret()));
                 let failure = failure.scrub(&secrets);
                 tracing::debug!(
                     provider = %spec.provider,
                     kind = %failure.kind,
                     reason = failure.reason,
                     message = %failure.message,
-                    "credentials not valid"
+                    "identity check failed"
                 );
                 Err(failure)
             }
         }
     }
+}
+
+/// A successful refresh-token grant: the access token, and a rotated refresh token to save before
+/// the identity call. `Debug` redacts the tokens.
+pub struct Grant {
+    pub access_token: SecretString,
+    /// When the access token expires, if the provider said.
+    pub expires_at: Option<k8s_openapi::jiff::Timestamp>,
+    /// **Some when the provider returned a NEW refresh token: the one sent may already be dead.**
+    pub rotated_refresh_token: Option<SecretString>,
+    detail: GrantDetail,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("expires_at", &self.expires_at)
+            .field("rotated", &self.rotated_refresh_token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the identity call needs from the grant, per provider.
+pub(crate) enum GrantDetail {
+    Salesforce(salesforce::SalesforceGrant),
+    Dynamics(dynamics::DynamicsGrant),
 }
 
 /// `Some(new)` when the provider returned a refresh token different from the one sent.
@@ -471,8 +542,8 @@ pub(crate) fn rotated(old: &SecretString, new: Option<&oauth2::RefreshToken>) ->
 #[allow(dead_code)]
 fn _assert_send(v: &Validator, spec: &ConnectionSpec, creds: &Credentials, prev: Option<&str>) {
     fn is_send<T: Send>(_: T) {}
-    is_send(salesforce::validate(&v.http, spec, creds, prev));
-    is_send(dynamics::validate(&v.http, None, spec, creds, prev));
+    is_send(salesforce::refresh(&v.http, spec, creds));
+    is_send(dynamics::refresh(&v.http, None, spec, creds));
     is_send(v.validate(spec, creds, prev));
 }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::classify::{self, Endpoint};
 use super::http::{Http, HttpFailure, OAuthHttp, host_label};
-use super::{Credentials, Failure, Session, reason, rotated, rules};
+use super::{Credentials, Failure, Grant, GrantDetail, Session, reason, rotated, rules};
 use crate::api::ConnectionSpec;
 
 /// The Salesforce-specific fields of the token response (there is no `expires_in`).
@@ -72,12 +72,20 @@ pub(crate) fn grant_error<TE: oauth2::ErrorResponse>(
     }
 }
 
-pub(crate) async fn validate(
+/// What the token grant established, carried to the identity call.
+pub(crate) struct SalesforceGrant {
+    login_host: String,
+    instance_url: String,
+    id: String,
+}
+
+/// The refresh-token grant, verified. The old refresh token may be dead when this returns `Ok`
+/// with a rotated token: the caller saves it before calling [`identify`].
+pub(crate) async fn refresh(
     http: &Http,
     spec: &ConnectionSpec,
     creds: &Credentials,
-    previous_remote_id: Option<&str>,
-) -> Result<Session, Failure> {
+) -> Result<Grant, Failure> {
     let login = rules::salesforce_login_base(spec)?;
     let token_url = rules::salesforce_token_url(&login);
     let login_host = host_label(&token_url);
@@ -121,67 +129,75 @@ pub(crate) async fn validate(
             ),
         ));
     }
+    Ok(Grant {
+        access_token: SecretString::from(token.access_token().secret().as_str()),
+        expires_at: None,
+        rotated_refresh_token: rotated(&creds.refresh_token, token.refresh_token()),
+        detail: GrantDetail::Salesforce(SalesforceGrant {
+            login_host,
+            instance_url: fields.instance_url.clone(),
+            id: fields.id.clone(),
+        }),
+    })
+}
 
-    // From here on the old refresh token may be dead: every failure carries the new one.
-    let rotated_refresh_token = rotated(&creds.refresh_token, token.refresh_token());
-    let access_token = SecretString::from(token.access_token().secret().as_str());
-    // The access token just issued is a secret too: a provider may echo it in an error body.
-    let with_rotated = |failure: Failure| {
-        let mut failure = failure.scrub(&[access_token.expose_secret()]);
-        failure.rotated_refresh_token = rotated_refresh_token.clone();
-        failure
-    };
-
+/// The identity call with the granted access token.
+pub(crate) async fn identify(
+    http: &Http,
+    grant: &SalesforceGrant,
+    access_token: &SecretString,
+    previous_remote_id: Option<&str>,
+) -> Result<Session, Failure> {
+    let login_host = &grant.login_host;
     // The retriever will send the access token there: https (or loopback http in tests) only.
-    let instance_ok = url::Url::parse(&fields.instance_url).is_ok_and(|u| rules::is_allowed_transport(&u));
+    let instance_ok = url::Url::parse(&grant.instance_url).is_ok_and(|u| rules::is_allowed_transport(&u));
     if !instance_ok {
-        return Err(with_rotated(classify::malformed_success(
+        return Err(classify::malformed_success(
             Endpoint::SalesforceToken,
-            &login_host,
+            login_host,
             "`instance_url` is not an https URL",
-        )));
+        ));
     }
-    let Some((identity_url, url_org, _user)) = rules::parse_salesforce_identity_url(&fields.id) else {
-        return Err(with_rotated(classify::malformed_success(
+    let Some((identity_url, url_org, _user)) = rules::parse_salesforce_identity_url(&grant.id) else {
+        return Err(classify::malformed_success(
             Endpoint::SalesforceToken,
-            &login_host,
+            login_host,
             "`id` is not an identity URL https://<host>/id/<orgId>/<userId>",
-        )));
+        ));
     };
     let identity_host = host_label(&identity_url);
     let identity: Identity = http
         .get_json(
             Endpoint::SalesforceIdentity,
             &identity_url,
-            &access_token,
+            access_token,
             "the identity JSON",
         )
-        .await
-        .map_err(with_rotated)?;
+        .await?;
     if !rules::same_salesforce_id(&identity.organization_id, &url_org) {
-        return Err(with_rotated(classify::malformed_success(
+        return Err(classify::malformed_success(
             Endpoint::SalesforceIdentity,
             &identity_host,
             "organization_id does not match the identity URL",
-        )));
+        ));
     }
     if let Some(previous) = previous_remote_id
         && !rules::same_salesforce_id(previous, &identity.organization_id)
     {
-        return Err(with_rotated(Failure::permanent(
+        return Err(Failure::permanent(
             reason::ORG_ID_CHANGED,
             format!(
                 "Connection inactive: the tokens now belong to org {} but this connection was validated for org {previous} (a refreshed sandbox gets a new org ID); re-authorize, or create a new Connection for the new org",
                 identity.organization_id
             ),
-        )));
+        ));
     }
     Ok(Session {
         remote_id: rules::display_text(&identity.organization_id),
         user: rules::display_text(&identity.username),
-        instance_url: fields.instance_url.trim_end_matches('/').to_string(),
-        access_token,
+        instance_url: grant.instance_url.trim_end_matches('/').to_string(),
+        access_token: access_token.clone(),
         expires_at: None,
-        rotated_refresh_token,
+        rotated_refresh_token: None,
     })
 }
