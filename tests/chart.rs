@@ -87,8 +87,55 @@ fn operator_pod_runs_restricted_with_resources() {
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["cpu"].is_string());
     assert_eq!(c["args"][0], "run");
-    // Long enough for an in-flight provider call (providerTimeout 20s) and the writes after it.
-    assert_eq!(pod["terminationGracePeriodSeconds"], 45);
+    // Long enough for an in-flight refresh: limiter wait 30s + token and identity calls
+    // (providerTimeout 20s each) + the writes after them.
+    assert_eq!(pod["terminationGracePeriodSeconds"], 90);
+}
+
+#[test]
+fn token_journal_is_an_emptydir_and_its_key_is_in_memory_only() {
+    let rendered = render();
+    let deployment = documents(&rendered)
+        .into_iter()
+        .find(|v| v["kind"] == "Deployment")
+        .expect("a Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let volume = |name: &str| {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("volume {name}"))
+            .clone()
+    };
+    assert!(volume("journal")["emptyDir"].is_object());
+    assert_eq!(volume("journal-key")["emptyDir"]["medium"], "Memory");
+    let c = &pod["containers"][0];
+    let env = |name: &str| {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("env {name}"))["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mount = |name: &str| {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("mount {name}"))["mountPath"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(env("JOURNAL_DIR"), mount("journal"));
+    assert!(env("JOURNAL_KEY_FILE").starts_with(&format!("{}/", mount("journal-key"))));
 }
 
 #[test]
@@ -109,12 +156,20 @@ fn extra_ca_bundle_is_a_mounted_configmap_only_when_set() {
     assert_eq!(config_map["metadata"]["name"], "connection-operator-ca-bundle");
     assert_eq!(config_map["data"]["ca.crt"].as_str().unwrap().trim(), pem.trim());
     let pod = &with.iter().find(|v| v["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"];
-    assert_eq!(
-        pod["volumes"][0]["configMap"]["name"],
-        "connection-operator-ca-bundle"
-    );
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "ca-bundle")
+        .expect("the ca-bundle volume");
+    assert_eq!(volume["configMap"]["name"], "connection-operator-ca-bundle");
     let c = &pod["containers"][0];
-    let mount = &c["volumeMounts"][0];
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ca-bundle")
+        .expect("the ca-bundle mount");
     assert_eq!(mount["readOnly"], true);
     let path = format!("{}/ca.crt", mount["mountPath"].as_str().unwrap());
     let env = c["env"].as_array().unwrap();

@@ -368,7 +368,7 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         "the stored refresh token is the live one",
         Duration::from_secs(30),
         || async {
-            let s = secrets.get("acme-creds").await.unwrap();
+            let s = secrets.get("acme-token").await.unwrap();
             let t = String::from_utf8(s.data.unwrap()["refresh_token"].0.clone()).unwrap();
             fake.is_live(t.trim()).then_some(t)
         },

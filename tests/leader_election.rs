@@ -163,11 +163,11 @@ async fn one_replica_reconciles_and_a_standby_takes_over_when_it_dies() {
         survivor.child.wait().unwrap().success(),
         "a clean shutdown exits 0"
     );
-    let stored = secrets.get("acme-creds").await.unwrap().data.unwrap()["refresh_token"]
+    let stored = secrets.get("acme-token").await.unwrap().data.unwrap()["refresh_token"]
         .0
         .clone();
     let stored = String::from_utf8(stored).unwrap();
-    assert!(fake.is_live(&stored), "the Secret holds the live refresh token");
+    assert!(fake.is_live(&stored), "acme-token holds the live refresh token");
     let released = leases.get(&lease).await.unwrap().spec.unwrap();
     assert!(
         released.holder_identity.as_deref().is_none_or(str::is_empty),

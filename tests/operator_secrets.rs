@@ -95,7 +95,7 @@ async fn no_token_or_client_secret_in_logs_events_or_status() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let read = |s: &Secret, key: &str| String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap();
-    let live = read(&secrets.get("acme-creds").await.unwrap(), "refresh_token");
+    let live = read(&secrets.get("acme-token").await.unwrap(), "refresh_token");
     let access = read(&secrets.get("acme-session").await.unwrap(), "access_token");
     assert_ne!(live, original, "rotation happened");
     fake.revoke(&live);
@@ -107,7 +107,7 @@ async fn no_token_or_client_secret_in_logs_events_or_status() {
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(
-        logs.contains("saved the rotated refresh token"),
+        logs.contains("saved the refresh token"),
         "the capture works: {} bytes",
         logs.len()
     );

@@ -308,12 +308,17 @@ async fn dynamics_connection_becomes_active_with_environment_id_and_keeps_the_ne
     let c = env.wait_state("contoso", State::Active).await;
     assert_eq!(c.status.as_ref().unwrap().environment_id.as_deref(), Some(org));
     assert_eq!(c.status.as_ref().unwrap().org_id, None);
-    let stored = env.secret_value("dyn-creds", "refresh_token").await.unwrap();
+    let stored = env.secret_value("contoso-token", "refresh_token").await.unwrap();
     assert_ne!(
         stored, token,
         "Entra returns a new refresh token on every grant: the newest is kept"
     );
     assert!(env.fake.is_live(&stored));
+    assert_eq!(
+        env.secret_value("dyn-creds", "refresh_token").await.unwrap(),
+        token,
+        "the user's Secret is never written"
+    );
     op.stop().await;
 }
 
@@ -490,7 +495,7 @@ async fn provider_outage_keeps_the_connection_active_with_authorized_unknown() {
 }
 
 #[tokio::test]
-async fn rotated_refresh_token_is_written_back_to_the_secret() {
+async fn rotated_refresh_token_is_saved_to_the_token_secret_and_the_seed_is_never_written() {
     let env = Env::new().await;
     env.fake.set_rotation(true);
     let original = env.put_credentials("creds", ORG).await;
@@ -501,16 +506,29 @@ async fn rotated_refresh_token_is_written_back_to_the_secret() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let c = env.get("acme").await;
     assert_eq!(state_of(&c), Some(State::Active), "{:#?}", c.status);
-    let stored = env.secret_value("creds", "refresh_token").await.unwrap();
+    let stored = env.secret_value("acme-token", "refresh_token").await.unwrap();
     assert_ne!(stored, original);
     assert!(!env.fake.is_live(&original), "rotation killed the original token");
     // The stored token may be one rotation behind a request in flight; wait for quiet.
     op.stop().await;
-    let stored = env.secret_value("creds", "refresh_token").await.unwrap();
+    let stored = env.secret_value("acme-token", "refresh_token").await.unwrap();
     assert!(
         env.fake.is_live(&stored),
-        "the Secret holds the live refresh token"
+        "<name>-token holds the live refresh token"
     );
+    assert_eq!(
+        env.secret_value("creds", "refresh_token").await.unwrap(),
+        original,
+        "the user's Secret is a seed: never written"
+    );
+    assert_eq!(env.fake.stats().dead_token_requests, 0);
+    // Owned by the connection (deleted with it), and not mounted by the retriever.
+    let token_secret = env.secrets().get("acme-token").await.unwrap();
+    let owner = &token_secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("Connection", "acme", Some(true)));
+    let deployment = env.deployments().get("acme-retriever").await.unwrap();
+    let volumes = serde_json::to_string(&deployment.spec.template.spec).unwrap();
+    assert!(volumes.contains("acme-session") && !volumes.contains("acme-token"), "{volumes}");
 }
 
 #[tokio::test]
@@ -536,12 +554,13 @@ async fn rotated_token_is_saved_when_the_stored_token_ends_with_a_newline() {
     op.stop().await;
     let c = env.get("acme").await;
     assert_eq!(state_of(&c), Some(State::Active), "{:#?}", c.status);
-    let stored = env.secret_value("creds", "refresh_token").await.unwrap();
+    let stored = env.secret_value("acme-token", "refresh_token").await.unwrap();
     assert_ne!(stored.trim(), original);
     assert!(
         env.fake.is_live(&stored),
-        "the Secret holds the live refresh token"
+        "<name>-token holds the live refresh token"
     );
+    assert_eq!(env.fake.stats().dead_token_requests, 0);
 }
 
 #[tokio::test]

@@ -296,6 +296,8 @@ pub fn ensure_operator_rbac() {
                 "templates/serviceaccount.yaml",
                 "--show-only",
                 "templates/rbac.yaml",
+                "--show-only",
+                "templates/admission-policy.yaml",
             ]),
             None,
         );

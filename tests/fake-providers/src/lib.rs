@@ -307,6 +307,9 @@ pub struct Stats {
     pub identity_requests: u64,
     pub salesforce_identity_requests: u64,
     pub whoami_requests: u64,
+    /// Salesforce token requests with a refresh token that rotation had already replaced (each
+    /// one also revokes the live successor, as Salesforce does).
+    pub dead_token_requests: u64,
 }
 
 /// The `--seed` file of the binary (YAML or JSON).
@@ -376,6 +379,8 @@ struct State {
     accounts: HashMap<String, Account>,
     /// Live refresh tokens → account key.
     refresh_tokens: HashMap<String, String>,
+    /// Refresh tokens rotation replaced → their successor.
+    rotated_away: HashMap<String, String>,
     /// Live access tokens → account key.
     access_tokens: HashMap<String, String>,
     rotation: bool,
@@ -589,6 +594,18 @@ impl FakeProviders {
         self.shared.lock().refresh_tokens.remove(refresh_token).is_some()
     }
 
+    /// Rotates a live refresh token as a refresh with rotation would (the old one dies; reusing it
+    /// later revokes the successor): what an earlier operator version did before it saved the new
+    /// one. Returns the successor, or `None` if `refresh_token` is not live.
+    pub fn rotate(&self, refresh_token: &str) -> Option<String> {
+        let new = self.shared.token("5Aep861.fake-rt-");
+        let mut state = self.shared.lock();
+        let key = state.refresh_tokens.remove(refresh_token)?;
+        state.rotated_away.insert(refresh_token.to_string(), new.clone());
+        state.refresh_tokens.insert(new.clone(), key);
+        Some(new)
+    }
+
     /// Is this refresh token currently accepted?
     pub fn is_live(&self, refresh_token: &str) -> bool {
         self.shared.lock().refresh_tokens.contains_key(refresh_token)
@@ -756,6 +773,15 @@ async fn salesforce_token(AxState(shared): Shared_, Form(form): Form<BTreeMap<St
         .get(field("refresh_token"))
         .and_then(|key| state.accounts.get(key).map(|a| (key.clone(), a.clone())));
     let Some((key, Account::Salesforce(org))) = account else {
+        // Salesforce: reusing a refresh token that rotation replaced revokes its live successor.
+        let mut next = state.rotated_away.get(field("refresh_token")).cloned();
+        if next.is_some() {
+            state.stats.dead_token_requests += 1;
+        }
+        while let Some(token) = next {
+            state.refresh_tokens.remove(&token);
+            next = state.rotated_away.get(&token).cloned();
+        }
         return json_response(
             400,
             json!({"error": "invalid_grant", "error_description": "expired access/refresh token"}),
@@ -797,6 +823,7 @@ async fn salesforce_token(AxState(shared): Shared_, Form(form): Form<BTreeMap<St
     if state.rotation {
         let new = shared.token("5Aep861.fake-rt-");
         state.refresh_tokens.remove(field("refresh_token"));
+        state.rotated_away.insert(field("refresh_token").to_string(), new.clone());
         state.refresh_tokens.insert(new.clone(), key);
         body["refresh_token"] = json!(new);
     }
