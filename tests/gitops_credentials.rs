@@ -33,7 +33,12 @@ impl Env {
         let client = client().await;
         let ns = TempNamespace::new(&client).await;
         let fake = FakeProviders::start().await;
-        fake.add_salesforce_org(SalesforceOrg::new(ORG, "005000000000014AAA", "ops@acme.example", CLIENT_ID));
+        fake.add_salesforce_org(SalesforceOrg::new(
+            ORG,
+            "005000000000014AAA",
+            "ops@acme.example",
+            CLIENT_ID,
+        ));
         fake.set_rotation(true);
         Env { client, ns, fake }
     }
@@ -73,7 +78,10 @@ impl Env {
 
     /// `kubectl apply` (client-side, as Argo CD does by default; Flux applies server-side).
     fn apply_seed(&self, token: &str) {
-        run_ok(kubectl().args(["apply", "-f", "-"]), Some(&self.seed_manifest(token, "")));
+        run_ok(
+            kubectl().args(["apply", "-f", "-"]),
+            Some(&self.seed_manifest(token, "")),
+        );
     }
 
     async fn create_connection(&self) {
@@ -121,7 +129,10 @@ impl Env {
     }
 
     async fn value(&self, secret: &str, key: &str) -> String {
-        let s = self.secret(secret).await.unwrap_or_else(|| panic!("Secret {secret}"));
+        let s = self
+            .secret(secret)
+            .await
+            .unwrap_or_else(|| panic!("Secret {secret}"));
         String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
     }
 
@@ -145,7 +156,10 @@ impl Env {
 }
 
 fn message(c: &Connection) -> String {
-    c.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default()
+    c.status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default()
 }
 
 fn state(c: &Connection) -> Option<State> {
@@ -193,7 +207,11 @@ async fn a_gitops_revert_of_the_seed_after_rotation_changes_nothing() {
         0,
         "the dead seed token was never sent"
     );
-    assert_eq!(env.value("acme-creds", "refresh_token").await, seed, "seed data untouched");
+    assert_eq!(
+        env.value("acme-creds", "refresh_token").await,
+        seed,
+        "seed data untouched"
+    );
     op.stop().await;
     let live = env.live().await;
     assert!(env.fake.is_live(&live), "acme-token holds the live token");
@@ -261,8 +279,13 @@ async fn a_new_token_in_the_seed_reauthorizes_and_the_old_live_token_is_not_used
     env.refreshes(1).await;
     op.stop().await;
     let old_live = env.live().await;
-    let old_hash = env.secret("acme-token").await.unwrap().metadata.annotations.unwrap()
-        ["crmconnect.io/seed-hash"]
+    let old_hash = env
+        .secret("acme-token")
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap()["crmconnect.io/seed-hash"]
         .clone();
 
     // `kubectl crm reauthorize` or a GitOps commit: a new token in the seed.
@@ -282,7 +305,10 @@ async fn a_new_token_in_the_seed_reauthorizes_and_the_old_live_token_is_not_used
     assert_eq!(c.status.as_ref().unwrap().org_id.as_deref(), Some(ORG));
     op.stop().await;
     assert!(env.fake.is_live(&env.live().await));
-    assert!(!env.fake.is_live(&new_seed), "the new seed token was used (and rotated)");
+    assert!(
+        !env.fake.is_live(&new_seed),
+        "the new seed token was used (and rotated)"
+    );
 }
 
 #[tokio::test]
@@ -301,13 +327,21 @@ async fn a_revoked_token_in_the_seed_is_inactive_keeps_the_good_live_token_and_a
     env.apply_seed(&bad);
     let c = env.wait_state(State::Inactive).await;
     let msg = message(&c);
-    assert_eq!(c.status.as_ref().unwrap().reason.as_deref(), Some("TokenRevoked"), "{msg}");
+    assert_eq!(
+        c.status.as_ref().unwrap().reason.as_deref(),
+        Some("TokenRevoked"),
+        "{msg}"
+    );
     assert!(
         msg.contains("Secret acme-creds changed (a re-authorization)")
             && msg.contains("kept, unused, in Secret acme-token"),
         "{msg}"
     );
-    assert_eq!(env.live().await, live, "a bad seed never destroys a good live token");
+    assert_eq!(
+        env.live().await,
+        live,
+        "a bad seed never destroys a good live token"
+    );
     assert!(env.fake.is_live(&live));
 
     // Restoring the seed's previous content goes back to the kept live token.
@@ -352,7 +386,10 @@ async fn a_seed_written_by_the_previous_version_keeps_working_after_the_upgrade(
     let c = env.connection().await;
     assert_eq!(state(&c), Some(State::Active), "{:#?}", c.status);
     op.stop().await;
-    assert!(env.fake.is_live(&env.live().await), "no token lost in the upgrade");
+    assert!(
+        env.fake.is_live(&env.live().await),
+        "no token lost in the upgrade"
+    );
     assert_eq!(env.fake.stats().dead_token_requests, 0);
     assert_eq!(env.value("acme-creds", "refresh_token").await, rotated);
 }
@@ -436,7 +473,10 @@ async fn the_operator_identity_cannot_change_a_user_secret_or_write_in_kube_syst
     let system_admin: Api<Secret> = Api::namespaced(admin.clone(), "kube-system");
     let mut secret = loose.clone();
     secret.metadata.name = Some(victim.clone());
-    system_admin.create(&PostParams::default(), &secret).await.unwrap();
+    system_admin
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let err = Api::<Secret>::namespaced(operator.clone(), "kube-system")
         .patch(&victim, &PatchParams::default(), &Patch::Merge(&watch_label))
         .await

@@ -203,7 +203,8 @@ async fn logs_never_contain_tokens_or_secrets() {
         logs.contains("provider request"),
         "debug logs were captured:\n{logs}"
     );
-    assert!(logs.contains("credentials not valid"), "{logs}");
+    assert!(logs.contains("refresh failed"), "{logs}");
+    assert!(logs.contains("identity check failed"), "{logs}");
     assert!(logs.contains("credentials valid"), "{logs}");
     for secret in &secrets {
         assert!(

@@ -122,11 +122,21 @@ async fn validate_when_due(
         }
     };
     let seed_hash = seed.as_ref().ok().map(tokens::seed_hash);
+    // The inputs: the seed, the live token, and another holder's intent on it (removing a stale
+    // one by hand is a change that retries the refresh).
     let fingerprint_with = |live: Option<&tokens::Live>| {
         let live_hash = live.map(|l| tokens::token_hash(l.refresh_token.expose_secret()));
-        let inputs = seed_hash
-            .as_ref()
-            .map(|s| format!("{s}/{}", live_hash.as_deref().unwrap_or("-")));
+        let intent = live
+            .and_then(|l| l.intent.as_ref())
+            .filter(|i| i.holder != ctx.holder)
+            .map(|i| format!("{}@{}", i.holder, i.deadline));
+        let inputs = seed_hash.as_ref().map(|s| {
+            format!(
+                "{s}/{}/{}",
+                live_hash.as_deref().unwrap_or("-"),
+                intent.as_deref().unwrap_or("-")
+            )
+        });
         schedule::fingerprint(conn, inputs.as_deref())
     };
     let live = token_secret.as_ref().and_then(tokens::read_live);
@@ -146,7 +156,10 @@ async fn validate_when_due(
         tokens::Plan::Refresh { token, from_seed } => (token, from_seed),
         tokens::Plan::Wait { holder, until } => {
             info!(%holder, %until, "another refresh of this token is in flight; waiting for it");
-            let wait = until.duration_since(now).unsigned_abs().max(Duration::from_secs(1));
+            let wait = until
+                .duration_since(now)
+                .unsigned_abs()
+                .max(Duration::from_secs(1));
             return Ok(unchanged(Some(wait)));
         }
         tokens::Plan::OutcomeUnknown(intent) => {
@@ -170,14 +183,13 @@ async fn validate_when_due(
         token: tokens::token_hash(token.expose_secret()),
         deadline: plus(now, intent_ttl(ctx)),
     };
-    let token_secret = match write_intent(ctx, conn, ns, token_secret.as_ref(), &intent, &token, &seed_hash)
-        .await
-    {
-        Ok(Some(secret)) => secret,
-        // Someone changed `<name>-token` meanwhile: that change triggers a new reconcile.
-        Ok(None) => return Ok(unchanged(Some(Duration::from_secs(1)))),
-        Err(e) => return Err(e),
-    };
+    let token_secret =
+        match write_intent(ctx, conn, ns, token_secret.as_ref(), &intent, &token, &seed_hash).await {
+            Ok(Some(secret)) => secret,
+            // Someone changed `<name>-token` meanwhile: that change triggers a new reconcile.
+            Ok(None) => return Ok(unchanged(Some(Duration::from_secs(1)))),
+            Err(e) => return Err(e),
+        };
     crash_point("after-intent");
 
     // 5. The token request, in its own task: never cancelled mid-flight (a dropped reconcile
@@ -190,9 +202,9 @@ async fn validate_when_due(
         let (validator, spec, creds) = (ctx.validator.clone(), conn.spec.clone(), creds.clone());
         tokio::spawn(async move { validator.refresh(&spec, &creds).await })
     };
-    let granted = refresh.await.unwrap_or_else(|e| {
-        Err(Failure::transient(format!("the token request task failed: {e}")))
-    });
+    let granted = refresh
+        .await
+        .unwrap_or_else(|e| Err(Failure::transient(format!("the token request task failed: {e}"))));
 
     // 6. Settle `<name>-token` before the new access token is used: save a rotated token (through
     // the journal), adopt a seed token the provider accepted, or withdraw the intent.
@@ -225,7 +237,8 @@ async fn validate_when_due(
     };
     let live_after = match settled {
         Ok(Some(saved)) => tokens::read_live(&saved),
-        Ok(None) => live.clone(),
+        // Unchanged since the intent was written (which may have created `<name>-token`).
+        Ok(None) => tokens::read_live(&token_secret),
         Err(message) => return Ok(remember(not_saved(ctx, conn, &memo, message, now))),
     };
     crash_point("after-save");
@@ -318,7 +331,13 @@ fn crash_point(point: &str) {
 /// A permanent or configuration failure: Inactive with its reason. When the inputs changed since
 /// an earlier rejection (the user tried to re-authorize and it failed again), an event says so:
 /// the status may not change.
-async fn rejected(ctx: &Context, conn: &Connection, memo: &Memo, fingerprint: String, failure: &Failure) -> Memo {
+async fn rejected(
+    ctx: &Context,
+    conn: &Connection,
+    memo: &Memo,
+    fingerprint: String,
+    failure: &Failure,
+) -> Memo {
     info!(reason = %failure.reason, kind = ?failure.kind, "validation failed: {}", failure.message);
     if matches!(memo.check.known, Known::Invalid { .. })
         && !memo.fingerprint.is_empty()
@@ -389,7 +408,10 @@ fn remember_pending(ctx: &Context, key: &str, pending: tokens::Pending) {
     {
         warn!(error = %e, "could not journal the rotated refresh token; saving it to the Secret");
     }
-    ctx.pending_tokens.lock().unwrap().insert(key.to_string(), pending);
+    ctx.pending_tokens
+        .lock()
+        .unwrap()
+        .insert(key.to_string(), pending);
 }
 
 fn forget_pending(ctx: &Context, key: &str) {

@@ -35,7 +35,9 @@ pub struct Journal {
 
 impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Journal").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("Journal")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,7 +86,8 @@ impl Journal {
             }
             Err(e) => return Err(io(key_file)(e)),
         };
-        let key = UnboundKey::new(&CHACHA20_POLY1305, &key).map_err(|_| JournalError::Key(key_file.into()))?;
+        let key =
+            UnboundKey::new(&CHACHA20_POLY1305, &key).map_err(|_| JournalError::Key(key_file.into()))?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             key: LessSafeKey::new(key),
@@ -108,7 +111,11 @@ impl Journal {
     pub fn put(&self, id: &str, pending: &Pending) -> Result<(), JournalError> {
         let path = self.path(id);
         // The file name is authenticated: an entry moved to another connection's name won't open.
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).expect("system randomness");
         let mut sealed = serde_json::to_vec(&(id, pending)).expect("pending serializes");
@@ -260,14 +267,20 @@ mod tests {
         j.put("other/ns:x", &pending("second")).unwrap();
         let file = dir.path().join("j/0f1e-uid.token");
         let raw = fs::read(&file).unwrap();
-        assert!(!String::from_utf8_lossy(&raw).contains("5Aep-new-token"), "sealed");
+        assert!(
+            !String::from_utf8_lossy(&raw).contains("5Aep-new-token"),
+            "sealed"
+        );
         assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
 
         let reopened = Journal::open(&dir.path().join("j"), &key).unwrap();
         let (entries, unreadable) = reopened.load().unwrap();
         assert!(unreadable.is_empty());
-        let ids: Vec<_> = entries.iter().map(|(id, p)| (id.as_str(), p.token.as_str())).collect();
+        let ids: Vec<_> = entries
+            .iter()
+            .map(|(id, p)| (id.as_str(), p.token.as_str()))
+            .collect();
         assert_eq!(ids, [("0f1e-uid", "5Aep-new-token"), ("other/ns:x", "second")]);
         reopened.remove("0f1e-uid").unwrap();
         reopened.remove("0f1e-uid").unwrap();

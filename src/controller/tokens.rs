@@ -50,7 +50,10 @@ fn digest(domain: &str, parts: &[(&str, Option<&str>)]) -> String {
             }
         }
     }
-    ctx.finish().as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    ctx.finish().as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The hash of a seed: its token keys as the operator reads them (trimmed). Labels, annotations,
@@ -61,7 +64,10 @@ pub fn seed_hash(seed: &Credentials) -> String {
     digest(
         "crmconnect.io/seed/v1",
         &[
-            (Credentials::REFRESH_TOKEN, Some(seed.refresh_token.expose_secret())),
+            (
+                Credentials::REFRESH_TOKEN,
+                Some(seed.refresh_token.expose_secret()),
+            ),
             (Credentials::CLIENT_ID, Some(&seed.client_id)),
             (
                 Credentials::CLIENT_SECRET,
@@ -343,7 +349,10 @@ mod tests {
         let seed = creds("seed-rt");
         let hash = seed_hash(&seed);
         let live = live("live-rt", &hash, None);
-        assert_eq!(refresh_token(&plan(&seed, &hash, Some(&live), "me", t(0))), ("live-rt", false));
+        assert_eq!(
+            refresh_token(&plan(&seed, &hash, Some(&live), "me", t(0))),
+            ("live-rt", false)
+        );
     }
 
     #[test]
@@ -384,10 +393,16 @@ mod tests {
         let seed = creds("seed-rt");
         let hash = seed_hash(&seed);
         let mine = live("live-rt", &hash, Some(intent("me", "live-rt", 60)));
-        assert_eq!(refresh_token(&plan(&seed, &hash, Some(&mine), "me", t(0))).0, "live-rt");
+        assert_eq!(
+            refresh_token(&plan(&seed, &hash, Some(&mine), "me", t(0))).0,
+            "live-rt"
+        );
         // A stale intent on a token we no longer send (e.g. the old seed's): irrelevant.
         let other = live("live-rt", &hash, Some(intent("other", "old-seed", 0)));
-        assert_eq!(refresh_token(&plan(&seed, &hash, Some(&other), "me", t(9))).0, "live-rt");
+        assert_eq!(
+            refresh_token(&plan(&seed, &hash, Some(&other), "me", t(9))).0,
+            "live-rt"
+        );
     }
 
     #[test]
@@ -423,7 +438,11 @@ mod tests {
         assert_eq!(save_decision(&p, Some(&live("old-rt", "s", None))), Save::Write);
         assert_eq!(save_decision(&p, Some(&live("new-rt", "s", None))), Save::Done);
         let unsettled = live("new-rt", "s", Some(intent("me", "old-rt", 9)));
-        assert_eq!(save_decision(&p, Some(&unsettled)), Save::Write, "clear the intent");
+        assert_eq!(
+            save_decision(&p, Some(&unsettled)),
+            Save::Write,
+            "clear the intent"
+        );
         // A seed token was refreshed: the Secret still holds the previous live token, with our
         // intent naming the seed token.
         let seeded = live("previous", "s0", Some(intent("me", "old-rt", 9)));
@@ -471,6 +490,11 @@ mod tests {
         let back: Intent =
             serde_json::from_str(ip["metadata"]["annotations"][INTENT_ANNOTATION].as_str().unwrap()).unwrap();
         assert_eq!(back, i);
-        assert!(!ip["metadata"]["annotations"][INTENT_ANNOTATION].as_str().unwrap().contains("rt\""));
+        assert!(
+            !ip["metadata"]["annotations"][INTENT_ANNOTATION]
+                .as_str()
+                .unwrap()
+                .contains("rt\"")
+        );
     }
 }

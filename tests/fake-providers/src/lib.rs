@@ -823,7 +823,9 @@ async fn salesforce_token(AxState(shared): Shared_, Form(form): Form<BTreeMap<St
     if state.rotation {
         let new = shared.token("5Aep861.fake-rt-");
         state.refresh_tokens.remove(field("refresh_token"));
-        state.rotated_away.insert(field("refresh_token").to_string(), new.clone());
+        state
+            .rotated_away
+            .insert(field("refresh_token").to_string(), new.clone());
         state.refresh_tokens.insert(new.clone(), key);
         body["refresh_token"] = json!(new);
     }
