@@ -273,6 +273,21 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
     })
     .await;
     assert_eq!(ready["reason"], "RetrieverAvailable");
+    let connection: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
+        "get",
+        "connection",
+        "acme",
+        "-n",
+        &ns,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let (health, message) = argocd_health(&connection);
+    assert_eq!(
+        health, "Healthy",
+        "Argo CD health of an Active connection with a Ready retriever: {message}"
+    );
 
     // Pause: the pod goes away; activate: it comes back.
     let conns: Api<connection_operator::api::Connection> = Api::namespaced(client.clone(), &ns);

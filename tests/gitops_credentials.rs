@@ -207,6 +207,37 @@ async fn a_gitops_revert_of_the_seed_after_rotation_changes_nothing() {
         0,
         "the dead seed token was never sent"
     );
+    // The watch label the operator added is not drift for the GitOps tools: Flux's drift check
+    // (a server-side apply dry run) and Argo CD's default three-way diff both see none.
+    let labels = env
+        .secret("acme-creds")
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap_or_default();
+    assert_eq!(
+        labels.get("crmconnect.io/credentials").map(String::as_str),
+        Some("true")
+    );
+    for diff in [
+        &[
+            "diff",
+            "--server-side",
+            "--field-manager",
+            "kustomize-controller",
+            "-f",
+            "-",
+        ][..],
+        &["diff", "-f", "-"][..],
+    ] {
+        let out = run(kubectl().args(diff), Some(&env.seed_manifest(&seed, "")));
+        assert!(
+            out.success,
+            "kubectl {diff:?} reports drift:\n{}{}",
+            out.stdout, out.stderr
+        );
+    }
     assert_eq!(
         env.value("acme-creds", "refresh_token").await,
         seed,

@@ -11,8 +11,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 "$cluster_here/build.sh" >&2
 if [[ "$CLUSTER_NODE" == 1 ]]; then
-	# runc, the CNI plugins, iptables, iproute2 from Debian (a no-op when they are there).
-	"$cluster_root/scripts/install-node-deps.sh" >&2
+	# runc, the CNI plugins, iptables, iproute2 and lua5.4 from Debian (a no-op when they are there).
+	"$cluster_root/scripts/install-test-deps.sh" >&2
 fi
 
 if cluster_ready; then

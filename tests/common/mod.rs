@@ -365,3 +365,66 @@ spec:
 "#
     )
 }
+
+/// A JSON value as a Lua literal (`null` → `nil`).
+fn lua_literal(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "nil".into(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::String(s) => {
+            let mut out = String::from("\"");
+            for b in s.bytes() {
+                match b {
+                    b'"' | b'\\' => {
+                        out.push('\\');
+                        out.push(b as char);
+                    }
+                    0x20..=0x7e => out.push(b as char),
+                    other => out.push_str(&format!("\\{other:03}")),
+                }
+            }
+            out.push('"');
+            out
+        }
+        serde_json::Value::Array(items) => {
+            format!(
+                "{{{}}}",
+                items.iter().map(lua_literal).collect::<Vec<_>>().join(", ")
+            )
+        }
+        serde_json::Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(k, v)| format!(
+                    "[{}] = {}",
+                    lua_literal(&serde_json::Value::String(k.clone())),
+                    lua_literal(v)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Runs the Argo CD health check (`integrations/argocd/connection-health.lua`) with `lua5.4` on a
+/// Connection as the API server returns it; returns (status, message).
+pub fn argocd_health(connection: &serde_json::Value) -> (String, String) {
+    let script = repo_root().join("integrations/argocd/connection-health.lua");
+    let program = format!(
+        "obj = {}\nlocal hs = dofile({})\nio.write(hs.status, \"\\n\", hs.message or \"\")",
+        lua_literal(connection),
+        lua_literal(&serde_json::Value::String(script.display().to_string()))
+    );
+    let mut cmd = Command::new("lua5.4");
+    cmd.args(["-e", &program]);
+    let out = match cmd.output() {
+        Ok(out) => Run::from(out),
+        Err(e) => panic!(
+            "lua5.4 not found ({e}): scripts/install-test-deps.sh installs it (apt-get install lua5.4)"
+        ),
+    };
+    assert!(out.success, "lua5.4 failed: {}", out.stderr);
+    let (status, message) = out.stdout.split_once('\n').unwrap_or((&out.stdout, ""));
+    (status.to_string(), message.to_string())
+}
