@@ -1,6 +1,7 @@
-//! Steps 2, 4 and 5: the provider call (with the rotated-token write-back it may require), and the
-//! writes — children by server-side apply, status by server-side apply on `/status` — each made
-//! only when something changed.
+//! Steps 2, 4 and 5: the provider call (a refresh fenced by an intent on `<name>-token`, a rotated
+//! token journalled and saved there before the identity call), and the writes — children by
+//! server-side apply, status by server-side apply on `/status` — each made only when something
+//! changed.
 
 use super::children::{self, FIELD_MANAGER, SessionData};
 use super::dereference::Observed;
@@ -21,7 +22,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tracing::{info, warn};
 
-/// Reason when a rotated refresh token could not be written back to the credentials Secret.
+/// Reason when a rotated refresh token could not be saved to `<name>-token`.
 pub const REFRESH_TOKEN_NOT_SAVED: &str = "RefreshTokenNotSaved";
 
 /// What the validation step concluded.
