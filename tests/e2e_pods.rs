@@ -201,17 +201,18 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         ],
     );
     eprintln!("e2e timing: helm install --wait: {:.1} s", install.as_secs_f64());
-    let operator_pods = live_operator_pods(&client, &ns).await;
-    assert_eq!(
-        operator_pods.len(),
-        2,
-        "two operator replicas (a leader and a standby)"
-    );
+    // helm --wait waits for replicas - maxUnavailable (here 1) Ready pods; both become Ready
+    // through their probes.
+    let operator_pods = eventually(
+        "two Ready operator replicas (a leader and a standby)",
+        Duration::from_secs(60),
+        || async {
+            let pods = live_operator_pods(&client, &ns).await;
+            (pods.len() == 2 && pods.iter().all(pod_ready)).then_some(pods)
+        },
+    )
+    .await;
     for pod in &operator_pods {
-        assert!(
-            pod_ready(pod),
-            "helm --wait returned with Ready operator pods (probes pass)"
-        );
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(
             spec.containers[0].image.as_deref(),
