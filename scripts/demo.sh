@@ -69,6 +69,9 @@ watchNamespace: $ns
 revalidateInterval: 10s
 image: {pullPolicy: Never}
 retriever: {pullPolicy: Never}
+# The simulated Salesforce's answers name it by the node's IP (instance and identity URLs); the
+# operator sends credentials only to provider hosts and the ones added here.
+providerHosts: {extraDomains: ["$CLUSTER_NODE_IP"]}
 # The simulated providers answer for the real host names (on $fake).
 hostAliases:
   - ip: "$CLUSTER_NODE_IP"

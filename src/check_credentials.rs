@@ -45,6 +45,14 @@ pub struct CheckArgs {
     /// Override the Entra ID authority (testing only, e.g. http://127.0.0.1:8089).
     #[arg(long, env = "ENTRA_AUTHORITY_OVERRIDE", hide = true)]
     pub entra_authority_override: Option<String>,
+    /// A host or domain credentials may be sent to besides the provider hosts, as for `run`
+    /// (loopback hosts are always allowed here: the files are your own).
+    #[arg(
+        long = "allow-provider-domain",
+        env = "ALLOW_PROVIDER_DOMAINS",
+        value_delimiter = ','
+    )]
+    pub allow_provider_domains: Vec<String>,
     /// PEM file of CA certificates trusted in addition to the built-in roots (a corporate TLS proxy,
     /// or a test CA).
     #[arg(long, env = "EXTRA_CA_BUNDLE")]
@@ -100,6 +108,10 @@ pub async fn run(args: CheckArgs, log_format: LogFormat) -> Result<(), CliError>
         entra_authority_override: args.entra_authority_override.clone(),
         extra_roots: crate::cli::read_extra_roots(args.extra_ca_bundle.as_deref())
             .map_err(|e| input_error(e.to_string()))?,
+        hosts: crate::providers::rules::HostPolicy {
+            extra_domains: args.allow_provider_domains.clone(),
+            allow_loopback: true,
+        },
         ..ValidatorConfig::default()
     })
     .map_err(|e| input_error(e.to_string()))?;

@@ -60,6 +60,19 @@ pub struct RunArgs {
     /// roots (a corporate TLS proxy, or a test CA). https is still required.
     #[arg(long, env = "EXTRA_CA_BUNDLE")]
     pub extra_ca_bundle: Option<std::path::PathBuf>,
+    /// A host or domain (with every host below it) the operator may send credentials to, besides
+    /// the Salesforce, Entra ID and Dataverse hosts; repeatable, or comma-separated in the
+    /// environment. E.g. a TLS-inspecting proxy's name, or a cloud not built in.
+    #[arg(
+        long = "allow-provider-domain",
+        env = "ALLOW_PROVIDER_DOMAINS",
+        value_delimiter = ','
+    )]
+    pub allow_provider_domains: Vec<String>,
+    /// Send credentials to loopback hosts (127.0.0.1, [::1], localhost), over http too: tests and
+    /// local demos only.
+    #[arg(long, env = "ALLOW_LOOPBACK_PROVIDERS", hide = true)]
+    pub allow_loopback_providers: bool,
     /// Address of the /healthz, /readyz and /metrics endpoints.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
@@ -123,6 +136,10 @@ impl RunArgs {
             per_host_burst: self.provider_burst,
             entra_authority_override: self.entra_authority_override.clone(),
             extra_roots: read_extra_roots(self.extra_ca_bundle.as_deref())?,
+            hosts: crate::providers::rules::HostPolicy {
+                extra_domains: self.allow_provider_domains.clone(),
+                allow_loopback: self.allow_loopback_providers,
+            },
             ..Default::default()
         };
         Ok(Config {

@@ -193,6 +193,9 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
             "retriever.pullPolicy=Never",
             "--set",
             "revalidateInterval=15s",
+            // The simulated Salesforce answers on the node's IP (a real one has its own names).
+            "--set",
+            &format!("providerHosts.extraDomains={{{ip}}}"),
             "--set-file",
             &format!("extraCABundle={}", ca_file.display()),
             "--wait",

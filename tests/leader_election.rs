@@ -39,6 +39,7 @@ fn start_replica(name: &str, ns: &str, lease: &str, fake: &FakeProviders) -> Rep
         .port();
     let child = Command::new(env!("CARGO_BIN_EXE_connection-operator"))
         .args(["run", "--namespace", ns, "--leader-elect", "--lease-name", lease])
+        .arg("--allow-loopback-providers")
         .args(["--lease-namespace", LEASE_NAMESPACE, "--lease-duration", "4s"])
         .args([
             "--revalidate-interval",

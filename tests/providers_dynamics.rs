@@ -19,6 +19,10 @@ fn config(authority: &str) -> ValidatorConfig {
         per_host_rate: 1000,
         per_host_burst: 1000,
         entra_authority_override: Some(authority.into()),
+        hosts: connection_operator::providers::rules::HostPolicy {
+            allow_loopback: true,
+            ..Default::default()
+        },
         ..ValidatorConfig::default()
     }
 }
@@ -410,12 +414,20 @@ async fn missing_dynamics_settings_is_configuration() {
 async fn plain_http_authority_override_off_loopback_is_refused() {
     let result = Validator::new(ValidatorConfig {
         entra_authority_override: Some("http://login.microsoftonline.com".into()),
+        hosts: connection_operator::providers::rules::HostPolicy {
+            allow_loopback: true,
+            ..Default::default()
+        },
         ..ValidatorConfig::default()
     });
     assert!(result.is_err());
     assert!(
         Validator::new(ValidatorConfig {
             entra_authority_override: Some("http://[::1]:8089".into()),
+            hosts: connection_operator::providers::rules::HostPolicy {
+                allow_loopback: true,
+                ..Default::default()
+            },
             ..ValidatorConfig::default()
         })
         .is_ok()

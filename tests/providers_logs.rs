@@ -90,6 +90,10 @@ async fn logs_never_contain_tokens_or_secrets() {
     let validator = Validator::new(ValidatorConfig {
         request_timeout: Duration::from_millis(500),
         entra_authority_override: Some(fake.url()),
+        hosts: connection_operator::providers::rules::HostPolicy {
+            allow_loopback: true,
+            ..Default::default()
+        },
         ..ValidatorConfig::default()
     })
     .unwrap();

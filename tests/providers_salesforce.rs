@@ -20,6 +20,10 @@ fn config() -> ValidatorConfig {
         max_body_bytes: 16 * 1024,
         per_host_rate: 1000,
         per_host_burst: 1000,
+        hosts: connection_operator::providers::rules::HostPolicy {
+            allow_loopback: true,
+            ..Default::default()
+        },
         ..ValidatorConfig::default()
     }
 }

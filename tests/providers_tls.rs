@@ -22,6 +22,10 @@ fn validator(extra_roots: Option<ExtraRoots>) -> Validator {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(3),
         extra_roots,
+        hosts: connection_operator::providers::rules::HostPolicy {
+            allow_loopback: true,
+            ..Default::default()
+        },
         ..ValidatorConfig::default()
     })
     .unwrap()

@@ -31,6 +31,7 @@ impl Drop for Operator {
 fn start(ns: &str, journal: &Path, abort_at: Option<&str>) -> Operator {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_connection-operator"));
     cmd.args(["run", "--namespace", ns, "--metrics-addr", "127.0.0.1:0"])
+        .arg("--allow-loopback-providers")
         .args(["--revalidate-interval", "1h", "--provider-timeout", "5s"])
         .arg("--journal-dir")
         .arg(journal)

@@ -39,7 +39,7 @@ pub(crate) async fn refresh(
         ));
     };
     // Configuration errors are reported before any network call.
-    let environment = rules::dynamics_environment_base(dynamics)?;
+    let environment = rules::dynamics_environment_base(dynamics, &http.hosts)?;
     let authority = match authority_override {
         Some(url) => url.clone(),
         None => url::Url::parse(rules::entra_authority(dynamics.cloud)).expect("constant URL"),

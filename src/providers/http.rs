@@ -18,6 +18,10 @@ pub(crate) struct Http {
     limiter: Arc<HostLimiter>,
     max_body: usize,
     request_timeout: Duration,
+    /// Where credentials may go (checked on every request, also for URLs from provider answers).
+    pub(crate) hosts: Arc<rules::HostPolicy>,
+    /// The origin of `--entra-authority-override`, trusted as the administrator configured it.
+    trusted_origin: Option<url::Origin>,
 }
 
 /// A [`Failure`] as the error type of the oauth2 crate's HTTP client hook.
@@ -55,9 +59,16 @@ impl Http {
             .user_agent(concat!("connection-operator/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ValidatorError::Client)?;
+        let trusted_origin = config
+            .entra_authority_override
+            .as_deref()
+            .and_then(|raw| url::Url::parse(raw).ok())
+            .map(|u| u.origin());
         Ok(Http {
             client,
             limiter: Arc::new(limiter),
+            hosts: Arc::new(config.hosts.clone()),
+            trusted_origin,
             max_body: config.max_body_bytes,
             request_timeout: config.request_timeout,
         })
@@ -118,6 +129,15 @@ impl Http {
                 endpoint,
                 &host,
                 "refusing to send credentials over plain http to a non-loopback host",
+            ));
+        }
+        // Only to provider hosts (the spec was checked already; this also covers answers).
+        if self.trusted_origin.as_ref() != Some(&url.origin())
+            && let Err(why) = self.hosts.check(&url)
+        {
+            return Err(Failure::configuration(
+                rules::PROVIDER_HOST_NOT_ALLOWED,
+                format!("refusing to send credentials to {host}: {why}"),
             ));
         }
         if let Err(wait) = self.limiter.acquire(&host).await {

@@ -91,6 +91,10 @@ pub mod reason {
     pub const ENVIRONMENT_URL_NOT_IN_CLOUD: &str = "EnvironmentUrlNotInCloud";
     /// A URL in the spec (or the authority override) is not usable (not https, unparsable…).
     pub const INVALID_URL: &str = "InvalidUrl";
+    /// A URL's host (in the spec, or in a provider's answer) is not one the operator sends
+    /// credentials to: not a Salesforce, Entra ID or Dataverse host, nor one its administrator
+    /// added (`--allow-provider-domain`).
+    pub const PROVIDER_HOST_NOT_ALLOWED: &str = "ProviderHostNotAllowed";
     /// `spec.dynamics` is missing for a Dynamics365 connection.
     pub const DYNAMICS_SETTINGS_MISSING: &str = "DynamicsSettingsMissing";
     /// Dataverse answered 403 to WhoAmI: the user is not a member of the environment / has no role.
@@ -348,6 +352,8 @@ pub struct ValidatorConfig {
     pub entra_authority_override: Option<String>,
     /// CA certificates trusted in addition to the built-in web PKI roots (`--extra-ca-bundle`).
     pub extra_roots: Option<ExtraRoots>,
+    /// Where credentials may be sent (built-in provider domains, plus these).
+    pub hosts: rules::HostPolicy,
 }
 
 impl Default for ValidatorConfig {
@@ -361,6 +367,7 @@ impl Default for ValidatorConfig {
             limiter_max_wait: Duration::from_secs(30),
             entra_authority_override: None,
             extra_roots: None,
+            hosts: rules::HostPolicy::default(),
         }
     }
 }

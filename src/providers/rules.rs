@@ -44,6 +44,95 @@ pub fn is_allowed_transport(url: &Url) -> bool {
     }
 }
 
+/// `<name>.my.salesforce.com` and every My Domain below it (`…--uat.sandbox.my.salesforce.com`,
+/// `….develop.my.salesforce.com`, `….scratch.my.salesforce.com`).
+pub const SALESFORCE_MY_DOMAIN: &str = "my.salesforce.com";
+
+/// Where the operator may send credentials (refresh tokens, client secrets, access tokens).
+///
+/// Built in: the Salesforce login hosts and My Domains, the Entra ID authorities and the Dataverse
+/// domains of every cloud. Anything else only when the operator was told (`--allow-provider-domain`),
+/// and loopback hosts only with `--allow-loopback-providers` (tests and local demos). Without this,
+/// whoever may create a Connection could point it at a host they control (or at
+/// `https://169.254.169.254`, `https://kubernetes.default.svc`) and have the operator send that
+/// namespace's credentials there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostPolicy {
+    /// Extra hosts or domains: the host itself and every host below it.
+    pub extra_domains: Vec<String>,
+    /// Loopback hosts (127.0.0.0/8, [::1], localhost), over http or https.
+    pub allow_loopback: bool,
+}
+
+pub use super::reason::PROVIDER_HOST_NOT_ALLOWED;
+
+impl HostPolicy {
+    fn builtin(host: &str) -> bool {
+        let entra = CLOUDS.iter().any(|c| {
+            Url::parse(entra_authority(*c))
+                .ok()
+                .and_then(|u| u.host_str().map(|h| h.eq_ignore_ascii_case(host)))
+                .unwrap_or(false)
+        });
+        [SALESFORCE_PRODUCTION_LOGIN, SALESFORCE_SANDBOX_LOGIN]
+            .iter()
+            .any(|u| {
+                u.strip_prefix("https://")
+                    .is_some_and(|h| h.eq_ignore_ascii_case(host))
+            })
+            || host_in_domain(host, SALESFORCE_MY_DOMAIN)
+            || entra
+            || CLOUDS.iter().any(|c| host_fits_cloud(host, *c))
+    }
+
+    fn extra(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.extra_domains.iter().any(|d| {
+            let d = d
+                .trim()
+                .trim_start_matches("*.")
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            !d.is_empty() && (host == d || host_in_domain(&host, &d))
+        })
+    }
+
+    /// May credentials be sent to `url`? https to a built-in or extra host; loopback (http or
+    /// https) only when allowed. `Err` says why not.
+    pub fn check(&self, url: &Url) -> Result<(), String> {
+        let host = url
+            .host_str()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if is_loopback(url) {
+            return if self.allow_loopback && matches!(url.scheme(), "http" | "https") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{host} is a loopback host; the operator sends credentials there only with --allow-loopback-providers (tests)"
+                ))
+            };
+        }
+        if url.scheme() != "https" {
+            return Err(format!("{url} is not https"));
+        }
+        if Self::builtin(host) || self.extra(host) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{host} is not a Salesforce, Entra ID or Dataverse host (login.salesforce.com, test.salesforce.com, *.{SALESFORCE_MY_DOMAIN}, the clouds' login and Dataverse domains); the operator sends credentials nowhere else unless its administrator adds the domain (--allow-provider-domain, Helm value providerHosts.extraDomains)"
+            ))
+        }
+    }
+
+    /// [`HostPolicy::check`] as a configuration failure naming `what` (e.g. `spec.salesforce.loginUrl`).
+    pub fn require(&self, url: &Url, what: &str) -> Result<(), Failure> {
+        self.check(url)
+            .map_err(|why| Failure::configuration(PROVIDER_HOST_NOT_ALLOWED, format!("{what}: {why}")))
+    }
+}
+
 /// Parses a base URL from the spec (`what` names it in the message) and keeps only its origin
 /// (scheme, host, port): `https://acme.my.salesforce.com/` → `https://acme.my.salesforce.com`.
 pub fn parse_base_url(raw: &str, what: &str) -> Result<Url, Failure> {
@@ -81,9 +170,11 @@ pub fn origin_string(url: &Url) -> String {
 
 /// The Salesforce login base: `spec.salesforce.loginUrl`, or login.salesforce.com (Production) /
 /// test.salesforce.com (Sandbox).
-pub fn salesforce_login_base(spec: &ConnectionSpec) -> Result<Url, Failure> {
+pub fn salesforce_login_base(spec: &ConnectionSpec, hosts: &HostPolicy) -> Result<Url, Failure> {
     if let Some(login) = spec.salesforce.as_ref().and_then(|s| s.login_url.as_deref()) {
-        return parse_base_url(login, "spec.salesforce.loginUrl");
+        let url = parse_base_url(login, "spec.salesforce.loginUrl")?;
+        hosts.require(&url, "spec.salesforce.loginUrl")?;
+        return Ok(url);
     }
     let default = match spec.provider {
         Provider::SalesforceSandbox => SALESFORCE_SANDBOX_LOGIN,
@@ -154,15 +245,17 @@ pub fn cloud_of_host(host: &str) -> Option<Cloud> {
     CLOUDS.into_iter().find(|cloud| host_fits_cloud(host, *cloud))
 }
 
-/// The environment URL's origin, checked against the cloud. Loopback URLs (test mode) skip the check.
-/// A mismatch is a [`reason::ENVIRONMENT_URL_NOT_IN_CLOUD`] configuration failure.
-pub fn dynamics_environment_base(dynamics: &DynamicsSpec) -> Result<Url, Failure> {
+/// The environment URL's origin, checked against the cloud. Loopback URLs (when the host policy
+/// allows them: test mode) and extra allowed domains skip the check. A mismatch is a
+/// [`reason::ENVIRONMENT_URL_NOT_IN_CLOUD`] configuration failure.
+pub fn dynamics_environment_base(dynamics: &DynamicsSpec, hosts: &HostPolicy) -> Result<Url, Failure> {
     let url = parse_base_url(&dynamics.environment_url, "spec.dynamics.environmentUrl")?;
     if is_loopback(&url) {
+        hosts.require(&url, "spec.dynamics.environmentUrl")?;
         return Ok(url);
     }
     let host = url.host_str().unwrap_or_default();
-    if host_fits_cloud(host, dynamics.cloud) {
+    if host_fits_cloud(host, dynamics.cloud) || hosts.extra(host) {
         return Ok(url);
     }
     let cloud = cloud_name(dynamics.cloud);
@@ -268,6 +361,108 @@ pub fn salesforce_signature(id: &str, issued_at: &str, client_secret: &str) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Loopback allowed, as the tests' fake providers need.
+    const TEST_HOSTS: HostPolicy = HostPolicy {
+        extra_domains: Vec::new(),
+        allow_loopback: true,
+    };
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn credentials_go_only_to_provider_hosts() {
+        let strict = HostPolicy::default();
+        for ok in [
+            "https://login.salesforce.com",
+            "https://TEST.salesforce.com",
+            "https://acme.my.salesforce.com",
+            "https://acme--uat.sandbox.my.salesforce.com",
+            "https://login.microsoftonline.us",
+            "https://login.chinacloudapi.cn",
+            "https://contoso.crm.dynamics.com",
+            "https://contoso.crm.microsoftdynamics.us",
+        ] {
+            assert!(strict.check(&url(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://169.254.169.254",
+            "https://kubernetes.default.svc",
+            "https://evil.example",
+            "https://my.salesforce.com.evil.example",
+            "https://evilmy.salesforce.com",
+            "https://salesforce.com",
+            "http://acme.my.salesforce.com",
+            "https://127.0.0.1:8089",
+            "http://localhost:9",
+            "http://[::1]:9",
+        ] {
+            let why = strict.check(&url(bad)).unwrap_err();
+            assert!(!why.is_empty(), "{bad}");
+        }
+        assert!(
+            strict
+                .check(&url("http://127.0.0.1:1"))
+                .unwrap_err()
+                .contains("--allow-loopback-providers")
+        );
+        let failure = strict
+            .require(&url("https://evil.example"), "spec.salesforce.loginUrl")
+            .unwrap_err();
+        assert_eq!(failure.reason, PROVIDER_HOST_NOT_ALLOWED);
+        assert_eq!(failure.kind, FailureKind::Configuration);
+        assert!(
+            failure
+                .message
+                .starts_with("spec.salesforce.loginUrl: evil.example is not"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[test]
+    fn extra_domains_and_loopback_are_opt_in() {
+        let hosts = HostPolicy {
+            extra_domains: vec!["*.corp.example".into(), "10.244.0.1".into()],
+            allow_loopback: true,
+        };
+        for ok in [
+            "https://corp.example",
+            "https://proxy.corp.example",
+            "https://10.244.0.1:8443",
+            "http://127.0.0.1:9",
+            "https://[::1]:9",
+        ] {
+            assert!(hosts.check(&url(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://corp.example.evil",
+            "https://10.244.0.10",
+            "http://proxy.corp.example",
+        ] {
+            assert!(hosts.check(&url(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_login_url_outside_salesforce_is_refused_before_any_call() {
+        for login in ["https://169.254.169.254", "https://kubernetes.default.svc"] {
+            let failure = salesforce_login_base(
+                &spec(Provider::SalesforceProduction, Some(login)),
+                &HostPolicy::default(),
+            )
+            .unwrap_err();
+            assert_eq!(failure.reason, PROVIDER_HOST_NOT_ALLOWED, "{login}");
+        }
+        let failure = dynamics_environment_base(
+            &dynamics("http://127.0.0.1:9", Cloud::Public),
+            &HostPolicy::default(),
+        )
+        .unwrap_err();
+        assert_eq!(failure.reason, PROVIDER_HOST_NOT_ALLOWED);
+    }
     use crate::api::{SalesforceSpec, SecretRef};
     use crate::providers::FailureKind;
 
@@ -334,7 +529,7 @@ mod tests {
             ),
         ];
         for (provider, login, expected) in cases {
-            let base = salesforce_login_base(&spec(provider, login)).unwrap();
+            let base = salesforce_login_base(&spec(provider, login), &TEST_HOSTS).unwrap();
             assert_eq!(salesforce_token_url(&base).as_str(), expected, "{login:?}");
         }
     }
@@ -359,7 +554,8 @@ mod tests {
             "https://user:pw@acme.my.salesforce.com",
         ] {
             let failure =
-                salesforce_login_base(&spec(Provider::SalesforceProduction, Some(login))).unwrap_err();
+                salesforce_login_base(&spec(Provider::SalesforceProduction, Some(login)), &TEST_HOSTS)
+                    .unwrap_err();
             assert_eq!(failure.kind, FailureKind::Configuration, "{login}");
             assert_eq!(failure.reason, reason::INVALID_URL, "{login}");
         }
@@ -392,10 +588,10 @@ mod tests {
             entra_token_url(&local, "organizations").as_str(),
             "http://127.0.0.1:8089/organizations/oauth2/v2.0/token"
         );
-        let env = dynamics_environment_base(&dynamics(
-            "https://contoso.crm.dynamics.com/main.aspx",
-            Cloud::Public,
-        ))
+        let env = dynamics_environment_base(
+            &dynamics("https://contoso.crm.dynamics.com/main.aspx", Cloud::Public),
+            &TEST_HOSTS,
+        )
         .unwrap();
         assert_eq!(
             dynamics_scope(&env),
@@ -421,7 +617,7 @@ mod tests {
         ];
         for (url, cloud) in fits {
             assert!(
-                dynamics_environment_base(&dynamics(url, cloud)).is_ok(),
+                dynamics_environment_base(&dynamics(url, cloud), &TEST_HOSTS).is_ok(),
                 "{url} in {cloud:?}"
             );
         }
@@ -446,7 +642,7 @@ mod tests {
             ("https://contoso.dynamics.com.evil.io", Cloud::Public, None),
         ];
         for (url, cloud, hint) in mismatches {
-            let failure = dynamics_environment_base(&dynamics(url, cloud)).unwrap_err();
+            let failure = dynamics_environment_base(&dynamics(url, cloud), &TEST_HOSTS).unwrap_err();
             assert_eq!(failure.kind, FailureKind::Configuration, "{url}");
             assert_eq!(failure.reason, reason::ENVIRONMENT_URL_NOT_IN_CLOUD, "{url}");
             match hint {
@@ -462,10 +658,15 @@ mod tests {
 
     #[test]
     fn loopback_environment_skips_domain_check_but_plain_http_elsewhere_is_refused() {
-        assert!(dynamics_environment_base(&dynamics("http://127.0.0.1:9", Cloud::GccHigh)).is_ok());
-        assert!(dynamics_environment_base(&dynamics("http://[::1]:9", Cloud::China)).is_ok());
-        let failure = dynamics_environment_base(&dynamics("http://contoso.crm.dynamics.com", Cloud::Public))
-            .unwrap_err();
+        assert!(
+            dynamics_environment_base(&dynamics("http://127.0.0.1:9", Cloud::GccHigh), &TEST_HOSTS).is_ok()
+        );
+        assert!(dynamics_environment_base(&dynamics("http://[::1]:9", Cloud::China), &TEST_HOSTS).is_ok());
+        let failure = dynamics_environment_base(
+            &dynamics("http://contoso.crm.dynamics.com", Cloud::Public),
+            &TEST_HOSTS,
+        )
+        .unwrap_err();
         assert_eq!(failure.reason, reason::INVALID_URL);
     }
 

@@ -86,7 +86,7 @@ pub(crate) async fn refresh(
     spec: &ConnectionSpec,
     creds: &Credentials,
 ) -> Result<Grant, Failure> {
-    let login = rules::salesforce_login_base(spec)?;
+    let login = rules::salesforce_login_base(spec, &http.hosts)?;
     let token_url = rules::salesforce_token_url(&login);
     let login_host = host_label(&token_url);
 
@@ -149,15 +149,23 @@ pub(crate) async fn identify(
     previous_remote_id: Option<&str>,
 ) -> Result<Session, Failure> {
     let login_host = &grant.login_host;
-    // The retriever will send the access token there: https (or loopback http in tests) only.
-    let instance_ok = url::Url::parse(&grant.instance_url).is_ok_and(|u| rules::is_allowed_transport(&u));
-    if !instance_ok {
+    // The retriever will send the access token there: https to a Salesforce host only.
+    let Ok(instance) = url::Url::parse(&grant.instance_url) else {
+        return Err(classify::malformed_success(
+            Endpoint::SalesforceToken,
+            login_host,
+            "`instance_url` is not a URL",
+        ));
+    };
+    if !rules::is_allowed_transport(&instance) {
         return Err(classify::malformed_success(
             Endpoint::SalesforceToken,
             login_host,
             "`instance_url` is not an https URL",
         ));
     }
+    http.hosts
+        .require(&instance, &format!("the instance_url from {login_host}"))?;
     let Some((identity_url, url_org, _user)) = rules::parse_salesforce_identity_url(&grant.id) else {
         return Err(classify::malformed_success(
             Endpoint::SalesforceToken,

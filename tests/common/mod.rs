@@ -322,6 +322,13 @@ pub const ABSENT_RETRIEVER_IMAGE: &str = "connection-operator.test/absent-retrie
 
 impl InProcessOperator {
     pub async fn start(mut config: connection_operator::controller::Config) -> Self {
+        // The fake providers listen on loopback (`--allow-loopback-providers` of the binary).
+        config.validator.hosts.allow_loopback = true;
+        Self::start_with_host_policy(config).await
+    }
+
+    /// As [`InProcessOperator::start`], keeping `config.validator.hosts` as given.
+    pub async fn start_with_host_policy(mut config: connection_operator::controller::Config) -> Self {
         config.retriever.image = ABSENT_RETRIEVER_IMAGE.to_string();
         config.retriever.pull_policy = "Never".to_string();
         let client = operator_client().await;
