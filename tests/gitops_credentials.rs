@@ -136,6 +136,17 @@ impl Env {
         String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
     }
 
+    /// A seed, its Connection Active under an operator revalidating every `revalidate`; returns
+    /// the operator and the seed's token.
+    async fn active(&self, revalidate: Duration) -> (InProcessOperator, String) {
+        let seed = self.fake.issue_refresh_token(ORG);
+        self.apply_seed(&seed);
+        let op = self.operator(revalidate).await;
+        self.create_connection().await;
+        self.wait_state(State::Active).await;
+        (op, seed)
+    }
+
     /// `<name>-token`'s token, once the Secret exists.
     async fn live(&self) -> String {
         eventually("acme-token", WAIT, || async {
@@ -169,11 +180,7 @@ fn state(c: &Connection) -> Option<State> {
 #[tokio::test]
 async fn a_gitops_revert_of_the_seed_after_rotation_changes_nothing() {
     let env = Env::new().await;
-    let seed = env.fake.issue_refresh_token(ORG);
-    env.apply_seed(&seed);
-    let op = env.operator(Duration::from_secs(1)).await;
-    env.create_connection().await;
-    env.wait_state(State::Active).await;
+    let (op, seed) = env.active(Duration::from_secs(1)).await;
     env.refreshes(2).await;
     assert!(!env.fake.is_live(&seed), "rotation killed the seed's token");
 
@@ -251,12 +258,8 @@ async fn a_gitops_revert_of_the_seed_after_rotation_changes_nothing() {
 #[tokio::test]
 async fn an_external_secrets_style_rewrite_with_new_metadata_is_no_reauthorization() {
     let env = Env::new().await;
-    let seed = env.fake.issue_refresh_token(ORG);
-    env.apply_seed(&seed);
     // No revalidation during the test: any token request after Active is caused by the rewrite.
-    let op = env.operator(Duration::from_secs(3600)).await;
-    env.create_connection().await;
-    env.wait_state(State::Active).await;
+    let (op, seed) = env.active(Duration::from_secs(3600)).await;
     let live = env.live().await;
     let requests = env.fake.token_requests();
 
@@ -302,11 +305,7 @@ async fn an_external_secrets_style_rewrite_with_new_metadata_is_no_reauthorizati
 #[tokio::test]
 async fn a_new_token_in_the_seed_reauthorizes_and_the_old_live_token_is_not_used_again() {
     let env = Env::new().await;
-    let seed = env.fake.issue_refresh_token(ORG);
-    env.apply_seed(&seed);
-    let op = env.operator(Duration::from_secs(1)).await;
-    env.create_connection().await;
-    env.wait_state(State::Active).await;
+    let (op, _) = env.active(Duration::from_secs(1)).await;
     env.refreshes(1).await;
     op.stop().await;
     let old_live = env.live().await;
@@ -345,11 +344,7 @@ async fn a_new_token_in_the_seed_reauthorizes_and_the_old_live_token_is_not_used
 #[tokio::test]
 async fn a_revoked_token_in_the_seed_is_inactive_keeps_the_good_live_token_and_a_fix_recovers() {
     let env = Env::new().await;
-    let seed = env.fake.issue_refresh_token(ORG);
-    env.apply_seed(&seed);
-    let op = env.operator(Duration::from_secs(3600)).await;
-    env.create_connection().await;
-    env.wait_state(State::Active).await;
+    let (op, seed) = env.active(Duration::from_secs(3600)).await;
     let live = env.live().await;
 
     // A bad re-authorization: the seed now holds a revoked token.

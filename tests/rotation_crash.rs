@@ -45,7 +45,9 @@ fn start(ns: &str, journal: &Path, abort_at: Option<&str>) -> Operator {
     Operator(cmd.spawn().expect("start the operator"))
 }
 
-async fn crash_at_then_restart(point: &str) {
+/// A namespace with Connection `acme` and its seed, against a fake Salesforce rotating tokens;
+/// returns the admin client, the namespace, the fake and the seed's token.
+async fn acme_with_rotation() -> (kube::Client, TempNamespace, FakeProviders, String) {
     ensure_operator_rbac();
     let client = client().await;
     let ns = TempNamespace::new(&client).await;
@@ -63,6 +65,11 @@ async fn crash_at_then_restart(point: &str) {
             &format!(r#"client_id: cid, refresh_token: "{seed}""#),
         )),
     );
+    (client, ns, fake, seed)
+}
+
+async fn crash_at_then_restart(point: &str) {
+    let (client, ns, fake, seed) = acme_with_rotation().await;
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("journal");
 
@@ -125,23 +132,7 @@ async fn a_crash_after_the_token_is_saved_but_before_the_identity_call_loses_not
 #[tokio::test]
 async fn a_refresh_that_never_finished_is_reported_and_not_retried_until_a_person_says_so() {
     use connection_operator::controller::{Config, schedule::Policy, tokens};
-    ensure_operator_rbac();
-    let client = client().await;
-    let ns = TempNamespace::new(&client).await;
-    let fake = FakeProviders::start().await;
-    fake.add_salesforce_org(SalesforceOrg::new(ORG, "005000000000015AAA", "u@x", "cid"));
-    fake.set_rotation(true);
-    let seed = fake.issue_refresh_token(ORG);
-    run_ok(
-        kubectl().args(["apply", "-f", "-"]),
-        Some(&salesforce_manifest(
-            ns.name(),
-            "acme",
-            "sales",
-            &fake.salesforce_login_url(),
-            &format!(r#"client_id: cid, refresh_token: "{seed}""#),
-        )),
-    );
+    let (client, ns, fake, _) = acme_with_rotation().await;
     let config = || Config {
         namespace: Some(ns.name().to_string()),
         policy: Policy {

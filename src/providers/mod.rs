@@ -452,17 +452,7 @@ impl Validator {
                 dynamics::refresh(&self.http, self.entra_authority_override.as_deref(), spec, creds).await
             }
         };
-        result.map_err(|failure| {
-            let failure = failure.scrub(&creds.secret_values());
-            tracing::debug!(
-                provider = %spec.provider,
-                kind = %failure.kind,
-                reason = failure.reason,
-                message = %failure.message,
-                "refresh failed"
-            );
-            failure
-        })
+        result.map_err(|failure| scrubbed(spec, failure, &creds.secret_values(), "refresh failed"))
     }
 
     /// Step two: who the granted access token belongs to (Salesforce identity URL, Dataverse
@@ -498,18 +488,23 @@ impl Validator {
                 // provider may echo anything in an error body.
                 let mut secrets = vec![grant.access_token.expose_secret()];
                 secrets.extend(grant.rotated_refresh_token.as_ref().map(|r| r.expose_secret()));
-                let failure = failure.scrub(&secrets);
-                tracing::debug!(
-                    provider = %spec.provider,
-                    kind = %failure.kind,
-                    reason = failure.reason,
-                    message = %failure.message,
-                    "identity check failed"
-                );
-                Err(failure)
+                Err(scrubbed(spec, failure, &secrets, "identity check failed"))
             }
         }
     }
+}
+
+/// `failure` without the given secret values in its message, logged at debug level as `what`.
+fn scrubbed(spec: &ConnectionSpec, failure: Failure, secrets: &[&str], what: &str) -> Failure {
+    let failure = failure.scrub(secrets);
+    tracing::debug!(
+        provider = %spec.provider,
+        kind = %failure.kind,
+        reason = failure.reason,
+        message = %failure.message,
+        "{what}"
+    );
+    failure
 }
 
 /// A successful refresh-token grant: the access token, and a rotated refresh token to save before
