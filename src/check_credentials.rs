@@ -214,22 +214,17 @@ fn print_failure(title: &str, failure: &Failure) {
 }
 
 /// YAML documents of a file (empty ones skipped).
-fn documents(text: &str) -> Result<Vec<serde_yaml::Value>, String> {
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = serde::Deserialize::deserialize(doc).map_err(|e| format!("invalid YAML: {e}"))?;
-        if !matches!(value, serde_yaml::Value::Null) {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+fn documents(text: &str) -> Result<Vec<serde_json::Value>, String> {
+    let docs =
+        serde_saphyr::from_multiple::<serde_json::Value>(text).map_err(|e| format!("invalid YAML: {e}"))?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
-fn kind_of(doc: &serde_yaml::Value) -> Option<&str> {
+fn kind_of(doc: &serde_json::Value) -> Option<&str> {
     doc.get("kind").and_then(|k| k.as_str())
 }
 
-fn name_of(doc: &serde_yaml::Value) -> Option<&str> {
+fn name_of(doc: &serde_json::Value) -> Option<&str> {
     doc.get("metadata")
         .and_then(|m| m.get("name"))
         .and_then(|n| n.as_str())
@@ -237,7 +232,7 @@ fn name_of(doc: &serde_yaml::Value) -> Option<&str> {
 
 fn find_connection(text: &str, name: Option<&str>) -> Result<Connection, String> {
     let docs = documents(text)?;
-    let connections: Vec<&serde_yaml::Value> = docs
+    let connections: Vec<&serde_json::Value> = docs
         .iter()
         .filter(|d| kind_of(d) == Some("Connection"))
         .filter(|d| name.is_none() || name_of(d) == name)
@@ -258,7 +253,7 @@ fn find_connection(text: &str, name: Option<&str>) -> Result<Connection, String>
             ));
         }
     };
-    serde_yaml::from_value(doc.clone()).map_err(|e| format!("invalid Connection: {e}"))
+    serde_json::from_value(doc.clone()).map_err(|e| format!("invalid Connection: {e}"))
 }
 
 /// The Secret named `name` (or, when `lenient`, the only Secret of the file), as decoded data
@@ -269,7 +264,7 @@ fn find_secret(
     lenient: bool,
 ) -> Result<(BTreeMap<String, ByteString>, String), String> {
     let docs = documents(text)?;
-    let secrets: Vec<&serde_yaml::Value> = docs.iter().filter(|d| kind_of(d) == Some("Secret")).collect();
+    let secrets: Vec<&serde_json::Value> = docs.iter().filter(|d| kind_of(d) == Some("Secret")).collect();
     let doc = secrets
         .iter()
         .find(|d| name_of(d) == Some(name))
@@ -282,7 +277,7 @@ fn find_secret(
         })
         .ok_or_else(|| format!("no Secret named {name} found"))?;
     let secret: Secret =
-        serde_yaml::from_value((*doc).clone()).map_err(|e| format!("invalid Secret: {e}"))?;
+        serde_json::from_value((*doc).clone()).map_err(|e| format!("invalid Secret: {e}"))?;
     let mut data = secret.data.unwrap_or_default();
     for (key, value) in secret.string_data.unwrap_or_default() {
         data.insert(key, ByteString(value.into_bytes()));
@@ -523,7 +518,7 @@ fn split_documents(text: &str) -> Vec<Doc> {
 
 /// Effective string values of a Secret document (stringData over data).
 fn secret_values(body: &str) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let secret: Secret = serde_yaml::from_str(body).map_err(|e| format!("invalid Secret: {e}"))?;
+    let secret: Secret = serde_saphyr::from_str(body).map_err(|e| format!("invalid Secret: {e}"))?;
     let mut values: BTreeMap<String, Vec<u8>> = secret
         .data
         .unwrap_or_default()
@@ -714,15 +709,16 @@ fn edit_in_place(body: &str, key: &str, value: &str) -> Option<String> {
 
 /// Fallback: parse the document, set the key where it is (stringData and/or data), serialize it.
 fn reserialize(body: &str, key: &str, value: &str) -> Result<String, String> {
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(body).map_err(|e| format!("invalid YAML: {e}"))?;
+    let mut doc: serde_json::Value =
+        serde_saphyr::from_str(body).map_err(|e| format!("invalid YAML: {e}"))?;
     let mut set = false;
-    if let Some(map) = doc.get_mut("stringData").and_then(|m| m.as_mapping_mut())
+    if let Some(map) = doc.get_mut("stringData").and_then(|m| m.as_object_mut())
         && map.contains_key(key)
     {
         map.insert(key.into(), value.into());
         set = true;
     }
-    if let Some(map) = doc.get_mut("data").and_then(|m| m.as_mapping_mut())
+    if let Some(map) = doc.get_mut("data").and_then(|m| m.as_object_mut())
         && map.contains_key(key)
     {
         map.insert(
@@ -736,7 +732,7 @@ fn reserialize(body: &str, key: &str, value: &str) -> Result<String, String> {
     if !set {
         return Err(format!("the Secret has no key {key} to update"));
     }
-    serde_yaml::to_string(&doc).map_err(|e| format!("cannot serialize the Secret: {e}"))
+    serde_saphyr::to_string(&doc).map_err(|e| format!("cannot serialize the Secret: {e}"))
 }
 
 #[cfg(test)]

@@ -116,13 +116,13 @@ async fn run_reconciles_and_exits_cleanly_on_sigterm() {
 async fn run_without_the_crd_exits_1_with_an_install_hint() {
     // The real API server behind a path where no API lives answers 404 to the Connection list,
     // exactly what it answers when the CRD is not installed.
-    let mut kubeconfig: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig_path()).unwrap()).unwrap();
+    let mut kubeconfig: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(kubeconfig_path()).unwrap()).unwrap();
     let server = &mut kubeconfig["clusters"][0]["cluster"]["server"];
     *server = format!("{}/no-api-here", server.as_str().unwrap()).into();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kubeconfig");
-    std::fs::write(&path, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
+    std::fs::write(&path, serde_saphyr::to_string(&kubeconfig).unwrap()).unwrap();
 
     let out = Command::new(env!("CARGO_BIN_EXE_connection-operator"))
         .arg("run")

@@ -25,8 +25,9 @@ fn render() -> String {
 }
 
 fn documents(rendered: &str) -> Vec<serde_json::Value> {
-    serde_yaml::Deserializer::from_str(rendered)
-        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
+    serde_saphyr::from_multiple::<serde_json::Value>(rendered)
+        .unwrap()
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -90,6 +91,43 @@ fn operator_pod_runs_restricted_with_resources() {
     // Long enough for an in-flight refresh: limiter wait 30s + token and identity calls
     // (providerTimeout 20s each) + the writes after them.
     assert_eq!(pod["terminationGracePeriodSeconds"], 90);
+}
+
+#[test]
+fn only_the_http_port_is_reachable_and_only_from_the_operators_namespace_by_default() {
+    let docs = documents(&render());
+    let policy = docs
+        .iter()
+        .find(|d| d["kind"] == "NetworkPolicy")
+        .expect("a NetworkPolicy");
+    assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "connection-operator"
+    );
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0]["ports"],
+        serde_json::json!([{"port": "http", "protocol": "TCP"}])
+    );
+    // A bare podSelector: pods of the policy's (the operator's) namespace only.
+    assert_eq!(rules[0]["from"], serde_json::json!([{"podSelector": {}}]));
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let port = &deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0];
+    assert_eq!(port["name"], "http", "the policy's named port exists");
+
+    let open = documents(&render_with(&[
+        "--set-json",
+        r#"networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]"#,
+    ]));
+    let policy = open.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    let off = documents(&render_with(&["--set", "networkPolicy.enabled=false"]));
+    assert!(!off.iter().any(|d| d["kind"] == "NetworkPolicy"));
 }
 
 #[test]
@@ -183,8 +221,8 @@ fn extra_ca_bundle_is_a_mounted_configmap_only_when_set() {
 #[test]
 fn rbac_grants_no_delete_and_no_access_beyond_what_the_operator_uses() {
     let rendered = render();
-    let role = serde_yaml::Deserializer::from_str(&rendered)
-        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
+    let role = documents(&rendered)
+        .into_iter()
         .find(|v| v["kind"] == "ClusterRole")
         .expect("a ClusterRole");
     let mut grants = vec![];

@@ -223,8 +223,7 @@ fn example_documents() -> Vec<(String, Value)> {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value: Value = serde::Deserialize::deserialize(doc).unwrap();
+        for value in serde_saphyr::from_multiple::<Value>(&text).unwrap() {
             docs.push((name.clone(), value));
         }
     }
@@ -276,7 +275,7 @@ fn every_example_connection_deserializes_and_passes_cel() {
 
 #[test]
 fn kustomization_lists_every_example() {
-    let kustomization: Value = serde_yaml::from_str(&repo_file("examples/kustomization.yaml")).unwrap();
+    let kustomization: Value = serde_saphyr::from_str(&repo_file("examples/kustomization.yaml")).unwrap();
     let mut listed: Vec<String> = kustomization["resources"]
         .as_array()
         .unwrap()

@@ -582,7 +582,7 @@ async fn provider_echoing_a_secret_in_an_error_is_scrubbed() {
 #[tokio::test]
 async fn fake_is_drivable_over_its_admin_http_api_and_from_a_seed() {
     let fake = FakeProviders::start().await;
-    let seed: fake_providers::Seed = serde_yaml::from_str(&format!(
+    let seed: fake_providers::Seed = serde_saphyr::from_str(&format!(
         "rotation: false\nsalesforce:\n  - orgId: {ORG}\n    userId: {USER}\n    username: {USERNAME}\n    clientId: {CLIENT_ID}\n    refreshTokens: [seeded-refresh-token]\n"
     ))
     .unwrap();

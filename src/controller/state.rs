@@ -244,7 +244,14 @@ pub fn decide(
                             "{} {} is already connected by {}; an {} can be connected to one team only",
                             what(provider),
                             id.remote_id,
-                            winner.describe(),
+                            // Another tenant's names are theirs: only a holder in this namespace
+                            // is named.
+                            if conn.metadata.namespace.as_deref() == Some(winner.namespace.as_str()) {
+                                winner.describe()
+                            } else {
+                                "a connection in another namespace (a cluster administrator can tell which)"
+                                    .to_string()
+                            },
                             what(provider)
                         ),
                     ),
@@ -577,8 +584,9 @@ mod tests {
     }
 
     #[test]
-    fn losing_the_claim_is_conflict_naming_the_winner() {
+    fn losing_the_claim_is_conflict_naming_the_winner_in_the_same_namespace_only() {
         let c = conn(Provider::SalesforceProduction);
+        let ns = c.metadata.namespace.clone().unwrap();
         let winner = Claimant {
             namespace: "other".into(),
             name: "first".into(),
@@ -598,8 +606,28 @@ mod tests {
         assert_eq!(s.state, Some(State::Conflict));
         assert_eq!(s.reason.as_deref(), Some(reasons::CLAIMED_BY_OTHER_TEAM));
         let msg = s.message.clone().unwrap();
-        assert!(msg.contains("other/first (team marketing)"), "{msg}");
+        assert!(
+            msg.contains("a connection in another namespace")
+                && !msg.contains("first")
+                && !msg.contains("marketing"),
+            "another tenant's names stay theirs: {msg}"
+        );
         assert_eq!(cond(&s, conditions::RETRIEVER_READY), "False");
+        let neighbour = Claimant {
+            namespace: ns.clone(),
+            ..winner
+        };
+        let s = decide(
+            &c,
+            &Check::valid(id()),
+            |_| Claim::Lost {
+                winner: neighbour.clone(),
+            },
+            AVAILABLE,
+            &t(1),
+        );
+        let msg = s.message.unwrap();
+        assert!(msg.contains(&format!("{ns}/first (team marketing)")), "{msg}");
     }
 
     #[test]

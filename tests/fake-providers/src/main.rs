@@ -83,7 +83,7 @@ async fn main() {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .unwrap_or_else(|e| fail(format!("cannot read {}: {e}", path.display())));
-            serde_yaml::from_str(&text)
+            serde_saphyr::from_str(&text)
                 .unwrap_or_else(|e| fail(format!("{} is not a valid seed file: {e}", path.display())))
         }
     };
