@@ -9,7 +9,7 @@ use super::schedule::{self, Due, Memo};
 use super::state::{Check, Identity, Known};
 use super::{Context, Error, jitter, tokens, uid};
 use crate::api::{Connection, ConnectionStatus};
-use crate::providers::{Credentials, Failure, FailureKind};
+use crate::providers::{Credentials, Failure, FailureKind, with_tenant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -201,7 +201,10 @@ async fn validate_when_due(
     };
     let refresh = {
         let (validator, spec, creds) = (ctx.validator.clone(), conn.spec.clone(), creds.clone());
-        tokio::spawn(async move { validator.refresh(&spec, &creds).await })
+        // Counted against this namespace's share of the provider host (per-namespace fairness).
+        tokio::spawn(with_tenant(ns.to_string(), async move {
+            validator.refresh(&spec, &creds).await
+        }))
     };
     let granted = refresh
         .await
@@ -248,7 +251,13 @@ async fn validate_when_due(
     // 7. Who the token belongs to.
     let previous_remote = memo.check.last_identity.as_ref().map(|id| id.remote_id.as_str());
     let result = match granted {
-        Ok(grant) => ctx.validator.identify(&conn.spec, &grant, previous_remote).await,
+        Ok(grant) => {
+            with_tenant(
+                ns.to_string(),
+                ctx.validator.identify(&conn.spec, &grant, previous_remote),
+            )
+            .await
+        }
         Err(mut failure) => {
             if from_seed && live.is_some() && failure.kind != FailureKind::Transient {
                 failure.message = format!(

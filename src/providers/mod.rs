@@ -48,6 +48,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::api::{ConnectionSpec, Provider};
 
 pub use backoff::{jittered, retry_delay};
+pub use limiter::with_tenant;
 pub use trust::ExtraRoots;
 
 /// The reasons a [`Failure`] carries (CamelCase, written to `status.reason`).
