@@ -333,16 +333,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 async fn run_operator(args: RunArgs) -> Result<(), CliError> {
     let config = args.config()?;
     let client = kube::Client::try_default().await.map_err(CliError::Connect)?;
-    ensure_crd_installed(&client).await?;
+    ensure_crd_installed(&client, config.namespace.as_deref()).await?;
     crate::controller::run(client, config, shutdown_signal())
         .await
         .map_err(|e| CliError::Config(e.to_string()))
 }
 
-/// Checks that the Connection CRD is served, using only `list connections` (no CRD read rights needed).
-pub async fn ensure_crd_installed(client: &kube::Client) -> Result<(), CliError> {
+/// Checks that the Connection CRD is served, using only `list connections` (no CRD read rights
+/// needed) in the watched namespace, or cluster-wide: what the operator's RBAC grants in each mode.
+pub async fn ensure_crd_installed(client: &kube::Client, namespace: Option<&str>) -> Result<(), CliError> {
     use kube::api::{Api, ListParams};
-    let api: Api<crate::api::Connection> = Api::all(client.clone());
+    let api: Api<crate::api::Connection> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     match api.list_metadata(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Err(CliError::CrdMissing),

@@ -307,3 +307,72 @@ fn cluster_rbac_names_never_clash_with_built_in_roles() {
         }
     }
 }
+
+#[tokio::test]
+async fn with_a_watch_namespace_the_operator_may_act_in_that_namespace_only() {
+    ensure_crds();
+    let client = client().await;
+    let ns = TempNamespace::new(&client).await;
+    let ns = ns.name().to_string();
+    let rendered = run_ok(
+        helm().args([
+            "template",
+            &format!("scoped-{}", &ns[2..]),
+            "charts/connection-operator",
+            "--namespace",
+            &ns,
+            "--set",
+            &format!("watchNamespace={ns}"),
+            "--set",
+            "serviceAccount.name=scoped-operator",
+            "--show-only",
+            "templates/serviceaccount.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
+        ]),
+        None,
+    );
+    let kinds: Vec<String> = documents(&rendered)
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        !kinds.iter().any(|k| k.starts_with("Cluster")),
+        "namespaced mode renders no cluster-wide RBAC: {kinds:?}"
+    );
+    run_ok(kubectl().args(["apply", "-f", "-"]), Some(&rendered));
+    let user = format!("system:serviceaccount:{ns}:scoped-operator");
+    let can = |args: &[&str]| {
+        let out = run(
+            kubectl().args(["auth", "can-i"]).args(args).args(["--as", &user]),
+            None,
+        );
+        out.stdout.trim() == "yes"
+    };
+    for allowed in [
+        &["watch", "connections.crmconnect.io", "-n", &ns][..],
+        &[
+            "patch",
+            "connections.crmconnect.io",
+            "--subresource=status",
+            "-n",
+            &ns,
+        ],
+        &["patch", "secrets", "-n", &ns],
+        &["create", "deployments.apps", "-n", &ns],
+        &["create", "events.events.k8s.io", "-n", &ns],
+        &["create", "leases.coordination.k8s.io", "-n", &ns],
+    ] {
+        assert!(can(allowed), "{allowed:?} should be allowed");
+    }
+    for denied in [
+        &["list", "secrets", "-A"][..],
+        &["get", "secrets", "-n", "kube-system"],
+        &["patch", "secrets", "-n", "default"],
+        &["list", "connections.crmconnect.io", "-A"],
+        &["create", "deployments.apps", "-n", "kube-system"],
+        &["delete", "secrets", "-n", &ns],
+    ] {
+        assert!(!can(denied), "{denied:?} should be denied");
+    }
+}
