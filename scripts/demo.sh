@@ -64,6 +64,8 @@ echo $! >"$state/fake-providers.pid"
 for _ in $(seq 50); do curl -fsS --cacert "$state/pki/ca.crt" "$fake/_admin/stats" >/dev/null 2>&1 && break; sleep 0.1; done
 
 step "Installing the operator with Helm (its image loaded into the node; it trusts the test CA)"
+# The watched namespace first: the operator's Role (namespaced mode) lives there.
+kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 cat >"$state/values.yaml" <<VALUES
 watchNamespace: $ns
 revalidateInterval: 10s
@@ -87,7 +89,6 @@ echo "(two replicas: the Lease's holder reconciles, the other is a standby)"
 kubectl get lease -n "$release_ns"
 
 step "Applying example connections in namespace $ns"
-kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl apply -n "$ns" -f - <<YAML
 apiVersion: v1
 kind: Secret
