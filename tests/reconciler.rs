@@ -663,6 +663,28 @@ async fn garbage_in_the_secret_is_inactive_and_fixing_it_recovers() {
 }
 
 #[tokio::test]
+async fn a_secret_without_a_refresh_token_is_not_labelled_and_its_fix_is_still_seen() {
+    let env = Env::new().await;
+    env.put_secret("unrelated", &[("tls.key", b"not credentials")])
+        .await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "unrelated").await;
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "SecretKeyMissing");
+    let labels = env.secrets().get("unrelated").await.unwrap().metadata.labels;
+    assert!(
+        !labels
+            .unwrap_or_default()
+            .contains_key("crmconnect.io/credentials"),
+        "the operator labels only Secrets that hold credentials"
+    );
+    // The fix is seen although the watch does not cover this Secret (it is looked at again).
+    env.put_credentials("unrelated", ORG).await;
+    env.wait_state("acme", State::Active).await;
+    op.stop().await;
+}
+
+#[tokio::test]
 async fn deleting_a_connection_garbage_collects_its_children_but_not_the_credentials() {
     let env = Env::new().await;
     env.put_credentials("creds", ORG).await;

@@ -43,9 +43,15 @@ pub async fn validate(
     now: Timestamp,
 ) -> Result<Validated, Error> {
     let mut validated = validate_when_due(ctx, conn, ns, observed, now).await?;
-    if observed.credentials.is_none() {
-        // A Secret that does not exist yet carries no label, so the watch cannot see it appear:
-        // look again (a GET, no provider call) every retry_max until it does.
+    let unwatched = observed.credentials.as_ref().is_none_or(|s| {
+        !s.data
+            .as_ref()
+            .is_some_and(|d| d.contains_key(Credentials::REFRESH_TOKEN))
+    });
+    if unwatched {
+        // A Secret that does not exist yet, or has no refresh_token (the operator labels only
+        // credentials), carries no label, so the watch cannot see it change: look again (a GET,
+        // no provider call) every retry_max until it does.
         let poll = ctx.config.policy.retry_max;
         validated.recheck_in = Some(validated.recheck_in.map_or(poll, |d| d.min(poll)));
     }
