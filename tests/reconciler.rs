@@ -615,6 +615,34 @@ async fn missing_secret_is_inactive_and_creating_it_recovers() {
 }
 
 #[tokio::test]
+async fn a_secret_created_after_its_connection_is_found_within_seconds_even_with_a_long_retry_max() {
+    let env = Env::new().await;
+    // retry_max 5 min (the default): only the short first looks can find the Secret in time.
+    let op = Operator::start(
+        env.ns(),
+        &env.fake,
+        Policy {
+            retry_max: Duration::from_secs(300),
+            ..slow()
+        },
+    )
+    .await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "SecretMissing");
+    let msg = message(&c);
+    assert!(
+        msg.contains("looked for again after 1s") && msg.contains("crmconnect.io/credentials=true"),
+        "{msg}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Created unlabelled, so the watch cannot see it.
+    env.put_credentials("creds", ORG).await;
+    env.wait_state("acme", State::Active).await;
+    op.stop().await;
+}
+
+#[tokio::test]
 async fn missing_key_is_inactive_and_adding_it_recovers() {
     let env = Env::new().await;
     let token = env.fake.issue_refresh_token(ORG);

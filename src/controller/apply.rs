@@ -6,7 +6,7 @@
 use super::children::{self, FIELD_MANAGER, SessionData};
 use super::dereference::Observed;
 use super::schedule::{self, Due, Memo};
-use super::state::{Check, Identity, Known};
+use super::state::{self, Check, Identity, Known};
 use super::{Context, Error, jitter, tokens, uid};
 use crate::api::{Connection, ConnectionStatus};
 use crate::providers::{Credentials, Failure, FailureKind, with_tenant};
@@ -21,6 +21,9 @@ use secrecy::ExposeSecret;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tracing::{info, warn};
+
+/// The first look again for a credentials Secret the watch cannot see (then doubling).
+const FIRST_SECRET_LOOK: Duration = Duration::from_secs(1);
 
 /// Reason when a rotated refresh token could not be saved to `<name>-token`.
 pub const REFRESH_TOKEN_NOT_SAVED: &str = "RefreshTokenNotSaved";
@@ -48,12 +51,34 @@ pub async fn validate(
             .as_ref()
             .is_some_and(|d| d.contains_key(Credentials::REFRESH_TOKEN))
     });
+    let key = uid(conn);
     if unwatched {
         // A Secret that does not exist yet, or has no refresh_token (the operator labels only
         // credentials), carries no label, so the watch cannot see it change: look again (a GET,
-        // no provider call) every retry_max until it does.
-        let poll = ctx.config.policy.retry_max;
+        // no provider call) after 1 s, then twice as long each time, up to retry_max.
+        let attempt = {
+            let mut polls = ctx.secret_polls.lock().unwrap();
+            let n = polls.entry(key).or_insert(0);
+            *n = n.saturating_add(1);
+            *n - 1
+        };
+        let poll = FIRST_SECRET_LOOK
+            .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+            .min(ctx.config.policy.retry_max);
         validated.recheck_in = Some(validated.recheck_in.map_or(poll, |d| d.min(poll)));
+        if let state::Known::Invalid { reason, message } = &mut validated.check.known
+            && reason == crate::providers::reason::SECRET_MISSING
+            && !message.contains("looked for again")
+        {
+            message.push_str(&format!(
+                "; looked for again after {}s, then less and less often (at least every {}s): label it {}=true when you create it to be noticed at once",
+                FIRST_SECRET_LOOK.as_secs(),
+                ctx.config.policy.retry_max.as_secs(),
+                children::CREDENTIALS_LABEL
+            ));
+        }
+    } else {
+        ctx.secret_polls.lock().unwrap().remove(&key);
     }
     Ok(validated)
 }

@@ -98,6 +98,8 @@ pub struct Context {
     pub(crate) journal: Option<journal::Journal>,
     /// This process as the holder of refresh intents (instance name and a per-process nonce).
     pub(crate) holder: String,
+    /// Consecutive looks for a credentials Secret the watch cannot see, per connection UID.
+    pub(crate) secret_polls: Mutex<HashMap<String, u32>>,
     /// Consecutive API errors per connection UID (error_policy backoff).
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     /// Every Connection the controller sees (for one-team-per-org claims).
@@ -335,6 +337,7 @@ pub async fn run(
             rand::random::<u32>()
         ),
         failures: Mutex::default(),
+        secret_polls: Mutex::default(),
         store: store.clone(),
         config: config.clone(),
         metrics: metrics::Metrics::default(),
@@ -444,6 +447,7 @@ async fn forget_deleted(ctx: std::sync::Weak<Context>) {
         ctx.memos.lock().unwrap().retain(|k, _| live.contains(k));
         ctx.pending_tokens.lock().unwrap().retain(|k, _| live.contains(k));
         ctx.failures.lock().unwrap().retain(|k, _| live.contains(k));
+        ctx.secret_polls.lock().unwrap().retain(|k, _| live.contains(k));
     }
 }
 
