@@ -25,10 +25,13 @@ image:
 unit:
 	cargo test --workspace --lib --test crd_schema --test cli --test providers_salesforce --test providers_dynamics --test providers_tls
 
-# Regenerate the CRD (and the chart's copy) from the Rust types.
+# Regenerate the CRDs (and the chart's copies) from the Rust types.
 crds:
-	cargo run -q -- crd > crds/connection.yaml
-	cp crds/connection.yaml charts/connection-operator/crds/connection.yaml
+	cargo build -q
+	for crd in connection orgsettings jobrun; do \
+		target/debug/connection-operator crd $$crd > crds/$$crd.yaml && \
+		cp crds/$$crd.yaml charts/connection-operator/crds/$$crd.yaml || exit 1; \
+	done
 
 lint:
 	cargo fmt --check

@@ -16,8 +16,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Print the Connection CustomResourceDefinition as YAML (generated from the Rust types).
-    Crd,
+    /// Print the CustomResourceDefinitions as YAML (generated from the Rust types): all of them, or
+    /// the one named (connection, orgsettings, jobrun).
+    Crd {
+        #[arg(value_parser = ["connection", "orgsettings", "jobrun"])]
+        name: Option<String>,
+    },
     /// Run the operator against the cluster of the current kubeconfig or in-cluster config.
     Run(Box<RunArgs>),
     /// Hold one connection's session in a retriever pod (its container command): reads the mounted
@@ -314,8 +318,14 @@ pub fn init_logging(format: LogFormat) {
 /// Runs a parsed command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Crd => {
-            print!("{}", crate::api::crd_yaml());
+        Command::Crd { name } => {
+            match name {
+                Some(name) => print!(
+                    "{}",
+                    crate::api::crd_yaml_of(&name).expect("clap checked the name")
+                ),
+                None => print!("{}", crate::api::all_crds_yaml()),
+            }
             Ok(())
         }
         Command::Run(args) => {

@@ -5,5 +5,6 @@ pub mod api;
 mod check_credentials;
 pub mod cli;
 pub mod controller;
+pub mod crm;
 pub mod providers;
 pub mod retriever;

@@ -9,12 +9,26 @@ fn bin() -> Command {
 }
 
 #[test]
-fn crd_command_prints_the_committed_crd() {
-    let out = bin().arg("crd").output().unwrap();
-    assert!(out.status.success());
-    let committed =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/connection.yaml")).unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), committed);
+fn crd_command_prints_the_committed_crds() {
+    let committed = |stem: &str| {
+        std::fs::read_to_string(format!("{}/crds/{stem}.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let stems = ["connection", "orgsettings", "jobrun"];
+    for stem in stems {
+        let out = bin().args(["crd", stem]).output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            committed(stem),
+            "crd {stem}"
+        );
+    }
+    let all = bin().arg("crd").output().unwrap();
+    assert!(all.status.success());
+    let all = String::from_utf8(all.stdout).unwrap();
+    assert_eq!(all, stems.map(committed).join("---\n"));
+    let unknown = bin().args(["crd", "jobs"]).output().unwrap();
+    assert_eq!(unknown.status.code(), Some(2), "clap rejects an unknown CRD name");
 }
 
 /// `GET path` on 127.0.0.1:port: the status code, or None when nothing answers.

@@ -2,7 +2,9 @@
 //! (evaluated with kube's CEL support), example manifests, serde round-trips.
 //! The same rules are exercised against a real API server in `tests/cluster_api.rs`.
 
-use connection_operator::api::{Connection, ConnectionSpec, ConnectionStatus, Provider, crd_yaml};
+use connection_operator::api::{
+    Connection, ConnectionSpec, ConnectionStatus, JobRun, OrgSettings, Provider, crd_yaml, crd_yaml_of, crds,
+};
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
 
@@ -66,21 +68,47 @@ fn assert_accepted(obj: &Value, old: Option<&Value>) {
 }
 
 #[test]
-fn committed_crd_matches_generated_crd() {
-    let committed = repo_file("crds/connection.yaml");
-    assert!(
-        committed == crd_yaml(),
-        "crds/connection.yaml is out of date with the Rust types; regenerate it with:\n  make crds   (= cargo run -q -- crd > crds/connection.yaml)"
-    );
+fn committed_crds_match_generated_crds() {
+    assert_eq!(crd_yaml(), crd_yaml_of("connection").unwrap());
+    for (stem, _) in crds() {
+        let committed = repo_file(&format!("crds/{stem}.yaml"));
+        assert!(
+            committed == crd_yaml_of(stem).unwrap(),
+            "crds/{stem}.yaml is out of date with the Rust types; regenerate it with:\n  make crds"
+        );
+    }
 }
 
 #[test]
-fn chart_crd_matches_generated_crd() {
-    let in_chart = repo_file("charts/connection-operator/crds/connection.yaml");
-    assert!(
-        in_chart == crd_yaml(),
-        "charts/connection-operator/crds/connection.yaml is out of date; regenerate it with:\n  make crds"
-    );
+fn chart_crds_match_generated_crds() {
+    for (stem, _) in crds() {
+        let in_chart = repo_file(&format!("charts/connection-operator/crds/{stem}.yaml"));
+        assert!(
+            in_chart == crd_yaml_of(stem).unwrap(),
+            "charts/connection-operator/crds/{stem}.yaml is out of date; regenerate it with:\n  make crds"
+        );
+    }
+}
+
+#[test]
+fn job_crds_have_their_short_names_printer_columns_and_scope() {
+    let jobrun = serde_json::to_value(JobRun::crd()).unwrap();
+    assert_eq!(jobrun["spec"]["names"]["shortNames"], json!(["jr"]));
+    assert_eq!(jobrun["spec"]["scope"], json!("Namespaced"));
+    let version = &jobrun["spec"]["versions"][0];
+    assert_eq!(version["subresources"]["status"], json!({}));
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["Connection", "Type", "Phase", "CRM Job", "Age"]);
+
+    let orgs = serde_json::to_value(OrgSettings::crd()).unwrap();
+    assert_eq!(orgs["spec"]["names"]["shortNames"], json!(["orgs"]));
+    assert_eq!(orgs["spec"]["names"]["plural"], json!("orgsettings"));
+    assert_eq!(orgs["spec"]["scope"], json!("Namespaced"));
 }
 
 #[test]

@@ -290,6 +290,11 @@ pub struct ConnectionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
 
+    /// The OrgSettings (in this namespace) whose job settings the retriever uses: named after the
+    /// org, shared by every connection ever made for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_settings: Option<String>,
+
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -21,7 +21,7 @@ pub const FIELD_MANAGER: &str = "connection-operator";
 /// Label on every object the operator creates.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "connection-operator");
 /// Label naming the Connection an object belongs to.
-pub const CONNECTION_LABEL: &str = "crmconnect.io/connection";
+pub const CONNECTION_LABEL: &str = crate::api::labels::CONNECTION;
 /// Label on the user's credentials Secrets, so the operator watches those and no other Secret.
 pub const CREDENTIALS_LABEL: &str = "crmconnect.io/credentials";
 /// Label on session Secrets.

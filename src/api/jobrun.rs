@@ -1,0 +1,140 @@
+//! The `JobRun` custom resource: one CRM job that a connection's retriever claimed.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::Provider;
+
+/// One job queued in a CRM org that a connection's retriever claimed, and what became of it.
+///
+/// Named `<org key>-<CRM job ID, lowercased>` (the org key is the name of the org's OrgSettings), so
+/// the same CRM job always maps to the same JobRun. Not owned by the Connection: deleting or
+/// pausing the connection keeps the job history.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "crmconnect.io",
+    version = "v1alpha1",
+    kind = "JobRun",
+    plural = "jobruns",
+    namespaced,
+    shortname = "jr",
+    category = "crm",
+    status = "JobRunStatus",
+    derive = "PartialEq",
+    doc = "One CRM job claimed by a connection's retriever, and its outcome. Kept when the connection is paused, inactive or deleted (job history).",
+    printcolumn(
+        name = "Connection",
+        type_ = "string",
+        json_path = ".spec.connection",
+        description = "The connection whose retriever claimed the job"
+    ),
+    printcolumn(
+        name = "Type",
+        type_ = "string",
+        json_path = ".spec.type",
+        description = "The CRM job's type"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Claimed, Running, Succeeded, Failed, Aborted or Holding"
+    ),
+    printcolumn(
+        name = "CRM Job",
+        type_ = "string",
+        json_path = ".spec.crmJobId",
+        description = "The job's record ID in the CRM"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a JobRun's spec is immutable"))]
+#[serde(rename_all = "camelCase")]
+pub struct JobRunSpec {
+    /// The Connection (in this namespace) whose retriever claimed the job.
+    #[schemars(length(min = 1, max = 253))]
+    pub connection: String,
+
+    /// The job's record ID in the CRM (Salesforce CrmJob__c Id, Dataverse crmc_crmjobid).
+    #[schemars(length(min = 1, max = 64), pattern(r"^[A-Za-z0-9-]+$"))]
+    pub crm_job_id: String,
+
+    /// The CRM job's type (its Type__c / crmc_type).
+    #[serde(rename = "type")]
+    #[schemars(length(min = 1, max = 80))]
+    pub job_type: String,
+
+    /// The CRM provider of the org the job is queued in.
+    pub provider: Provider,
+}
+
+/// What became of the job. Written by the retriever (the claim) and the operator (the rest).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobRunStatus {
+    /// Claimed (the retriever holds the job in the CRM), Running, Succeeded, Failed, Aborted, or
+    /// Holding (its connection is paused or inactive; the job waits in the CRM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+
+    /// The claim written to the CRM job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<JobClaim>,
+
+    /// Which attempt this is (the CRM job's attempt counter after the claim; 1 for the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i64>,
+
+    /// Conditions about the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// A claim on a CRM job.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobClaim {
+    /// Who claimed it: `<namespace>/<connection>/<pod>` (the CRM job's claimed-by field).
+    pub by: String,
+    /// When it was claimed.
+    pub at: Time,
+    /// When the claim lapses in the CRM unless the job has started.
+    pub expires: Time,
+}
+
+/// The phase of a JobRun.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum JobPhase {
+    /// Claimed in the CRM, not started yet.
+    Claimed,
+    /// Started.
+    Running,
+    /// Finished successfully.
+    Succeeded,
+    /// Finished unsuccessfully.
+    Failed,
+    /// Aborted in the CRM.
+    Aborted,
+    /// Released back to the CRM queue because its connection is paused or inactive.
+    Holding,
+}
+
+impl JobPhase {
+    /// A phase that never changes again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobPhase::Succeeded | JobPhase::Failed | JobPhase::Aborted)
+    }
+
+    /// A phase that takes one of the org's concurrent-job slots (no phase yet counts as Claimed:
+    /// the retriever creates the JobRun, then writes its status).
+    pub fn holds_a_slot(phase: Option<JobPhase>) -> bool {
+        matches!(phase, None | Some(JobPhase::Claimed) | Some(JobPhase::Running))
+    }
+}
+
+/// The name of the JobRun of CRM job `crm_job_id` in the org `org_key`.
+pub fn jobrun_name(org_key: &str, crm_job_id: &str) -> String {
+    format!("{org_key}-{}", crm_job_id.to_ascii_lowercase())
+}

@@ -1,0 +1,232 @@
+//! The `OrgSettings` custom resource: job settings that belong to a CRM org or environment, not to
+//! a Connection. A new Connection for the same org in the same namespace reuses them.
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::Provider;
+
+/// CEL rule of a duration field: a Go-style duration of at least one minute.
+const AT_LEAST_A_MINUTE: &str = "duration(self) >= duration('1m')";
+
+/// Job settings of one CRM org (Salesforce) or environment (Dynamics 365), in one namespace.
+///
+/// Named after the org: `sf-<18-character org ID, lowercased>` or `d365-<environment ID>`. The
+/// operator creates it with defaults the first time a connection for that org turns Active, and
+/// never deletes it: a new Connection for the same org uses the same settings.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "crmconnect.io",
+    version = "v1alpha1",
+    kind = "OrgSettings",
+    plural = "orgsettings",
+    singular = "orgsettings",
+    namespaced,
+    shortname = "orgs",
+    category = "crm",
+    derive = "PartialEq",
+    doc = "Job settings of one CRM org or environment (named sf-<org ID> or d365-<environment ID>). Created with defaults by the operator when a connection for the org first turns Active; never deleted by it, so a new connection for the same org reuses them.",
+    printcolumn(
+        name = "Auto Run",
+        type_ = "boolean",
+        json_path = ".spec.autoRunJobs",
+        description = "Whether queued jobs are claimed and run"
+    ),
+    printcolumn(
+        name = "Poll",
+        type_ = "string",
+        json_path = ".spec.pollInterval",
+        description = "How often the CRM is polled for queued jobs"
+    ),
+    printcolumn(
+        name = "Max Jobs",
+        type_ = "integer",
+        json_path = ".spec.maxConcurrentJobs",
+        description = "How many of the org's jobs may be claimed or running at once"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OrgSettingsSpec {
+    /// Claim and run the jobs queued for the cloud in this org ("Auto Run Jobs"). When false the
+    /// retriever still polls and counts the queued jobs, but claims none.
+    #[serde(default = "yes")]
+    pub auto_run_jobs: bool,
+
+    /// How often the retriever polls the CRM for queued jobs (jittered ±10%), e.g. 5m. At least 1m.
+    #[serde(default = "default_poll_interval")]
+    #[schemars(length(min = 2, max = 32))]
+    #[x_kube(validation = Rule::new(AT_LEAST_A_MINUTE).message("pollInterval must be a duration of at least 1m, e.g. 5m"))]
+    pub poll_interval: String,
+
+    /// How many of the org's jobs may be claimed or running at once (1-100).
+    #[serde(default = "default_max_concurrent_jobs")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_concurrent_jobs: i32,
+
+    /// How many jobs one poll may claim (1-100).
+    #[serde(default = "default_max_claims_per_poll")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_claims_per_poll: i32,
+
+    /// The job types (the CRM job's type field; letters, digits, `_`, `-`, `.`) that may be
+    /// claimed. Empty: every type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 80), pattern(r"^[A-Za-z0-9_.-]+$"))
+    )]
+    pub allowed_job_types: Vec<String>,
+
+    /// How long a claim holds in the CRM before another processor may take the job (e.g. 15m). A
+    /// job claimed by a retriever that died before recording it is claimed again after this.
+    /// At least 1m.
+    #[serde(default = "default_claim_lease")]
+    #[schemars(length(min = 2, max = 32))]
+    #[x_kube(validation = Rule::new(AT_LEAST_A_MINUTE).message("claimLease must be a duration of at least 1m, e.g. 15m"))]
+    pub claim_lease: String,
+
+    /// How many finished JobRuns of this org are kept (1-100).
+    #[serde(default = "default_history_limit")]
+    #[schemars(range(min = 1, max = 100))]
+    pub history_limit: i32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_poll_interval() -> String {
+    "5m".into()
+}
+fn default_max_concurrent_jobs() -> i32 {
+    2
+}
+fn default_max_claims_per_poll() -> i32 {
+    5
+}
+fn default_claim_lease() -> String {
+    "15m".into()
+}
+fn default_history_limit() -> i32 {
+    20
+}
+
+impl Default for OrgSettingsSpec {
+    fn default() -> Self {
+        OrgSettingsSpec {
+            auto_run_jobs: yes(),
+            poll_interval: default_poll_interval(),
+            max_concurrent_jobs: default_max_concurrent_jobs(),
+            max_claims_per_poll: default_max_claims_per_poll(),
+            allowed_job_types: Vec::new(),
+            claim_lease: default_claim_lease(),
+            history_limit: default_history_limit(),
+        }
+    }
+}
+
+/// The name of the OrgSettings (and the `crmconnect.io/org` label value) of an org or environment:
+/// `sf-<18-character org ID, lowercased>` or `d365-<environment ID, lowercased>`. A 15-character
+/// Salesforce ID is first extended to its 18-character, case-insensitive form. `None` for an ID
+/// that is neither.
+pub fn org_key(provider: Provider, remote_id: &str) -> Option<String> {
+    match provider {
+        Provider::SalesforceProduction | Provider::SalesforceSandbox => {
+            let id = salesforce_id_18(remote_id)?;
+            Some(format!("sf-{}", id.to_ascii_lowercase()))
+        }
+        Provider::Dynamics365 => {
+            let id = remote_id.to_ascii_lowercase();
+            let is_guid = id.len() == 36
+                && id.char_indices().all(|(i, c)| match i {
+                    8 | 13 | 18 | 23 => c == '-',
+                    _ => c.is_ascii_hexdigit(),
+                });
+            is_guid.then(|| format!("d365-{id}"))
+        }
+    }
+}
+
+/// The 18-character form of a Salesforce ID: the 15-character (case-sensitive) ID plus three
+/// characters that encode the case of its letters. An 18-character ID is returned as it is.
+pub fn salesforce_id_18(id: &str) -> Option<String> {
+    if !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return None;
+    }
+    match id.len() {
+        18 => Some(id.to_string()),
+        15 => {
+            const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345";
+            let bytes = id.as_bytes();
+            let mut out = id.to_string();
+            for chunk in bytes.chunks(5) {
+                let bits = chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.is_ascii_uppercase())
+                    .fold(0usize, |acc, (i, _)| acc | (1 << i));
+                out.push(ALPHABET[bits] as char);
+            }
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_15_character_salesforce_id_gets_its_case_suffix() {
+        // Known pair: 001A0000006Vm9r → 001A0000006Vm9rIAC.
+        assert_eq!(
+            salesforce_id_18("001A0000006Vm9r").as_deref(),
+            Some("001A0000006Vm9rIAC")
+        );
+        assert_eq!(
+            salesforce_id_18("00D000000000001").as_deref(),
+            Some("00D000000000001AAA")
+        );
+        assert_eq!(
+            salesforce_id_18("00D000000000001AAA").as_deref(),
+            Some("00D000000000001AAA")
+        );
+        assert_eq!(salesforce_id_18("00D-bad"), None);
+        assert_eq!(salesforce_id_18("00D00000000000"), None);
+    }
+
+    #[test]
+    fn org_keys_are_lowercased_dns_labels() {
+        assert_eq!(
+            org_key(Provider::SalesforceProduction, "00D5g000004XyZaEAK").as_deref(),
+            Some("sf-00d5g000004xyzaeak")
+        );
+        assert_eq!(
+            org_key(Provider::SalesforceSandbox, "001A0000006Vm9r").as_deref(),
+            Some("sf-001a0000006vm9riac")
+        );
+        assert_eq!(
+            org_key(Provider::Dynamics365, "11111111-AAAA-1111-1111-111111111111").as_deref(),
+            Some("d365-11111111-aaaa-1111-1111-111111111111")
+        );
+        assert_eq!(org_key(Provider::Dynamics365, "not-a-guid"), None);
+    }
+
+    #[test]
+    fn defaults_are_the_products() {
+        let spec: OrgSettingsSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(spec, OrgSettingsSpec::default());
+        assert!(spec.auto_run_jobs);
+        assert_eq!(spec.poll_interval, "5m");
+        assert_eq!(spec.claim_lease, "15m");
+        assert_eq!(
+            (
+                spec.max_concurrent_jobs,
+                spec.max_claims_per_poll,
+                spec.history_limit
+            ),
+            (2, 5, 20)
+        );
+    }
+}
