@@ -186,7 +186,7 @@ mod tests {
         );
         assert_eq!(
             salesforce_id_18("00D000000000001").as_deref(),
-            Some("00D000000000001AAA")
+            Some("00D000000000001EAA")
         );
         assert_eq!(
             salesforce_id_18("00D000000000001AAA").as_deref(),
