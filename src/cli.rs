@@ -24,8 +24,9 @@ pub enum Command {
     },
     /// Run the operator against the cluster of the current kubeconfig or in-cluster config.
     Run(Box<RunArgs>),
-    /// Hold one connection's session in a retriever pod (its container command): reads the mounted
-    /// session Secret, serves /healthz and /readyz. Job retrieval itself is not implemented yet.
+    /// Retrieve one connection's jobs (the retriever pod's command): polls the CRM job queue, claims
+    /// queued jobs atomically in the CRM and records each as a JobRun. Serves /healthz, /readyz
+    /// and /metrics.
     Retrieve(RetrieveArgs),
     /// Validate one connection's credentials from local files (no cluster) and print the identity or
     /// the classified failure. Exit code 0 valid, 1 permanent/configuration failure, 2 transient.
@@ -115,9 +116,14 @@ pub struct RunArgs {
     /// Pull policy of retriever pods.
     #[arg(long, env = "RETRIEVER_PULL_POLICY", default_value = "IfNotPresent")]
     pub retriever_pull_policy: String,
-    /// How often retrievers poll the CRM for queued jobs.
-    #[arg(long, env = "RETRIEVER_POLL_INTERVAL", default_value = "5m", value_parser = parse_duration)]
-    pub retriever_poll_interval: std::time::Duration,
+    /// The ClusterRole each retriever's ServiceAccount is bound to in its namespace (the chart's
+    /// `<rbac name>:retriever`: JobRuns only).
+    #[arg(
+        long,
+        env = "RETRIEVER_CLUSTER_ROLE",
+        default_value = crate::controller::children::DEFAULT_RETRIEVER_CLUSTER_ROLE
+    )]
+    pub retriever_cluster_role: String,
     /// CPU request / limit of retriever pods.
     #[arg(long, env = "RETRIEVER_CPU_REQUEST", default_value = "10m")]
     pub retriever_cpu_request: String,
@@ -161,7 +167,7 @@ impl RunArgs {
                 cpu_limit: self.retriever_cpu_limit.clone(),
                 memory_request: self.retriever_memory_request.clone(),
                 memory_limit: self.retriever_memory_limit.clone(),
-                poll_interval: self.retriever_poll_interval,
+                cluster_role: self.retriever_cluster_role.clone(),
             },
             validator,
             concurrency: self.concurrency,
@@ -212,55 +218,134 @@ pub struct RetrieveArgs {
     /// Name of the Connection.
     #[arg(long)]
     pub connection: String,
+    /// The connection's namespace (the pod's own; set from the downward API). Default: the
+    /// namespace of the in-cluster config or KUBECONFIG.
+    #[arg(long, env = "CONNECTION_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The org key: the name of the org's OrgSettings (sf-<org ID> or d365-<environment ID>),
+    /// the label of its JobRuns.
+    #[arg(long, value_parser = parse_org_key)]
+    pub org_key: String,
+    /// This pod's name (recorded in each claim). Default: the host name.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
     /// Directory where the session Secret is mounted.
     #[arg(long, default_value = "/var/run/crmconnect/session")]
     pub session_dir: std::path::PathBuf,
-    /// How often to poll the CRM for queued jobs (job retrieval is not implemented yet).
+    /// Claim queued jobs (false: poll and count them only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_run_jobs: bool,
+    /// How often to poll the CRM for queued jobs (jittered ±10%).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub poll_interval: std::time::Duration,
-    /// Address of the /healthz and /readyz endpoints.
-    #[arg(long, default_value = "0.0.0.0:8081")]
-    pub probe_addr: std::net::SocketAddr,
-    /// The connection's namespace (the pod's own; set from the downward API), for logs.
-    #[arg(long, env = "CONNECTION_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// How many of the org's jobs may be claimed or running at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_concurrent_jobs: u32,
+    /// How many jobs one poll may claim.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_claims_per_poll: u32,
+    /// Claim only these job types (comma-separated; default: every type).
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_job_types: Vec<String>,
+    /// How long a claim holds in the CRM.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub claim_lease: std::time::Duration,
+    /// Poll once, print what was claimed, and exit (0, or 1 when the poll failed).
+    #[arg(long)]
+    pub once: bool,
+    /// Address of the /healthz, /readyz and /metrics endpoints.
+    #[arg(long, alias = "probe-addr", default_value = "0.0.0.0:8081")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Timeout of one CRM request.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: std::time::Duration,
+    /// PEM file of CA certificates trusted for the CRM besides the web PKI roots.
+    #[arg(long, env = "EXTRA_CA_BUNDLE")]
+    pub extra_ca_bundle: Option<std::path::PathBuf>,
+    /// The longest random delay before the first poll.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, hide = true)]
+    pub start_delay_max: std::time::Duration,
     /// How often the mounted session is re-read (the kubelet swaps the files when the Secret changes).
     #[arg(long, default_value = "10s", value_parser = parse_duration, hide = true)]
     pub session_check_interval: std::time::Duration,
 }
 
 impl RetrieveArgs {
-    /// The retriever settings these flags describe.
-    pub fn settings(&self) -> crate::retriever::Settings {
-        crate::retriever::Settings {
+    /// The retriever settings these flags describe (reads the extra CA bundle, if any).
+    pub fn settings(&self) -> Result<crate::retriever::Settings, CliError> {
+        Ok(crate::retriever::Settings {
             connection: self.connection.clone(),
             namespace: self.namespace.clone(),
+            org_key: self.org_key.clone(),
+            pod: self.pod_name.clone().unwrap_or_else(|| {
+                std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()))
+            }),
             session_dir: self.session_dir.clone(),
-            poll_interval: self.poll_interval,
-            probe_addr: self.probe_addr,
+            jobs: crate::retriever::plan::JobSettings {
+                auto_run_jobs: self.auto_run_jobs,
+                poll_interval: self.poll_interval.max(std::time::Duration::from_secs(1)),
+                max_concurrent_jobs: self.max_concurrent_jobs,
+                max_claims_per_poll: self.max_claims_per_poll,
+                allowed_job_types: self.allowed_job_types.clone(),
+                claim_lease: self.claim_lease.max(std::time::Duration::from_secs(1)),
+            },
+            probe_addr: self.metrics_addr,
             session_check_interval: self
                 .session_check_interval
                 .max(std::time::Duration::from_millis(100)),
-        }
+            once: self.once,
+            start_delay_max: self.start_delay_max,
+            request_timeout: self.request_timeout.max(std::time::Duration::from_secs(1)),
+            extra_roots: read_extra_roots(self.extra_ca_bundle.as_deref())?,
+        })
     }
 }
 
-/// Parses durations like `90s`, `15m`, `1h`, `500ms`.
+/// An org key as the operator names them: `sf-<18 lowercase alphanumerics>` or `d365-<GUID>`.
+fn parse_org_key(s: &str) -> Result<String, String> {
+    let ok = match (s.strip_prefix("sf-"), s.strip_prefix("d365-")) {
+        (Some(id), _) => id.len() == 18 && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        (_, Some(id)) => Some(s.to_string()) == crate::api::org_key(crate::api::Provider::Dynamics365, id),
+        _ => false,
+    };
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not an org key (sf-<18-character org ID, lowercase> or d365-<environment GUID, lowercase>)"
+        ))
+    }
+}
+
+/// Parses durations like `90s`, `15m`, `1h`, `500ms`, and Go-style sequences such as `1h30m` (what
+/// an OrgSettings' `pollInterval` may hold). A bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 15m, 1h"))?;
-    let secs = match unit {
-        "ms" => return Ok(std::time::Duration::from_millis(n)),
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
-    };
-    Ok(std::time::Duration::from_secs(secs))
+    let invalid = || format!("invalid duration {s:?}: expected e.g. 30s, 15m, 1h or 1h30m");
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(n));
+    }
+    let mut rest = s;
+    let mut total = std::time::Duration::ZERO;
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(invalid)?;
+        let n: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let part = match &rest[..unit_len] {
+            "ms" => std::time::Duration::from_millis(n),
+            "s" => std::time::Duration::from_secs(n),
+            "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
+            "h" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+        };
+        total = total.saturating_add(part);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -335,7 +420,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::CheckCredentials(args) => crate::check_credentials::run(args, cli.log_format).await,
         Command::Retrieve(args) => {
             init_logging(cli.log_format);
-            Ok(crate::retriever::run(args.settings(), shutdown_signal()).await?)
+            Ok(crate::retriever::run(args.settings()?, shutdown_signal()).await?)
         }
     }
 }

@@ -7,8 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub const READY: &str = "Ready";
 /// Condition type: the tokens were accepted by the provider.
 pub const AUTHORIZED: &str = "Authorized";
-/// Condition type: the connection's retriever pod is ready (observed on its Deployment). It holds the
-/// session; job retrieval itself is not implemented yet.
+/// Condition type: the connection's retriever pod is ready (observed on its Deployment): it can read
+/// the session and the CRM accepts it, so it polls the org's job queue and claims queued jobs.
 pub const RETRIEVER_READY: &str = "RetrieverReady";
 
 /// Condition status values.

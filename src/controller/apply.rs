@@ -8,10 +8,11 @@ use super::dereference::Observed;
 use super::schedule::{self, Due, Memo};
 use super::state::{self, Check, Identity, Known};
 use super::{Context, Error, jitter, tokens, uid};
-use crate::api::{Connection, ConnectionStatus};
+use crate::api::{Connection, ConnectionStatus, OrgSettings, OrgSettingsSpec};
 use crate::providers::{Credentials, Failure, FailureKind, with_tenant};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -577,6 +578,20 @@ pub async fn children(
     deployment: Deployment,
 ) -> Result<(), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    // The retriever's identity first, so its pod can start: created once (a RoleBinding's roleRef
+    // cannot change), never over an object we did not create (the caller checked).
+    if observed.service_account.is_none() {
+        let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+        let account = children::retriever_service_account(conn);
+        api.patch(&account.name_any(), &params, &Patch::Apply(typed(account)))
+            .await?;
+    }
+    if observed.role_binding.is_none() {
+        let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
+        let binding = children::retriever_role_binding(conn, &ctx.config.retriever);
+        api.patch(&binding.name_any(), &params, &Patch::Apply(typed(binding)))
+            .await?;
+    }
     // Never apply over an object we did not create (the force would take it over).
     let foreign = |existing: Option<&ObjectMeta>| existing.is_some_and(|m| !children::is_ours(conn, m));
     let session = session.filter(|desired| {
@@ -608,6 +623,38 @@ pub async fn children(
         info!(deployment = %deployment.name_any(), ?replicas, "applied retriever");
     }
     Ok(())
+}
+
+/// The org's OrgSettings, created with the defaults when absent (only the first Active connection
+/// of an org gets here). Never owned by a Connection: it outlives them all.
+pub async fn create_org_settings(ctx: &Context, ns: &str, key: &str) -> Result<OrgSettings, Error> {
+    let api: Api<OrgSettings> = Api::namespaced(ctx.client.clone(), ns);
+    let mut settings = OrgSettings::new(key, OrgSettingsSpec::default());
+    settings.metadata.labels = Some(
+        [(
+            children::MANAGED_BY.0.to_string(),
+            children::MANAGED_BY.1.to_string(),
+        )]
+        .into(),
+    );
+    match api
+        .create(
+            &kube::api::PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &settings,
+        )
+        .await
+    {
+        Ok(created) => {
+            info!(org_settings = key, "created the org's settings with the defaults");
+            Ok(created)
+        }
+        // Another connection of the org (or a user) was first: use theirs.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(api.get(key).await?),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Serializes an object with its apiVersion and kind, as server-side apply requires.

@@ -1,14 +1,16 @@
-//! The objects a Connection owns, built as values: the session Secret the retriever reads and the
-//! retriever Deployment. Pure: no client here.
+//! The objects a Connection owns, built as values: the session Secret the retriever reads, the
+//! retriever Deployment, and the retriever's ServiceAccount and RoleBinding. Pure: no client here.
 
-use crate::api::Connection;
+use crate::api::{Connection, OrgSettingsSpec};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, PodSecurityContext, PodSpec,
     PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
     SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -57,7 +59,20 @@ pub struct RetrieverSettings {
     pub cpu_limit: String,
     pub memory_request: String,
     pub memory_limit: String,
-    pub poll_interval: Duration,
+    /// The chart's ClusterRole each retriever's ServiceAccount is bound to (in its namespace):
+    /// create/get/list/watch JobRuns and patch their status, nothing else.
+    pub cluster_role: String,
+}
+
+/// The default of [`RetrieverSettings::cluster_role`]: what the chart names it for a release
+/// called `connection-operator`.
+pub const DEFAULT_RETRIEVER_CLUSTER_ROLE: &str = "crmconnect:connection-operator:retriever";
+
+/// The org a retriever works for: its key and its OrgSettings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrgJobs<'a> {
+    pub key: &'a str,
+    pub settings: &'a OrgSettingsSpec,
 }
 
 impl Default for RetrieverSettings {
@@ -69,7 +84,7 @@ impl Default for RetrieverSettings {
             cpu_limit: "200m".into(),
             memory_request: "32Mi".into(),
             memory_limit: "128Mi".into(),
-            poll_interval: Duration::from_secs(300),
+            cluster_role: DEFAULT_RETRIEVER_CLUSTER_ROLE.into(),
         }
     }
 }
@@ -164,8 +179,74 @@ pub fn session_secret(conn: &Connection, session: &SessionData) -> Secret {
     }
 }
 
+/// The retriever's ServiceAccount `<name>-retriever`: its only rights come from
+/// [`retriever_role_binding`].
+pub fn retriever_service_account(conn: &Connection) -> ServiceAccount {
+    ServiceAccount {
+        metadata: owned_meta(conn, retriever_name(conn), labels(conn, "retriever")),
+        ..Default::default()
+    }
+}
+
+/// Binds the retriever's ServiceAccount, in the connection's namespace only, to the chart's
+/// retriever ClusterRole.
+pub fn retriever_role_binding(conn: &Connection, settings: &RetrieverSettings) -> RoleBinding {
+    RoleBinding {
+        metadata: owned_meta(conn, retriever_name(conn), labels(conn, "retriever")),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name: settings.cluster_role.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: retriever_name(conn),
+            namespace: conn.metadata.namespace.clone(),
+            ..Default::default()
+        }]),
+    }
+}
+
+/// The retriever's flags for the org's job settings (durations in seconds).
+pub fn job_args(org: &OrgJobs<'_>) -> Vec<String> {
+    let seconds = |raw: &str, default: &str| {
+        let d = crate::cli::parse_duration(raw)
+            .or_else(|_| crate::cli::parse_duration(default))
+            .unwrap_or(Duration::from_secs(300));
+        format!("{}s", d.as_secs().max(60))
+    };
+    let s = org.settings;
+    let defaults = OrgSettingsSpec::default();
+    let mut args = vec![
+        "--org-key".to_string(),
+        org.key.to_string(),
+        format!("--auto-run-jobs={}", s.auto_run_jobs),
+        "--poll-interval".into(),
+        seconds(&s.poll_interval, &defaults.poll_interval),
+        "--max-concurrent-jobs".into(),
+        s.max_concurrent_jobs.clamp(1, 100).to_string(),
+        "--max-claims-per-poll".into(),
+        s.max_claims_per_poll.clamp(1, 100).to_string(),
+        "--claim-lease".into(),
+        seconds(&s.claim_lease, &defaults.claim_lease),
+    ];
+    if !s.allowed_job_types.is_empty() {
+        args.push("--allowed-job-types".into());
+        args.push(s.allowed_job_types.join(","));
+    }
+    args
+}
+
 /// The retriever Deployment `<name>-retriever`: `replicas` is 1 while the connection is Active, else 0.
-pub fn retriever_deployment(conn: &Connection, settings: &RetrieverSettings, replicas: i32) -> Deployment {
+/// `org` is the org it works for (known once the tokens were validated; a Deployment without it has
+/// no replicas).
+pub fn retriever_deployment(
+    conn: &Connection,
+    settings: &RetrieverSettings,
+    org: Option<&OrgJobs<'_>>,
+    replicas: i32,
+) -> Deployment {
+    let replicas = if org.is_some() { replicas } else { 0 };
     let name = conn.metadata.name.clone().unwrap_or_default();
     let selector = BTreeMap::from([
         (
@@ -179,17 +260,20 @@ pub fn retriever_deployment(conn: &Connection, settings: &RetrieverSettings, rep
         name: "retriever".into(),
         image: Some(settings.image.clone()),
         image_pull_policy: Some(settings.pull_policy.clone()),
-        args: Some(vec![
-            "retrieve".into(),
-            "--connection".into(),
-            name.clone(),
-            "--session-dir".into(),
-            SESSION_MOUNT.into(),
-            "--poll-interval".into(),
-            format!("{}s", settings.poll_interval.as_secs()),
-            "--probe-addr".into(),
-            format!("0.0.0.0:{RETRIEVER_PROBE_PORT}"),
-        ]),
+        args: Some(
+            [
+                "retrieve".into(),
+                "--connection".into(),
+                name.clone(),
+                "--session-dir".into(),
+                SESSION_MOUNT.into(),
+                "--metrics-addr".into(),
+                format!("0.0.0.0:{RETRIEVER_PROBE_PORT}"),
+            ]
+            .into_iter()
+            .chain(org.map(job_args).unwrap_or_default())
+            .collect(),
+        ),
         ports: Some(vec![ContainerPort {
             name: Some("probes".into()),
             container_port: RETRIEVER_PROBE_PORT,
@@ -199,17 +283,10 @@ pub fn retriever_deployment(conn: &Connection, settings: &RetrieverSettings, rep
         // Ready once the session was read; alive while the process answers.
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
-        env: Some(vec![EnvVar {
-            name: "CONNECTION_NAMESPACE".into(),
-            value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
-                field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
-                    field_path: "metadata.namespace".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+        env: Some(vec![
+            downward("CONNECTION_NAMESPACE", "metadata.namespace"),
+            downward("POD_NAME", "metadata.name"),
+        ]),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
                 ("cpu".to_string(), quantity(&settings.cpu_request)),
@@ -231,15 +308,17 @@ pub fn retriever_deployment(conn: &Connection, settings: &RetrieverSettings, rep
         ..Default::default()
     };
     let pod = PodSpec {
-        automount_service_account_token: Some(false),
+        // Its own ServiceAccount, allowed only to record JobRuns of this connection.
+        service_account_name: Some(retriever_name(conn)),
+        automount_service_account_token: Some(true),
         enable_service_links: Some(false),
         security_context: Some(PodSecurityContext {
             // The session volume is mode 0440 (owner root): the pod reads it through its group.
             fs_group: Some(RUN_AS),
             ..restricted_pod_security()
         }),
-        // The retriever holds no work in flight yet; it exits at once on SIGTERM.
-        termination_grace_period_seconds: Some(10),
+        // On SIGTERM the retriever finishes the CRM request in flight (30 s timeout) and exits.
+        termination_grace_period_seconds: Some(45),
         containers: vec![container],
         volumes: Some(vec![Volume {
             name: "session".into(),
@@ -286,6 +365,20 @@ pub fn retriever_deployment(conn: &Connection, settings: &RetrieverSettings, rep
     }
 }
 
+fn downward(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+            field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                field_path: field_path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Whether an existing child object is this connection's: its controller owner reference names the
 /// connection's UID. The operator never applies to, and so never takes over, an object it did not
 /// create (a user's Secret named `<name>-session` would otherwise get the Connection as owner and be
@@ -303,25 +396,13 @@ pub fn is_ours(conn: &Connection, child: &ObjectMeta) -> bool {
 
 /// The existing children that are not this connection's ("Secret acme-session", ...), in a stable
 /// order; empty when every child is ours or absent.
-pub fn foreign_children(
-    conn: &Connection,
-    secrets: &[Option<&Secret>],
-    deployment: Option<&Deployment>,
-) -> Vec<String> {
-    let mut foreign = Vec::new();
-    for s in secrets.iter().flatten().filter(|s| !is_ours(conn, &s.metadata)) {
-        foreign.push(format!(
-            "Secret {}",
-            s.metadata.name.as_deref().unwrap_or_default()
-        ));
-    }
-    if let Some(d) = deployment.filter(|d| !is_ours(conn, &d.metadata)) {
-        foreign.push(format!(
-            "Deployment {}",
-            d.metadata.name.as_deref().unwrap_or_default()
-        ));
-    }
-    foreign
+pub fn foreign_children(conn: &Connection, children: &[(&str, Option<&ObjectMeta>)]) -> Vec<String> {
+    children
+        .iter()
+        .filter_map(|(kind, meta)| meta.map(|m| (kind, m)))
+        .filter(|(_, m)| !is_ours(conn, m))
+        .map(|(kind, m)| format!("{kind} {}", m.name.as_deref().unwrap_or_default()))
+        .collect()
 }
 
 /// Whether `existing` already is what `desired` asks for (same digest, same replica count).
@@ -466,13 +547,20 @@ mod tests {
                 annotations: BTreeMap::new(),
             },
         );
-        let deployment = retriever_deployment(&c, &RetrieverSettings::default(), 1);
+        let deployment = retriever_deployment(&c, &RetrieverSettings::default(), Some(&org()), 1);
         assert!(
-            foreign_children(&c, &[Some(&session)], Some(&deployment)).is_empty(),
+            foreign_children(
+                &c,
+                &[
+                    ("Secret", Some(&session.metadata)),
+                    ("Deployment", Some(&deployment.metadata))
+                ]
+            )
+            .is_empty(),
             "what we build is ours"
         );
         assert!(
-            foreign_children(&c, &[None, None], None).is_empty(),
+            foreign_children(&c, &[("Secret", None), ("Deployment", None)]).is_empty(),
             "absent children are not foreign"
         );
 
@@ -487,20 +575,29 @@ mod tests {
             r.controller = None;
         }
         assert_eq!(
-            foreign_children(&c, &[Some(&users)], Some(&other_owner)),
+            foreign_children(
+                &c,
+                &[
+                    ("Secret", Some(&users.metadata)),
+                    ("Deployment", Some(&other_owner.metadata))
+                ]
+            ),
             vec![
                 "Secret acme-session".to_string(),
                 "Deployment acme-retriever".to_string()
             ]
         );
         assert_eq!(
-            foreign_children(&c, &[None, Some(&not_controller)], None),
+            foreign_children(
+                &c,
+                &[("Secret", None), ("Secret", Some(&not_controller.metadata))]
+            ),
             vec!["Secret acme-session".to_string()]
         );
         let mut no_uid = c.clone();
         no_uid.metadata.uid = None;
         assert_eq!(
-            foreign_children(&no_uid, &[Some(&session)], None).len(),
+            foreign_children(&no_uid, &[("Secret", Some(&session.metadata))]).len(),
             1,
             "no UID, no claim"
         );
@@ -518,7 +615,7 @@ mod tests {
 
     #[test]
     fn deployment_is_named_owned_and_scaled_as_asked() {
-        let d = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        let d = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
         assert_eq!(d.metadata.name.as_deref(), Some("acme-retriever"));
         assert_eq!(d.metadata.namespace.as_deref(), Some("ns"));
         let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
@@ -529,7 +626,7 @@ mod tests {
         assert_eq!(owner.controller, Some(true));
         assert_eq!(d.spec.replicas, Some(1));
         assert_eq!(
-            retriever_deployment(&conn(), &RetrieverSettings::default(), 0)
+            retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 0)
                 .spec
                 .replicas,
             Some(0)
@@ -538,9 +635,10 @@ mod tests {
 
     #[test]
     fn retriever_pod_is_restricted_and_reads_only_the_session_secret() {
-        let d = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        let d = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
         let pod = d.spec.template.spec.unwrap();
-        assert_eq!(pod.automount_service_account_token, Some(false));
+        // Its token is its own ServiceAccount's, which may only record this connection's JobRuns.
+        assert_eq!(pod.automount_service_account_token, Some(true));
         let psc = pod.security_context.unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
@@ -572,7 +670,7 @@ mod tests {
 
     #[test]
     fn retriever_pod_can_read_its_0440_session_volume_through_fs_group() {
-        let pod = retriever_deployment(&conn(), &RetrieverSettings::default(), 1)
+        let pod = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1)
             .spec
             .template
             .spec
@@ -582,12 +680,13 @@ mod tests {
         assert_eq!(psc.fs_group, Some(65532), "without it: Permission denied");
         let volume = pod.volumes.unwrap()[0].secret.clone().unwrap();
         assert_eq!(volume.default_mode, Some(0o440));
-        assert_eq!(pod.termination_grace_period_seconds, Some(10));
+        // Time to finish the CRM request in flight (30 s timeout) after SIGTERM.
+        assert_eq!(pod.termination_grace_period_seconds, Some(45));
     }
 
     #[test]
     fn retriever_is_probed_on_its_named_port() {
-        let pod = retriever_deployment(&conn(), &RetrieverSettings::default(), 1)
+        let pod = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1)
             .spec
             .template
             .spec
@@ -601,8 +700,8 @@ mod tests {
         let args = c.args.as_ref().unwrap();
         let at = args
             .iter()
-            .position(|a| a == "--probe-addr")
-            .expect("--probe-addr");
+            .position(|a| a == "--metrics-addr")
+            .expect("--metrics-addr");
         assert_eq!(args[at + 1], "0.0.0.0:8081");
         for (probe, path) in [(&c.readiness_probe, "/readyz"), (&c.liveness_probe, "/healthz")] {
             let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
@@ -614,7 +713,7 @@ mod tests {
     /// The wanted Deployment as the API server would show it after the deployment controller
     /// reported `available` of one replica.
     fn observed(generation: i64, observed_generation: i64, available: i32) -> Deployment {
-        let mut d = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        let mut d = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
         d.metadata.generation = Some(generation);
         d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus {
             observed_generation: Some(observed_generation),
@@ -629,7 +728,7 @@ mod tests {
 
     #[test]
     fn retriever_is_available_only_when_its_current_spec_has_an_available_pod() {
-        let wanted = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        let wanted = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
         let available =
             |d: Option<&Deployment>| observe_retriever(d, &wanted) == RetrieverObserved::Available;
         assert!(available(Some(&observed(2, 2, 1))));
@@ -650,7 +749,7 @@ mod tests {
             image: "x:2".into(),
             ..Default::default()
         };
-        let mut old_image = retriever_deployment(&conn(), &other, 1);
+        let mut old_image = retriever_deployment(&conn(), &other, Some(&org()), 1);
         old_image.metadata.generation = Some(1);
         old_image.status = observed(1, 1, 1).status;
         assert!(!available(Some(&old_image)), "about to be updated");
@@ -661,7 +760,7 @@ mod tests {
 
     #[test]
     fn an_unavailable_retriever_says_why() {
-        let wanted = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
+        let wanted = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
         let RetrieverObserved::NotAvailable(why) = observe_retriever(Some(&observed(2, 2, 0)), &wanted)
         else {
             panic!("not available")
@@ -669,28 +768,93 @@ mod tests {
         assert_eq!(why, "no retriever pod is ready yet (0 of 1 pods ready)");
     }
 
+    fn org() -> OrgJobs<'static> {
+        OrgJobs {
+            key: "sf-00d000000000001eaa",
+            settings: Box::leak(Box::default()),
+        }
+    }
+
+    #[test]
+    fn org_settings_reach_the_retriever_as_flags() {
+        let spec = OrgSettingsSpec {
+            auto_run_jobs: false,
+            poll_interval: "1h30m".into(),
+            max_concurrent_jobs: 3,
+            allowed_job_types: vec!["export".into(), "import".into()],
+            ..Default::default()
+        };
+        let custom = OrgJobs {
+            key: "sf-00d000000000001eaa",
+            settings: &spec,
+        };
+        let d = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&custom), 1);
+        let args = d.spec.template.spec.clone().unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        let joined = args.join(" ");
+        for want in [
+            "--org-key sf-00d000000000001eaa",
+            "--auto-run-jobs=false",
+            "--poll-interval 5400s",
+            "--max-concurrent-jobs 3",
+            "--max-claims-per-poll 5",
+            "--claim-lease 900s",
+            "--allowed-job-types export,import",
+        ] {
+            assert!(joined.contains(want), "{want:?} missing from {joined}");
+        }
+        // A change of the settings changes the digest: the retriever rolls.
+        let defaults = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
+        let changed = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&custom), 1);
+        assert!(!deployment_up_to_date(&defaults, &changed));
+        // Without an org there is nothing to retrieve for: no replicas.
+        let orgless = retriever_deployment(&conn(), &RetrieverSettings::default(), None, 1);
+        assert_eq!(orgless.spec.replicas, Some(0));
+    }
+
+    #[test]
+    fn the_retriever_runs_as_its_own_service_account_bound_to_the_retriever_role() {
+        let c = conn();
+        let d = retriever_deployment(&c, &RetrieverSettings::default(), Some(&org()), 1);
+        let pod = d.spec.template.spec.unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("acme-retriever"));
+        let sa = retriever_service_account(&c);
+        assert_eq!(sa.metadata.name.as_deref(), Some("acme-retriever"));
+        assert!(is_ours(&c, &sa.metadata));
+        let rb = retriever_role_binding(&c, &RetrieverSettings::default());
+        assert!(is_ours(&c, &rb.metadata));
+        assert_eq!(rb.role_ref.kind, "ClusterRole");
+        assert_eq!(rb.role_ref.name, DEFAULT_RETRIEVER_CLUSTER_ROLE);
+        let subject = &rb.subjects.unwrap()[0];
+        assert_eq!(
+            (subject.kind.as_str(), subject.name.as_str()),
+            ("ServiceAccount", "acme-retriever")
+        );
+    }
+
     #[test]
     fn settings_flow_into_the_pod() {
         let settings = RetrieverSettings {
             image: "registry.local/op:1".into(),
             pull_policy: "Always".into(),
-            poll_interval: Duration::from_secs(120),
             ..Default::default()
         };
-        let d = retriever_deployment(&conn(), &settings, 1);
+        let d = retriever_deployment(&conn(), &settings, Some(&org()), 1);
         let c = &d.spec.template.spec.unwrap().containers[0];
         assert_eq!(c.image.as_deref(), Some("registry.local/op:1"));
         assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
-        assert!(c.args.as_ref().unwrap().contains(&"120s".to_string()));
+        assert!(c.args.as_ref().unwrap().contains(&"300s".to_string()));
     }
 
     #[test]
     fn digest_detects_changes_and_replica_drift() {
-        let one = retriever_deployment(&conn(), &RetrieverSettings::default(), 1);
-        let zero = retriever_deployment(&conn(), &RetrieverSettings::default(), 0);
+        let one = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
+        let zero = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 0);
         assert!(deployment_up_to_date(
             &one,
-            &retriever_deployment(&conn(), &RetrieverSettings::default(), 1)
+            &retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1)
         ));
         assert!(!deployment_up_to_date(&one, &zero));
         let mut scaled_by_hand = one.clone();
@@ -702,7 +866,7 @@ mod tests {
         };
         assert!(!deployment_up_to_date(
             &one,
-            &retriever_deployment(&conn(), &other_image, 1)
+            &retriever_deployment(&conn(), &other_image, Some(&org()), 1)
         ));
     }
 

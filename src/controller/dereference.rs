@@ -1,10 +1,12 @@
 //! Step 1: read what a reconcile depends on. Reads only; no writes.
 
 use super::{Context, Error, children, object_ref};
-use crate::api::Connection;
+use crate::api::{Connection, OrgSettings};
 use crate::controller::claims::{self, Claimant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, ResourceExt};
@@ -19,6 +21,32 @@ pub struct Observed {
     pub session: Option<Secret>,
     /// The retriever Deployment, if any.
     pub deployment: Option<Deployment>,
+    /// The retriever's ServiceAccount and RoleBinding, if any.
+    pub service_account: Option<ServiceAccount>,
+    pub role_binding: Option<RoleBinding>,
+}
+
+impl Observed {
+    /// Every child, named by kind, for the ownership check.
+    pub fn children(&self) -> [(&'static str, Option<&kube::api::ObjectMeta>); 5] {
+        [
+            ("Secret", self.token.as_ref().map(|s| &s.metadata)),
+            ("Secret", self.session.as_ref().map(|s| &s.metadata)),
+            ("Deployment", self.deployment.as_ref().map(|d| &d.metadata)),
+            (
+                "ServiceAccount",
+                self.service_account.as_ref().map(|s| &s.metadata),
+            ),
+            ("RoleBinding", self.role_binding.as_ref().map(|r| &r.metadata)),
+        ]
+    }
+}
+
+/// The OrgSettings `key` in `ns`, if it exists.
+pub async fn org_settings(ctx: &Context, ns: &str, key: &str) -> Result<Option<OrgSettings>, Error> {
+    Ok(Api::<OrgSettings>::namespaced(ctx.client.clone(), ns)
+        .get_opt(key)
+        .await?)
 }
 
 pub async fn observe(ctx: &Context, conn: &Connection, ns: &str) -> Result<Observed, Error> {
@@ -29,17 +57,23 @@ pub async fn observe(ctx: &Context, conn: &Connection, ns: &str) -> Result<Obser
         children::retriever_name(conn),
     );
     let token_name = super::tokens::token_secret_name(conn);
-    let (credentials, token, session, deployment) = futures::try_join!(
+    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
+    let (credentials, token, session, deployment, service_account, role_binding) = futures::try_join!(
         secrets.get_opt(&conn.spec.credentials_secret_ref.name),
         secrets.get_opt(&token_name),
         secrets.get_opt(&session_name),
         deployments.get_opt(&retriever_name),
+        accounts.get_opt(&retriever_name),
+        bindings.get_opt(&retriever_name),
     )?;
     Ok(Observed {
         credentials,
         token,
         session,
         deployment,
+        service_account,
+        role_binding,
     })
 }
 
@@ -69,6 +103,31 @@ pub fn connections_using_secret(
         .filter_map(|g| g.0.as_ref().ok())
         .filter(|c| {
             c.namespace().as_deref() == Some(ns.as_str()) && c.spec.credentials_secret_ref.name == name
+        })
+        .map(|c| object_ref(&ns, &c.name_any()))
+        .collect()
+}
+
+/// The connections (in its namespace) whose retriever runs with `settings`.
+pub fn connections_using_org_settings(
+    store: &Store<DeserializeGuard<Connection>>,
+    settings: &OrgSettings,
+) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+    let (Some(ns), name) = (settings.namespace(), settings.name_any()) else {
+        return vec![];
+    };
+    store
+        .state()
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok())
+        .filter(|c| {
+            c.namespace().as_deref() == Some(ns.as_str())
+                && c.status
+                    .as_ref()
+                    .and_then(|s| s.remote_id.as_deref())
+                    .and_then(|id| crate::api::org_key(c.spec.provider, id))
+                    .as_deref()
+                    == Some(name.as_str())
         })
         .map(|c| object_ref(&ns, &c.name_any()))
         .collect()

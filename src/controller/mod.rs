@@ -185,11 +185,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         let observed = dereference::observe(&ctx, conn, &ns).await?;
         // 2. validate against the provider, when due — unless a child's name is taken by an object
         // that is not ours: then nothing is validated, written or taken over.
-        let foreign = children::foreign_children(
-            conn,
-            &[observed.token.as_ref(), observed.session.as_ref()],
-            observed.deployment.as_ref(),
-        );
+        let foreign = children::foreign_children(conn, &observed.children());
         let validated = if foreign.is_empty() {
             apply::validate(&ctx, conn, &ns, &observed, now).await?
         } else {
@@ -206,12 +202,29 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
                 recheck_in: Some(CHILD_CONFLICT_RECHECK),
             }
         };
+        // The org's job settings, once the org is known (read here, created below when Active).
+        let remote_id = match &validated.check.known {
+            state::Known::Valid(id) => Some(id.remote_id.clone()),
+            _ => conn.status.as_ref().and_then(|s| s.remote_id.clone()),
+        };
+        let org_key = remote_id.and_then(|id| crate::api::org_key(conn.spec.provider, &id));
+        let mut org = match &org_key {
+            Some(key) => dereference::org_settings(&ctx, &ns, key).await?,
+            None => None,
+        };
+        let defaults = crate::api::OrgSettingsSpec::default();
         // 3. build the desired status and children (pure).
-        let retriever = children::observe_retriever(
-            observed.deployment.as_ref(),
-            &children::retriever_deployment(conn, &ctx.config.retriever, 1),
-        );
-        let status = state::decide(
+        let retriever = {
+            let jobs = org_key.as_deref().map(|key| children::OrgJobs {
+                key,
+                settings: org.as_ref().map(|o| &o.spec).unwrap_or(&defaults),
+            });
+            children::observe_retriever(
+                observed.deployment.as_ref(),
+                &children::retriever_deployment(conn, &ctx.config.retriever, jobs.as_ref(), 1),
+            )
+        };
+        let mut status = state::decide(
             conn,
             &validated.check,
             |id| {
@@ -227,8 +240,18 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
             &retriever,
             &Time(now),
         );
+        if let (Some(key), None, Some(State::Active)) = (&org_key, &org, status.state) {
+            org = Some(apply::create_org_settings(&ctx, &ns, key).await?);
+        }
+        if status.state != Some(State::Conflict) {
+            status.org_settings = org.as_ref().map(|o| o.name_any());
+        }
         let replicas = i32::from(status.state == Some(State::Active));
-        let deployment = children::retriever_deployment(conn, &ctx.config.retriever, replicas);
+        let jobs = org_key.as_deref().map(|key| children::OrgJobs {
+            key,
+            settings: org.as_ref().map(|o| &o.spec).unwrap_or(&defaults),
+        });
+        let deployment = children::retriever_deployment(conn, &ctx.config.retriever, jobs.as_ref(), replicas);
         let session = validated
             .session
             .as_ref()
@@ -302,17 +325,20 @@ pub async fn run(
         Some(journal) => journal::replay(&client, journal).await,
         None => vec![],
     };
-    let (connections, secrets, deployments): (
+    let (connections, secrets, deployments, org_settings): (
         Api<DeserializeGuard<Connection>>,
         Api<Secret>,
         Api<Deployment>,
+        Api<crate::api::OrgSettings>,
     ) = match &config.namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
         ),
         None => (
+            Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
@@ -383,6 +409,7 @@ pub async fn run(
     }
     let managed = format!("{}={}", children::MANAGED_BY.0, children::MANAGED_BY.1);
     let credentials_store = store.clone();
+    let settings_store = store.clone();
     let peers_store = store.clone();
     info!(
         namespace = config.namespace.as_deref().unwrap_or("<all>"),
@@ -402,6 +429,14 @@ pub async fn run(
         // refresh intent, is seen at once.
         .owns(secrets, watcher::Config::default().labels(&managed))
         .owns(deployments, watcher::Config::default().labels(&managed))
+        // An org's settings changing rolls the retrievers that use them.
+        .watches(
+            org_settings,
+            watcher::Config::default(),
+            move |settings: crate::api::OrgSettings| {
+                dereference::connections_using_org_settings(&settings_store, &settings)
+            },
+        )
         // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its rivals.
         .watches(
             connections,

@@ -292,7 +292,7 @@ pub fn decide(
             conditions::RETRIEVER_READY,
             Status::True,
             reasons::RETRIEVER_AVAILABLE,
-            "the retriever pod is ready: it has read the session (job retrieval itself is not implemented yet)",
+            "the retriever pod is ready: it polls the org's job queue and claims queued jobs (see kubectl get jobruns)",
         ),
         (State::Active, RetrieverObserved::NotAvailable(why)) => Desired::new(
             conditions::RETRIEVER_READY,
@@ -675,7 +675,7 @@ mod tests {
         let message = &conditions::find(&s.conditions, conditions::RETRIEVER_READY)
             .unwrap()
             .message;
-        assert!(message.contains("not implemented yet"), "{message}");
+        assert!(message.contains("polls the org's job queue"), "{message}");
     }
 
     #[test]

@@ -298,6 +298,8 @@ pub fn ensure_operator_rbac() {
                 "templates/rbac.yaml",
                 "--show-only",
                 "templates/admission-policy.yaml",
+                "--show-only",
+                "templates/retriever-rbac.yaml",
             ]),
             None,
         );

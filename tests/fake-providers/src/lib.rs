@@ -10,6 +10,11 @@
 //! | Salesforce identity | `GET /id/{orgId}/{userId}` (bearer) → `organization_id`, `user_id`, `username`, … |
 //! | Entra ID token grant | `POST /{tenant}/oauth2/v2.0/token` (form: `grant_type=refresh_token`, `refresh_token`, `client_id`, `scope={env}/user_impersonation offline_access`) → `access_token`, `refresh_token` (always new), `expires_in`, … |
 //! | Dataverse WhoAmI | `GET /api/data/v9.2/WhoAmI` (bearer) → `OrganizationId`, `UserId`, `BusinessUnitId` |
+//! | Salesforce job discover | `GET /services/data/v62.0/query?q=<SOQL>` (bearer) → `totalSize`, `done`, `records`, `nextRecordsUrl` |
+//! | Salesforce next page | `GET /services/data/v62.0/query/{locator}-{offset}` (bearer) |
+//! | Salesforce job read / write | `GET` / `PATCH /services/data/v62.0/sobjects/CrmJob__c/{Id}` (bearer; `If-Unmodified-Since`) |
+//! | Dataverse job discover | `GET /api/data/v9.2/crmc_crmjobs?$select=…&$filter=…&$orderby=createdon asc` (bearer; `Prefer: odata.maxpagesize=N`) → `value`, `@odata.nextLink` |
+//! | Dataverse job read / write | `GET` / `PATCH /api/data/v9.2/crmc_crmjobs({guid})` (bearer; `If-Match`, `Prefer: return=representation`) |
 //!
 //! So a Connection points at the fake with `spec.salesforce.loginUrl: <url>` or
 //! `spec.dynamics.environmentUrl: <url>` and the validator's Entra authority override `<url>`.
@@ -20,6 +25,49 @@
 //! `unauthorized_client` (Entra); wrong or missing client secret (when the org/environment has one) →
 //! 400 `invalid_client` / 401 `invalid_client`; wrong scope → 400 `invalid_scope`; unknown bearer →
 //! 403 `Bad_OAuth_Token` (Salesforce identity) / 401 (WhoAmI).
+//!
+//! # CRM job queues
+//!
+//! Each org / environment has a job queue ([`FakeProviders::seed_jobs`]); the access token of a
+//! data request says whose. Salesforce custom object `CrmJob__c`: `Id` (18 characters, `a0B…`),
+//! `Status__c` (`Holding`, `Waiting`, `Claimed`, `Running`, `Completed`, `Failed`, `Aborted`),
+//! `Type__c`, `Processor__c` (`Cloud` is the operator's), `ClaimedBy__c`, `ClaimExpires__c`,
+//! `Attempt__c` (a JSON number), `Started__c`, `Ended__c`, `Result__c`, `CreatedDate`,
+//! `LastModifiedDate`; date-times `2026-11-28T09:55:03.000+0000` (whole seconds). Dataverse table
+//! `crmc_crmjob` (entity set `crmc_crmjobs`, key `crmc_crmjobid`, a GUID): `crmc_status` (choice 1
+//! Holding … 7 Aborted, [`JobStatus::code`]), `crmc_type`, `crmc_processor`, `crmc_claimedby`,
+//! `crmc_claimexpires`, `crmc_attempt`, `crmc_started`, `crmc_ended`, `crmc_result`, `createdon`,
+//! `modifiedon`, `versionnumber`; date-times `2026-11-28T09:55:03Z`; `@odata.etag` `W/"<version>"`.
+//!
+//! - **Discover** parses just enough of the query: Salesforce needs `SELECT <fields> FROM CrmJob__c
+//!   WHERE Processor__c = 'Cloud' AND (Status__c IN ('Holding','Waiting') OR (Status__c = 'Claimed'
+//!   AND ClaimExpires__c < <datetime>)) [AND Type__c IN ('a','b')] ORDER BY CreatedDate [LIMIT n]`
+//!   (else 400 `MALFORMED_QUERY`; an unknown field `INVALID_FIELD`); Dataverse a `$filter` with
+//!   `crmc_processor eq 'Cloud'`, `crmc_status eq 1` / `2` / `3`, `crmc_claimexpires lt <datetime>`
+//!   and optionally `crmc_type eq '…'` terms (else 400 `0x80060888`), `$select` of known columns,
+//!   `$orderby` `createdon [asc]`. Both answer the Cloud jobs that are Holding or Waiting, or Claimed
+//!   with `claim_expires < bound`, of the types, in creation order. Salesforce pages (default 2000,
+//!   [`FakeProviders::set_job_page_size`]) come from a snapshot taken at the first request (an
+//!   unknown locator: 400 `INVALID_QUERY_LOCATOR`); Dataverse pages (the smaller of `Prefer:
+//!   odata.maxpagesize` (default 5000) and the set page size; `Preference-Applied` echoes the
+//!   header) re-run the filter after the `$skiptoken`'s last row, as a paging cookie does.
+//! - **Write**: `PATCH` a subset of the writable fields (`Status__c`, `ClaimedBy__c`,
+//!   `ClaimExpires__c`, `Attempt__c`, `Started__c`, `Ended__c`, `Result__c` / the `crmc_` columns
+//!   of the same names); an unknown one → 400 `INVALID_FIELD` / `0x80060888`, a bad status → 400
+//!   `INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST` / `0x8004431a`. Salesforce `If-Unmodified-Since`
+//!   (RFC 1123): a record modified in a later second → 412 `PRECONDITION_FAILED`; else 204.
+//!   Dataverse `If-Match` (`W/"v"` or `*`): a mismatch → 412 `0x80060882`; else 204 with
+//!   `OData-EntityId`, or 200 with the row and `ETag` under `Prefer: return=representation`. A
+//!   write sets the modified time to now and raises the version; check and write are atomic. A
+//!   missing record → 404 `NOT_FOUND` / `0x80040217` (the fake never upserts).
+//! - **Read**: `GET` one record → all fields (nulls where unset), 404 as above.
+//! - Unknown or expired bearer ([`FakeProviders::expire_access_tokens`]) → 401 `INVALID_SESSION_ID`
+//!   (Salesforce) / 401 with an empty body (Dataverse). Salesforce answers carry `Sforce-Limit-Info:
+//!   api-usage=N/M` (N counts the org's data requests; [`FakeProviders::set_api_usage`]); at N ≥ M →
+//!   403 `REQUEST_LIMIT_EXCEEDED`. [`FakeProviders::throttle_data`] makes the next requests 429 with
+//!   `Retry-After`. Faults: [`FaultTarget::SalesforceData`], [`FaultTarget::DataverseData`],
+//!   [`FaultTarget::JobApi`] (both), [`FaultTarget::Any`]. Every answer has a `Date` header (hyper's;
+//!   the client's server clock).
 //!
 //! # Controls
 //!
@@ -39,6 +87,17 @@
 //! | [`FakeProviders::change_remote_id`] | `POST /_admin/change-id` `{"from": "...", "to": "..."}` (sandbox refresh) → `{"changed": true}` |
 //! | [`FakeProviders::stats`] | `GET /_admin/stats` → [`Stats`] |
 //! | [`FakeProviders::reset_stats`] | `DELETE /_admin/stats` |
+//! | [`FakeProviders::seed_jobs`] | `POST /_admin/jobs` `{"remoteId": "...", "jobs": [`[`NewJob`]`]}` → `{"ids": [...]}` |
+//! | [`FakeProviders::jobs`] | `GET /_admin/jobs/{remoteId}` → [`FakeJob`]`[]` |
+//! | [`FakeProviders::job`] | `GET /_admin/jobs/{remoteId}/{id}` → [`FakeJob`] (404 if unknown) |
+//! | [`FakeProviders::abort_job`] | `POST /_admin/jobs/{remoteId}/{id}/abort` → `{"aborted": true}` |
+//! | [`FakeProviders::delete_job`] | `DELETE /_admin/jobs/{remoteId}/{id}` → `{"deleted": true}` |
+//! | [`FakeProviders::set_job_modified`] | `POST /_admin/jobs/{remoteId}/{id}/modified` `{"modified": "2026-11-28T09:55:03Z"}` → `{"changed": true}` |
+//! | [`FakeProviders::set_job_page_size`] | `POST /_admin/job-page-size` `{"pageSize": 2}` (0: the defaults) |
+//! | [`FakeProviders::expire_access_tokens`] | `POST /_admin/expire-access-tokens` → `{"expired": 3}` |
+//! | [`FakeProviders::set_query_delay`] | `POST /_admin/query-delay` `{"millis": 500}` |
+//! | [`FakeProviders::set_api_usage`] | `POST /_admin/api-usage` `{"remoteId": "...", "used": 14999, "max": 15000}` → `{"changed": true}` |
+//! | [`FakeProviders::throttle_data`] | `POST /_admin/throttle` `{"requests": 2, "retryAfterSecs": 7}` (0 requests: off) |
 //!
 //! The `fake-providers` binary (`fake-providers --listen 127.0.0.1:8089 --seed seed.yaml`) serves the
 //! same thing; see [`Seed`] for the seed file.
@@ -64,7 +123,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 
+mod jobs;
 mod tls;
+pub use jobs::{
+    CrmApi, FakeJob, JobStatus, NewJob, SeedJob, format_http_date, iso_datetime, parse_http_date,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 pub use tls::{ServerIdentity, TestPki};
@@ -158,7 +221,13 @@ pub enum FaultTarget {
     Identity,
     SalesforceIdentity,
     WhoAmI,
-    /// Every provider endpoint.
+    /// Salesforce data API: job queries (first and next pages) and `sobjects` reads and writes.
+    SalesforceData,
+    /// Dataverse data API: `crmc_crmjobs` queries, reads and writes.
+    DataverseData,
+    /// Both data APIs.
+    JobApi,
+    /// Every provider endpoint (data APIs included).
     Any,
 }
 
@@ -170,6 +239,8 @@ impl FaultTarget {
                 && matches!(endpoint, FaultTarget::SalesforceToken | FaultTarget::EntraToken))
             || (self == FaultTarget::Identity
                 && matches!(endpoint, FaultTarget::SalesforceIdentity | FaultTarget::WhoAmI))
+            || (self == FaultTarget::JobApi
+                && matches!(endpoint, FaultTarget::SalesforceData | FaultTarget::DataverseData))
     }
 }
 
@@ -272,6 +343,51 @@ impl Fault {
         Self::status(target, 200, &format!(r#"{{"padding":"{}"}}"#, "x".repeat(bytes)))
     }
 
+    /// 429 with `Retry-After: retry_after_secs` and Dataverse's service protection error body.
+    pub fn throttled(target: FaultTarget, retry_after_secs: u64) -> Self {
+        Self::status(
+            target,
+            429,
+            &json!({"error": {"code": "0x80072322", "message": "Number of requests exceeded the limit of 6000 over time window of 300 seconds."}}).to_string(),
+        )
+        .header("Retry-After", &retry_after_secs.to_string())
+    }
+
+    /// Salesforce's 403 `REQUEST_LIMIT_EXCEEDED` (daily API limit) on the Salesforce data API.
+    pub fn request_limit_exceeded() -> Self {
+        Self::status(
+            FaultTarget::SalesforceData,
+            403,
+            r#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#,
+        )
+    }
+
+    /// A 200 Salesforce query answer whose one record is malformed (a numeric `Id`, an unknown
+    /// status, a text `Attempt__c`, a bad date).
+    pub fn malformed_salesforce_row() -> Self {
+        Self::status(
+            FaultTarget::SalesforceData,
+            200,
+            &json!({"totalSize": 1, "done": true, "records": [{
+                "attributes": {"type": "CrmJob__c", "url": "/services/data/v62.0/sobjects/CrmJob__c/12345"},
+                "Id": 12345, "Type__c": null, "Status__c": "Bogus", "Attempt__c": "three",
+                "LastModifiedDate": "yesterday"}]})
+            .to_string(),
+        )
+    }
+
+    /// A 200 Dataverse query answer whose one row is malformed (not a GUID, status 99, a text
+    /// `crmc_attempt`, no etag).
+    pub fn malformed_dataverse_row() -> Self {
+        Self::status(
+            FaultTarget::DataverseData,
+            200,
+            &json!({"@odata.context": "x", "value": [{
+                "crmc_crmjobid": "not-a-guid", "crmc_type": 7, "crmc_status": 99, "crmc_attempt": "three"}]})
+            .to_string(),
+        )
+    }
+
     /// Never answer.
     pub fn hang(target: FaultTarget) -> Self {
         let mut fault = Self::status(target, 200, "");
@@ -297,7 +413,7 @@ impl Fault {
 
 /// Request counters (admin calls are not counted).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Stats {
     /// Salesforce + Entra token requests.
     pub token_requests: u64,
@@ -310,6 +426,17 @@ pub struct Stats {
     /// Salesforce token requests with a refresh token that rotation had already replaced (each
     /// one also revokes the live successor, as Salesforce does).
     pub dead_token_requests: u64,
+    /// Job discover queries, both APIs: first pages and next pages.
+    pub job_queries: u64,
+    /// Single job reads, both APIs.
+    pub job_reads: u64,
+    /// Job PATCH requests, both APIs (412s included).
+    pub job_patches: u64,
+    /// Job PATCHes answered 412 (If-Unmodified-Since / If-Match).
+    pub job_patch_conflicts: u64,
+    /// Data API answers 429 or 403 REQUEST_LIMIT_EXCEEDED (throttling, the API limit, or a
+    /// scripted fault with that status).
+    pub job_api_throttled: u64,
 }
 
 /// The `--seed` file of the binary (YAML or JSON).
@@ -328,6 +455,14 @@ pub struct Stats {
 ///     userId: 22222222-2222-2222-2222-222222222222
 ///     clientId: 33333333-3333-3333-3333-333333333333
 ///     refreshTokens: [demo-dyn-refresh-token]
+/// jobs:                                  # CRM job queues (see SeedJob), in creation order
+///   - remoteId: 00D000000000001AAA
+///     type: export
+///     count: 3                           # optional, default 1
+///   - remoteId: 11111111-1111-1111-1111-111111111111
+///     type: import
+///     status: Waiting                    # optional, default Holding
+///     processor: Desktop                 # optional, default Cloud
 /// ```
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -338,6 +473,8 @@ pub struct Seed {
     pub salesforce: Vec<SeedSalesforceOrg>,
     #[serde(default)]
     pub dynamics: Vec<SeedDynamicsEnvironment>,
+    #[serde(default)]
+    pub jobs: Vec<SeedJob>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -388,6 +525,7 @@ struct State {
     faults: VecDeque<Fault>,
     stats: Stats,
     last_token_form: Option<BTreeMap<String, String>>,
+    jobs: jobs::JobQueues,
 }
 
 impl State {
@@ -664,7 +802,7 @@ impl FakeProviders {
         self.shared.lock().last_token_form.clone()
     }
 
-    /// Applies a seed file.
+    /// Applies a seed file (jobs for an unknown remote ID are skipped).
     pub fn apply_seed(&self, seed: &Seed) {
         self.set_rotation(seed.rotation);
         for entry in &seed.salesforce {
@@ -679,6 +817,10 @@ impl FakeProviders {
                 self.add_refresh_token(&entry.environment.organization_id, Some(token));
             }
         }
+        for entry in &seed.jobs {
+            let jobs = vec![entry.job.clone(); entry.count as usize];
+            self.try_seed_jobs(&entry.remote_id, &jobs);
+        }
     }
 }
 
@@ -688,6 +830,16 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/id/{org}/{user}", get(salesforce_identity))
         .route("/{tenant}/oauth2/v2.0/token", post(entra_token))
         .route("/api/data/v9.2/WhoAmI", get(whoami))
+        .route("/services/data/v62.0/query", get(jobs::sf_query))
+        .route("/services/data/v62.0/query/{locator}", get(jobs::sf_query_more))
+        .route(
+            "/services/data/v62.0/sobjects/{object}/{id}",
+            get(jobs::sf_read).patch(jobs::sf_patch),
+        )
+        .route(
+            "/api/data/v9.2/{segment}",
+            get(jobs::dv_get).patch(jobs::dv_patch),
+        )
         .route("/_admin/stats", get(admin_stats).delete(admin_reset_stats))
         .route("/_admin/salesforce/orgs", post(admin_add_org))
         .route("/_admin/dynamics/environments", post(admin_add_environment))
@@ -700,6 +852,25 @@ fn router(shared: Arc<Shared>) -> Router {
             post(admin_push_fault).delete(admin_clear_faults),
         )
         .route("/_admin/change-id", post(admin_change_id))
+        .route("/_admin/jobs", post(jobs::admin_seed_jobs))
+        .route("/_admin/jobs/{remote}", get(jobs::admin_jobs))
+        .route(
+            "/_admin/jobs/{remote}/{id}",
+            get(jobs::admin_job).delete(jobs::admin_delete_job),
+        )
+        .route("/_admin/jobs/{remote}/{id}/abort", post(jobs::admin_abort_job))
+        .route(
+            "/_admin/jobs/{remote}/{id}/modified",
+            post(jobs::admin_job_modified),
+        )
+        .route("/_admin/job-page-size", post(jobs::admin_job_page_size))
+        .route(
+            "/_admin/expire-access-tokens",
+            post(jobs::admin_expire_access_tokens),
+        )
+        .route("/_admin/query-delay", post(jobs::admin_query_delay))
+        .route("/_admin/api-usage", post(jobs::admin_api_usage))
+        .route("/_admin/throttle", post(jobs::admin_throttle))
         .with_state(shared)
 }
 

@@ -19,7 +19,7 @@ struct Args {
     /// Address to listen on (plain http: a loopback address only; port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8089")]
     listen: SocketAddr,
-    /// YAML or JSON file with orgs, environments and refresh tokens to create at start.
+    /// YAML or JSON file with orgs, environments, refresh tokens and CRM jobs to create at start.
     #[arg(long)]
     seed: Option<PathBuf>,
     /// Serve https with this PEM certificate (chain); needs --tls-key.
@@ -87,6 +87,19 @@ async fn main() {
                 .unwrap_or_else(|e| fail(format!("{} is not a valid seed file: {e}", path.display())))
         }
     };
+    for entry in &seed.jobs {
+        let known = seed.salesforce.iter().any(|o| o.org.org_id == entry.remote_id)
+            || seed
+                .dynamics
+                .iter()
+                .any(|e| e.environment.organization_id == entry.remote_id);
+        if !known {
+            fail(format!(
+                "the seed's jobs name {}, which is no org or environment of the seed",
+                entry.remote_id
+            ));
+        }
+    }
     let started = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let identity = ServerIdentity::read(cert, key).unwrap_or_else(|e| fail(e.to_string()));
@@ -108,9 +121,10 @@ async fn main() {
     println!("  dynamics environmentUrl: {url}");
     println!("  admin API:               {url}/_admin/  (GET /_admin/stats)");
     println!(
-        "  seeded: {} Salesforce org(s), {} Dynamics environment(s), rotation {}",
+        "  seeded: {} Salesforce org(s), {} Dynamics environment(s), {} job(s), rotation {}",
         seed.salesforce.len(),
         seed.dynamics.len(),
+        seed.jobs.iter().map(|j| u64::from(j.count)).sum::<u64>(),
         if seed.rotation { "on" } else { "off" }
     );
     shutdown_signal().await;

@@ -1,0 +1,213 @@
+//! What one poll does, decided purely: how many jobs to claim, which ones, and when to poll next.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crm::{ApiUsage, JobStatus, QueuedJob, Version};
+
+/// The job settings the retriever runs with (from the org's OrgSettings, passed as flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobSettings {
+    pub auto_run_jobs: bool,
+    pub poll_interval: Duration,
+    pub max_concurrent_jobs: u32,
+    pub max_claims_per_poll: u32,
+    pub allowed_job_types: Vec<String>,
+    pub claim_lease: Duration,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        JobSettings {
+            auto_run_jobs: true,
+            poll_interval: Duration::from_secs(300),
+            max_concurrent_jobs: 2,
+            max_claims_per_poll: 5,
+            allowed_job_types: Vec::new(),
+            claim_lease: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Salesforce's `If-Unmodified-Since` has one-second resolution: a job is claimed only when its
+/// last change is at least this much older than the CRM's clock, so a rival's claim always lands in
+/// a later second and the slower writer gets 412.
+pub const MIN_AGE: Duration = Duration::from_secs(2);
+
+/// The most jobs one poll reads from the queue.
+pub const QUERY_LIMIT: u32 = 100;
+
+/// How many jobs this poll may claim: none when auto-run is off, else up to the per-poll maximum
+/// and the org's free slots (`held`: its JobRuns that are claimed or running).
+pub fn capacity(settings: &JobSettings, held: usize) -> usize {
+    if !settings.auto_run_jobs {
+        return 0;
+    }
+    let free = (settings.max_concurrent_jobs as usize).saturating_sub(held);
+    free.min(settings.max_claims_per_poll as usize)
+}
+
+/// Whether `job` may be claimed now. `server_time` is the CRM's clock (its `Date` header).
+pub fn claimable(job: &QueuedJob, server_time: Timestamp) -> bool {
+    let queued = matches!(
+        job.status,
+        JobStatus::Holding | JobStatus::Waiting | JobStatus::Claimed
+    );
+    let aged = match &job.version {
+        // Whole seconds: what If-Unmodified-Since compares.
+        Version::LastModified(modified) => {
+            server_time.as_second() - modified.as_second() >= MIN_AGE.as_secs() as i64
+        }
+        // An ETag names the exact version: no clock involved.
+        Version::ETag(_) => true,
+    };
+    queued && aged
+}
+
+/// The jobs to claim this poll, oldest first (the queue's order), at most `capacity`.
+pub fn choose(jobs: &[QueuedJob], server_time: Timestamp, capacity: usize) -> Vec<&QueuedJob> {
+    jobs.iter()
+        .filter(|j| claimable(j, server_time))
+        .take(capacity)
+        .collect()
+}
+
+/// Jobs waiting in the queue (Holding or Waiting), for the metric.
+pub fn holding(jobs: &[QueuedJob]) -> usize {
+    jobs.iter()
+        .filter(|j| matches!(j.status, JobStatus::Holding | JobStatus::Waiting))
+        .count()
+}
+
+/// The longest the poll interval is stretched to when the org's API budget runs low.
+pub const MAX_STRETCHED: Duration = Duration::from_secs(30 * 60);
+
+/// The poll interval given the org's API usage: unchanged below 90%, then stretched linearly up to
+/// 30 minutes at 100% (never shortened).
+pub fn stretched_interval(interval: Duration, usage: Option<ApiUsage>) -> Duration {
+    let Some(usage) = usage else { return interval };
+    let ratio = usage.ratio();
+    if ratio < 0.9 || interval >= MAX_STRETCHED {
+        return interval;
+    }
+    let over = ((ratio - 0.9) / 0.1).clamp(0.0, 1.0);
+    interval + (MAX_STRETCHED - interval).mul_f64(over)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn sf_job(id: &str, status: JobStatus, modified: &str) -> QueuedJob {
+        QueuedJob {
+            id: id.into(),
+            job_type: "export".into(),
+            status,
+            attempt: 0,
+            version: Version::LastModified(t(modified)),
+        }
+    }
+
+    #[test]
+    fn capacity_is_bounded_by_free_slots_and_the_per_poll_maximum() {
+        let s = JobSettings {
+            max_concurrent_jobs: 3,
+            max_claims_per_poll: 5,
+            ..Default::default()
+        };
+        assert_eq!(capacity(&s, 0), 3);
+        assert_eq!(capacity(&s, 2), 1);
+        assert_eq!(
+            capacity(&s, 7),
+            0,
+            "more held than allowed (settings lowered) claims nothing"
+        );
+        let few = JobSettings {
+            max_claims_per_poll: 1,
+            ..s.clone()
+        };
+        assert_eq!(capacity(&few, 0), 1);
+        let off = JobSettings {
+            auto_run_jobs: false,
+            ..s
+        };
+        assert_eq!(capacity(&off, 0), 0);
+    }
+
+    #[test]
+    fn a_salesforce_job_changed_within_two_seconds_waits() {
+        let now = t("2026-11-28T09:55:05.900Z");
+        // Same whole second as 09:55:04 → 1 s old: too young, whatever the milliseconds.
+        assert!(!claimable(
+            &sf_job("a", JobStatus::Holding, "2026-11-28T09:55:04Z"),
+            now
+        ));
+        assert!(claimable(
+            &sf_job("b", JobStatus::Holding, "2026-11-28T09:55:03Z"),
+            now
+        ));
+        // A clock behind the record (skew): too young.
+        assert!(!claimable(
+            &sf_job("c", JobStatus::Holding, "2026-11-28T09:56:00Z"),
+            now
+        ));
+    }
+
+    #[test]
+    fn only_queued_statuses_are_claimable() {
+        let now = t("2026-11-28T10:00:00Z");
+        for (status, want) in [
+            (JobStatus::Holding, true),
+            (JobStatus::Waiting, true),
+            (JobStatus::Claimed, true), // the query returns only expired claims
+            (JobStatus::Running, false),
+            (JobStatus::Completed, false),
+            (JobStatus::Aborted, false),
+        ] {
+            assert_eq!(
+                claimable(&sf_job("a", status, "2026-11-28T09:00:00Z"), now),
+                want,
+                "{status:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn choose_keeps_queue_order_and_capacity() {
+        let now = t("2026-11-28T10:00:00Z");
+        let jobs = vec![
+            sf_job("young", JobStatus::Holding, "2026-11-28T09:59:59Z"),
+            sf_job("a", JobStatus::Holding, "2026-11-28T09:00:00Z"),
+            sf_job("b", JobStatus::Waiting, "2026-11-28T09:00:00Z"),
+            sf_job("c", JobStatus::Holding, "2026-11-28T09:00:00Z"),
+        ];
+        let ids: Vec<&str> = choose(&jobs, now, 2).iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(choose(&jobs, now, 0).is_empty());
+        assert_eq!(holding(&jobs), 4);
+    }
+
+    #[test]
+    fn the_interval_stretches_only_above_ninety_percent_usage() {
+        let five = Duration::from_secs(300);
+        let usage = |used| Some(ApiUsage { used, max: 1000 });
+        assert_eq!(stretched_interval(five, None), five);
+        assert_eq!(stretched_interval(five, usage(899)), five);
+        assert_eq!(stretched_interval(five, usage(900)), five);
+        assert_eq!(
+            stretched_interval(five, usage(950)),
+            Duration::from_secs(300 + 750)
+        );
+        assert_eq!(stretched_interval(five, usage(1000)), MAX_STRETCHED);
+        assert_eq!(stretched_interval(five, usage(5000)), MAX_STRETCHED);
+        assert_eq!(
+            stretched_interval(Duration::from_secs(3600), usage(1000)),
+            Duration::from_secs(3600)
+        );
+    }
+}
