@@ -1,0 +1,681 @@
+//! Job retrieval against the real control plane and the fake CRMs: the operator gives an Active
+//! connection its retriever identity and the org's OrgSettings; the retriever (run here as a
+//! process, with its own ServiceAccount's token and the session the operator wrote) claims queued
+//! jobs with conditional writes in the CRM and records them as JobRuns.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use connection_operator::api::{Connection, JobPhase, JobRun, OrgSettings, State};
+use connection_operator::controller::Config;
+use fake_providers::{DynamicsEnvironment, FakeProviders, JobStatus, NewJob, SalesforceOrg};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+const SF_ORG: &str = "00D000000000031AAA";
+const SF_KEY: &str = "sf-00d000000000031aaa";
+const D365_ENV: &str = "31313131-3131-3131-3131-313131313131";
+const D365_KEY: &str = "d365-31313131-3131-3131-3131-313131313131";
+const CLIENT: &str = "cid";
+
+struct Env {
+    client: kube::Client,
+    ns: TempNamespace,
+    fake: FakeProviders,
+    op: InProcessOperator,
+}
+
+impl Env {
+    async fn new() -> Env {
+        ensure_operator_rbac();
+        let client = client().await;
+        let ns = TempNamespace::new(&client).await;
+        let fake = FakeProviders::start().await;
+        fake.add_salesforce_org(SalesforceOrg::new(
+            SF_ORG,
+            "005000000000031AAA",
+            "ops@acme.example",
+            CLIENT,
+        ));
+        fake.add_dynamics_environment(DynamicsEnvironment::new(
+            D365_ENV,
+            "32323232-3232-3232-3232-323232323232",
+            CLIENT,
+        ));
+        let mut config = Config {
+            namespace: Some(ns.name().to_string()),
+            ..Default::default()
+        };
+        config.validator.entra_authority_override = Some(fake.entra_authority());
+        let op = InProcessOperator::start(config).await;
+        Env { client, ns, fake, op }
+    }
+
+    fn ns(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// A Connection `name` for the Salesforce org (or the Dynamics environment), Active.
+    async fn connect(&self, name: &str, dynamics: bool) -> Connection {
+        let remote = if dynamics { D365_ENV } else { SF_ORG };
+        let token = self.fake.issue_refresh_token(remote);
+        let provider = if dynamics {
+            json!({"provider": "Dynamics365", "dynamics": {"environmentUrl": self.fake.environment_url()}})
+        } else {
+            json!({"provider": "SalesforceProduction", "salesforce": {"loginUrl": self.fake.salesforce_login_url()}})
+        };
+        let mut spec = json!({"team": "sales", "credentialsSecretRef": {"name": format!("{name}-creds")}});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(provider.as_object().unwrap().clone());
+        let manifest = json!({
+            "apiVersion": "v1", "kind": "List", "items": [
+                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("{name}-creds"), "namespace": self.ns()},
+                 "stringData": {"client_id": CLIENT, "refresh_token": token}},
+                {"apiVersion": "crmconnect.io/v1alpha1", "kind": "Connection",
+                 "metadata": {"name": name, "namespace": self.ns()}, "spec": spec},
+            ]
+        });
+        run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest.to_string()));
+        self.wait_state(name, State::Active).await
+    }
+
+    async fn wait_state(&self, name: &str, state: State) -> Connection {
+        let api: Api<Connection> = Api::namespaced(self.client.clone(), self.ns());
+        eventually(&format!("{name} {state}"), Duration::from_secs(60), || async {
+            let c = api.get(name).await.ok()?;
+            (c.status.as_ref()?.state == Some(state)).then_some(c)
+        })
+        .await
+    }
+
+    /// A kubeconfig for `<name>-retriever` (a TokenRequest token), as a retriever pod gets.
+    fn retriever_kubeconfig(&self, dir: &Path, service_account: &str) -> std::path::PathBuf {
+        let token = run_ok(
+            kubectl().args([
+                "create",
+                "token",
+                service_account,
+                "-n",
+                self.ns(),
+                "--duration",
+                "1h",
+            ]),
+            None,
+        );
+        let admin: serde_json::Value = serde_json::from_str(&run_ok(
+            kubectl().args(["config", "view", "--raw", "--minify", "--flatten", "-o", "json"]),
+            None,
+        ))
+        .unwrap();
+        let cluster = admin["clusters"][0]["cluster"].clone();
+        let config = json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "c", "cluster": cluster}],
+            "users": [{"name": "u", "user": {"token": token.trim()}}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u", "namespace": self.ns()}}],
+            "current-context": "x",
+        });
+        let path = dir.join(format!("{service_account}.kubeconfig"));
+        std::fs::write(&path, config.to_string()).unwrap();
+        path
+    }
+
+    /// The session the operator wrote for `name`, as files (what the kubelet mounts).
+    async fn session_dir(&self, name: &str, dir: &Path) -> std::path::PathBuf {
+        let secret = Api::<Secret>::namespaced(self.client.clone(), self.ns())
+            .get(&format!("{name}-session"))
+            .await
+            .unwrap();
+        let session = dir.join(format!("{name}-session"));
+        std::fs::create_dir_all(&session).unwrap();
+        for (key, value) in secret.data.unwrap() {
+            std::fs::write(session.join(key), value.0).unwrap();
+        }
+        session
+    }
+
+    async fn jobruns(&self) -> Vec<JobRun> {
+        Api::<JobRun>::namespaced(self.client.clone(), self.ns())
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+    }
+}
+
+/// `connection-operator retrieve --once` for `connection`, as its retriever pod would run it. On a
+/// blocking thread: the fake CRM serves from this test's runtime meanwhile.
+async fn retrieve_once(
+    kubeconfig: &Path,
+    session: &Path,
+    ns: &str,
+    connection: &str,
+    org_key: &str,
+    extra: &[&str],
+) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_connection-operator"));
+    cmd.args([
+        "retrieve",
+        "--once",
+        "--connection",
+        connection,
+        "--namespace",
+        ns,
+        "--org-key",
+        org_key,
+    ])
+    .arg("--session-dir")
+    .arg(session)
+    .args(["--metrics-addr", "127.0.0.1:0", "--pod-name", "test-pod"])
+    .args(extra)
+    .env("KUBECONFIG", kubeconfig)
+    .env("RUST_LOG", "info");
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Seeds `n` Holding jobs and ages them past the 2-second rule.
+fn seed_aged(fake: &FakeProviders, remote: &str, n: usize) -> Vec<String> {
+    let ids = fake.seed_jobs(remote, &vec![NewJob::new("export"); n]);
+    let past = SystemTime::now() - Duration::from_secs(60);
+    for id in &ids {
+        assert!(fake.set_job_modified(remote, id, past));
+    }
+    ids
+}
+
+async fn claims_jobs_up_to_max_concurrent_across_pages(dynamics: bool) {
+    let env = Env::new().await;
+    let (remote, key) = if dynamics {
+        (D365_ENV, D365_KEY)
+    } else {
+        (SF_ORG, SF_KEY)
+    };
+    let conn = env.connect("acme", dynamics).await;
+    let status = conn.status.unwrap();
+    assert_eq!(
+        status.org_settings.as_deref(),
+        Some(key),
+        "the status names the OrgSettings in use"
+    );
+    let settings: OrgSettings = Api::namespaced(env.client.clone(), env.ns())
+        .get(key)
+        .await
+        .unwrap();
+    assert_eq!(settings.spec, Default::default(), "created with the defaults");
+    assert!(
+        settings.metadata.owner_references.is_none(),
+        "never owned by a Connection"
+    );
+    let deployment: Deployment = Api::namespaced(env.client.clone(), env.ns())
+        .get("acme-retriever")
+        .await
+        .unwrap();
+    let args = deployment.spec.template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(
+        args.contains(&format!("--org-key {key}")) && args.contains("--poll-interval 300s"),
+        "{args}"
+    );
+
+    seed_aged(&env.fake, remote, 7);
+    env.fake.set_job_page_size(2);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
+    let session = env.session_dir("acme", dir.path()).await;
+    let out = retrieve_once(
+        &kubeconfig,
+        &session,
+        env.ns(),
+        "acme",
+        key,
+        &["--max-concurrent-jobs", "3"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("claimed 3,"), "{}", text(&out));
+
+    let jobs = env.fake.jobs(remote);
+    let claimed: Vec<_> = jobs.iter().filter(|j| j.status == JobStatus::Claimed).collect();
+    assert_eq!(claimed.len(), 3, "{jobs:#?}");
+    assert_eq!(jobs.iter().filter(|j| j.status == JobStatus::Holding).count(), 4);
+    for job in &claimed {
+        assert_eq!(
+            job.claimed_by.as_deref(),
+            Some(format!("{}/acme/test-pod", env.ns()).as_str())
+        );
+        assert_eq!(job.attempt, 1);
+        assert!(job.claim_expires.is_some());
+    }
+    let runs = env.jobruns().await;
+    assert_eq!(runs.len(), 3);
+    for run in &runs {
+        assert_eq!(run.spec.connection, "acme");
+        let status = run.status.as_ref().unwrap();
+        assert_eq!(status.phase, Some(JobPhase::Claimed));
+        assert_eq!(status.attempt, Some(1));
+        assert!(claimed.iter().any(|j| j.id == run.spec.crm_job_id), "{run:?}");
+        assert_eq!(
+            run.metadata.name.as_deref().unwrap(),
+            format!("{key}-{}", run.spec.crm_job_id.to_ascii_lowercase())
+        );
+        assert_eq!(
+            run.labels().get("crmconnect.io/org").map(String::as_str),
+            Some(key)
+        );
+        assert!(
+            run.metadata.owner_references.is_none(),
+            "job history is not owned by the Connection"
+        );
+    }
+    // The org is at its maximum: the next poll claims nothing more.
+    let again = retrieve_once(
+        &kubeconfig,
+        &session,
+        env.ns(),
+        "acme",
+        key,
+        &["--max-concurrent-jobs", "3"],
+    )
+    .await;
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("claimed 0,"),
+        "{}",
+        text(&again)
+    );
+
+    // No token anywhere in what was recorded.
+    let access = std::fs::read_to_string(session.join("access_token")).unwrap();
+    let recorded = kubectl_ok(&["get", "jobruns,orgsettings", "-n", env.ns(), "-o", "yaml"]);
+    let events = kubectl_ok(&["get", "events", "-n", env.ns(), "-o", "yaml"]);
+    for haystack in [recorded.as_str(), events.as_str(), &text(&out), &text(&again)] {
+        assert!(!haystack.contains(access.trim()), "the access token leaked");
+    }
+    env.op.stop().await;
+}
+
+#[tokio::test]
+async fn salesforce_jobs_are_claimed_up_to_max_concurrent_jobs_across_pages() {
+    claims_jobs_up_to_max_concurrent_across_pages(false).await;
+}
+
+#[tokio::test]
+async fn dataverse_jobs_are_claimed_up_to_max_concurrent_jobs_across_pages() {
+    claims_jobs_up_to_max_concurrent_across_pages(true).await;
+}
+
+#[tokio::test]
+async fn two_retrievers_racing_claim_each_job_once_and_the_loser_sees_412() {
+    let env = Env::new().await;
+    env.connect("acme", false).await;
+    let ids = seed_aged(&env.fake, SF_ORG, 4);
+    // Both read the queue before either writes.
+    env.fake.set_query_delay(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
+    let session = env.session_dir("acme", dir.path()).await;
+    let args = ["--max-concurrent-jobs", "10", "--max-claims-per-poll", "10"];
+    let (one, two) = tokio::join!(
+        retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &args),
+        retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &args),
+    );
+    assert!(one.status.success(), "{}", text(&one));
+    assert!(two.status.success(), "{}", text(&two));
+    let jobs = env.fake.jobs(SF_ORG);
+    assert!(
+        jobs.iter()
+            .all(|j| j.status == JobStatus::Claimed && j.attempt == 1),
+        "each claimed exactly once: {jobs:#?}"
+    );
+    assert_eq!(env.jobruns().await.len(), ids.len());
+    assert!(
+        env.fake.stats().job_patch_conflicts >= 1,
+        "the slower writer got 412"
+    );
+    let summaries = format!(
+        "{}{}",
+        String::from_utf8_lossy(&one.stdout),
+        String::from_utf8_lossy(&two.stdout)
+    );
+    assert!(
+        summaries.contains("lost to another processor")
+            && !summaries.contains("lost to another processor 0, gone 0, holding 4, capacity 10\nclaimed 4"),
+        "{summaries}"
+    );
+    env.op.stop().await;
+}
+
+#[tokio::test]
+async fn young_jobs_wait_and_auto_run_off_claims_nothing() {
+    let env = Env::new().await;
+    env.connect("acme", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
+    let session = env.session_dir("acme", dir.path()).await;
+
+    // Changed this second: not claimed until it is 2 s old.
+    let young = env.fake.seed_jobs(SF_ORG, &[NewJob::new("export")]);
+    let out = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("claimed 0,"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("holding 1"),
+        "{}",
+        text(&out)
+    );
+    env.fake
+        .set_job_modified(SF_ORG, &young[0], SystemTime::now() - Duration::from_secs(3));
+
+    // Auto-run off: polled and counted, never claimed.
+    let off = retrieve_once(
+        &kubeconfig,
+        &session,
+        env.ns(),
+        "acme",
+        SF_KEY,
+        &["--auto-run-jobs=false"],
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&off.stdout)
+            .contains("claimed 0, lost to another processor 0, gone 0, holding 1, capacity 0"),
+        "{}",
+        text(&off)
+    );
+    assert_eq!(
+        env.fake.job(SF_ORG, &young[0]).unwrap().status,
+        JobStatus::Holding
+    );
+
+    let on = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert!(
+        String::from_utf8_lossy(&on.stdout).contains("claimed 1,"),
+        "{}",
+        text(&on)
+    );
+    env.op.stop().await;
+}
+
+#[tokio::test]
+async fn throttling_and_bad_answers_are_clear_errors_and_never_change_the_connection() {
+    let env = Env::new().await;
+    env.connect("acme", false).await;
+    seed_aged(&env.fake, SF_ORG, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
+    let session = env.session_dir("acme", dir.path()).await;
+
+    env.fake
+        .push_fault(fake_providers::Fault::request_limit_exceeded());
+    let limited = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert_eq!(limited.status.code(), Some(1), "{}", text(&limited));
+    assert!(
+        text(&limited).contains("throttling this org's requests (HTTP 403 REQUEST_LIMIT_EXCEEDED)"),
+        "{}",
+        text(&limited)
+    );
+
+    env.fake.throttle_data(1, 7);
+    let throttled = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert!(text(&throttled).contains("HTTP 429"), "{}", text(&throttled));
+
+    for (fault, expect) in [
+        (
+            fake_providers::Fault::html(fake_providers::FaultTarget::SalesforceData, 200),
+            "an HTML page",
+        ),
+        (
+            fake_providers::Fault::malformed_json(fake_providers::FaultTarget::SalesforceData),
+            "not JSON",
+        ),
+        (
+            fake_providers::Fault::oversized(fake_providers::FaultTarget::SalesforceData, 5 << 20),
+            "larger than",
+        ),
+    ] {
+        env.fake.push_fault(fault);
+        let out = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains(expect), "{expect:?}: {}", text(&out));
+    }
+    env.fake
+        .push_fault(fake_providers::Fault::malformed_salesforce_row());
+    let row = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert!(
+        row.status.success(),
+        "a bad row is skipped, not fatal: {}",
+        text(&row)
+    );
+    assert!(text(&row).contains("skipped a job queue row"), "{}", text(&row));
+
+    // An access token the CRM no longer accepts: a clear error (the operator renews the session).
+    env.fake.expire_access_tokens();
+    let stale = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert!(
+        text(&stale).contains("rejected the session (HTTP 401"),
+        "{}",
+        text(&stale)
+    );
+
+    let c = env.wait_state("acme", State::Active).await;
+    assert_eq!(
+        c.status.unwrap().reason.as_deref(),
+        Some("Connected"),
+        "no retrieval failure changes the connection"
+    );
+    env.op.stop().await;
+}
+
+#[tokio::test]
+async fn a_claim_without_a_jobrun_lapses_and_is_claimed_again_once() {
+    let env = Env::new().await;
+    env.connect("acme", false).await;
+    let ids = seed_aged(&env.fake, SF_ORG, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let session = env.session_dir("acme", dir.path()).await;
+    // A retriever that claims but cannot record (here: acme's retriever posing as another
+    // connection, whose JobRun the admission policy refuses; for a real retriever, a crash
+    // between the two).
+    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
+    let out = retrieve_once(
+        &kubeconfig,
+        &session,
+        env.ns(),
+        "other",
+        SF_KEY,
+        &["--claim-lease", "1s"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(env.fake.job(SF_ORG, &ids[0]).unwrap().status, JobStatus::Claimed);
+    assert!(env.jobruns().await.is_empty());
+
+    // After the lease (and the 2-second rule on the claim's own write), the job is claimed again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("claimed 1,"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(env.fake.job(SF_ORG, &ids[0]).unwrap().attempt, 2, "Attempt+1");
+    let runs = env.jobruns().await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status.as_ref().unwrap().attempt, Some(2));
+    // Its lease (15m by default) holds: not claimed a third time.
+    let out = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("claimed 0,"),
+        "{}",
+        text(&out)
+    );
+    env.op.stop().await;
+}
+
+#[tokio::test]
+async fn a_retriever_may_write_only_its_own_connections_jobruns() {
+    let env = Env::new().await;
+    env.connect("acme", false).await;
+    let sa = format!("system:serviceaccount:{}:acme-retriever", env.ns());
+    let can = |verb: &str, resource: &str| {
+        let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
+        run(
+            kubectl().args([
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                "-n",
+                env.ns(),
+                "--as",
+                &sa,
+                &format!("--subresource={sub}"),
+            ]),
+            None,
+        )
+        .stdout
+        .trim()
+        .to_string()
+    };
+    assert_eq!(can("create", "jobruns.crmconnect.io"), "yes");
+    assert_eq!(can("patch", "jobruns.crmconnect.io/status"), "yes");
+    for (verb, resource) in [
+        ("delete", "jobruns.crmconnect.io"),
+        ("update", "jobruns.crmconnect.io"),
+        ("get", "secrets"),
+        ("create", "pods"),
+        ("patch", "connections.crmconnect.io"),
+        ("create", "orgsettings.crmconnect.io"),
+    ] {
+        assert_eq!(can(verb, resource), "no", "{verb} {resource}");
+    }
+    let jobrun = |connection: &str| {
+        json!({
+            "apiVersion": "crmconnect.io/v1alpha1", "kind": "JobRun",
+            "metadata": {"name": format!("{SF_KEY}-a0b00000000000{connection}"), "namespace": env.ns(),
+                         "labels": {"crmconnect.io/connection": connection, "crmconnect.io/org": SF_KEY}},
+            "spec": {"connection": connection, "crmJobId": "a0B000000000001AAA", "type": "export", "provider": "SalesforceProduction"},
+        })
+        .to_string()
+    };
+    let theirs = run(
+        kubectl().args(["create", "-f", "-", "--as", &sa]),
+        Some(&jobrun("other")),
+    );
+    assert!(!theirs.success, "another connection's JobRun was accepted");
+    assert!(
+        theirs
+            .stderr
+            .contains("may only write JobRuns whose spec.connection"),
+        "{}",
+        theirs.stderr
+    );
+    let own = run(
+        kubectl().args(["create", "-f", "-", "--as", &sa]),
+        Some(&jobrun("acme")),
+    );
+    assert!(own.success, "{}", own.stderr);
+    env.op.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_connection_for_the_same_org_uses_its_settings_and_paused_gets_no_retriever() {
+    let env = Env::new().await;
+    env.connect("first", false).await;
+    let orgs: Api<OrgSettings> = Api::namespaced(env.client.clone(), env.ns());
+    orgs.patch(
+        SF_KEY,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"pollInterval": "7m", "maxConcurrentJobs": 4}})),
+    )
+    .await
+    .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), env.ns());
+    let args_of = |name: &'static str| {
+        let deployments = deployments.clone();
+        async move {
+            deployments.get(name).await.ok()?.spec.template.spec?.containers[0]
+                .args
+                .clone()
+                .map(|a| a.join(" "))
+        }
+    };
+    // A change of the settings rolls the retriever.
+    eventually("the first retriever rolled", Duration::from_secs(30), || async {
+        args_of("first-retriever")
+            .await
+            .filter(|a| a.contains("--poll-interval 420s") && a.contains("--max-concurrent-jobs 4"))
+    })
+    .await;
+
+    Api::<Connection>::namespaced(env.client.clone(), env.ns())
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("first gone", Duration::from_secs(30), || async {
+        Api::<Connection>::namespaced(env.client.clone(), env.ns())
+            .get_opt("first")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let second = env.connect("second", false).await;
+    assert_eq!(second.status.unwrap().org_settings.as_deref(), Some(SF_KEY));
+    let args = eventually("the second retriever", Duration::from_secs(30), || {
+        args_of("second-retriever")
+    })
+    .await;
+    assert!(
+        args.contains("--poll-interval 420s") && args.contains("--max-concurrent-jobs 4"),
+        "{args}"
+    );
+    assert_eq!(
+        orgs.get(SF_KEY).await.unwrap().spec.poll_interval,
+        "7m",
+        "kept, not reset"
+    );
+
+    // Paused: no retriever replicas.
+    Api::<Connection>::namespaced(env.client.clone(), env.ns())
+        .patch(
+            "second",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .unwrap();
+    env.wait_state("second", State::Paused).await;
+    eventually("scaled to 0", Duration::from_secs(30), || async {
+        (deployments.get("second-retriever").await.ok()?.spec.replicas == Some(0)).then_some(())
+    })
+    .await;
+    env.op.stop().await;
+}
