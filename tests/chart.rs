@@ -257,6 +257,18 @@ fn rbac_grants_no_delete_and_no_access_beyond_what_the_operator_uses() {
             .any(|g| g.contains("pods") || g.contains("configmaps")),
         "{grants:?}"
     );
+    // It may bind its retrievers to the retriever ClusterRole, and to no other role.
+    let bind: Vec<_> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["verbs"].as_array().unwrap().iter().any(|v| v == "bind"))
+        .collect();
+    assert_eq!(bind.len(), 1, "{bind:?}");
+    assert_eq!(bind[0]["resources"], serde_json::json!(["clusterroles"]));
+    let names = bind[0]["resourceNames"].as_array().expect("bind is limited by resourceNames");
+    assert_eq!(names.len(), 1);
+    assert!(names[0].as_str().unwrap().ends_with(":retriever"), "{names:?}");
 }
 
 #[test]
@@ -300,7 +312,11 @@ fn cluster_rbac_names_never_clash_with_built_in_roles() {
     );
     for doc in documents(&rendered) {
         if doc["kind"] == "ClusterRole" || doc["kind"] == "ClusterRoleBinding" {
-            assert_eq!(doc["metadata"]["name"], "crmconnect:admin", "{doc}");
+            let name = doc["metadata"]["name"].as_str().unwrap();
+            assert!(
+                name == "crmconnect:admin" || name == "crmconnect:admin:retriever",
+                "{doc}"
+            );
         }
         if doc["kind"] == "ClusterRoleBinding" {
             assert_eq!(doc["roleRef"]["name"], "crmconnect:admin");
