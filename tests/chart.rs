@@ -266,7 +266,9 @@ fn rbac_grants_no_delete_and_no_access_beyond_what_the_operator_uses() {
         .collect();
     assert_eq!(bind.len(), 1, "{bind:?}");
     assert_eq!(bind[0]["resources"], serde_json::json!(["clusterroles"]));
-    let names = bind[0]["resourceNames"].as_array().expect("bind is limited by resourceNames");
+    let names = bind[0]["resourceNames"]
+        .as_array()
+        .expect("bind is limited by resourceNames");
     assert_eq!(names.len(), 1);
     assert!(names[0].as_str().unwrap().ends_with(":retriever"), "{names:?}");
 }

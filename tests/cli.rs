@@ -95,15 +95,22 @@ fn unreachable_kubeconfig(dir: &Path) -> std::path::PathBuf {
 
 fn retrieve(dir: &Path, port: u16) -> Command {
     let mut cmd = bin();
-    cmd.args(["retrieve", "--connection", "acme", "--org-key", "sf-00d000000000001eaa", "--session-dir"])
-        .arg(dir)
-        .args(["--probe-addr", &format!("127.0.0.1:{port}")])
-        .args(["--session-check-interval", "100ms", "--start-delay-max", "1h"])
-        .env("KUBECONFIG", unreachable_kubeconfig(dir))
-        .env("CONNECTION_NAMESPACE", "sales")
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "retrieve",
+        "--connection",
+        "acme",
+        "--org-key",
+        "sf-00d000000000001eaa",
+        "--session-dir",
+    ])
+    .arg(dir)
+    .args(["--probe-addr", &format!("127.0.0.1:{port}")])
+    .args(["--session-check-interval", "100ms", "--start-delay-max", "1h"])
+    .env("KUBECONFIG", unreachable_kubeconfig(dir))
+    .env("CONNECTION_NAMESPACE", "sales")
+    .env("RUST_LOG", "debug")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     cmd
 }
 
