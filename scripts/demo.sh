@@ -4,7 +4,8 @@
 # (scripts/image.sh), serves a simulated Salesforce + Dynamics 365 over https with a throwaway CA
 # on the node's bridge address (the fake-providers test binary, not part of the operator), installs
 # the operator with Helm as a pod, applies example connections, shows them turn Active with their
-# retriever pods Running, revokes one token and shows it Inactive with its pod gone.
+# retriever pods Running and claiming the jobs queued in the simulated CRMs (JobRuns), revokes one
+# token and shows it Inactive with its pod gone.
 # `make demo-down` stops it all.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -54,6 +55,12 @@ salesforce:
   - {orgId: 00D7z000000UATAAA1, userId: 0057z00000UATAAAA1, username: qa@acme.example.uat, clientId: demo-client, refreshTokens: [demo-uat-token]}
 dynamics:
   - {organizationId: 6f1c2a9e-0000-4000-8000-00000000c0de, userId: 2b7d4e11-0000-4000-8000-0000000a11ce, clientId: demo-app, environmentUrl: "https://contoso.crm.microsoftdynamics.us", refreshTokens: [demo-dyn-token]}
+# Jobs queued for the cloud in each CRM (and one for a desktop processor, which is not ours).
+jobs:
+  - {remoteId: 00D5g000004ACMEAA1, count: 3, type: nightly-export}
+  - {remoteId: 00D5g000004ACMEAA1, type: report, processor: Desktop}
+  - {remoteId: 00D7z000000UATAAA1, count: 1, type: data-sync}
+  - {remoteId: 6f1c2a9e-0000-4000-8000-00000000c0de, count: 2, type: invoice-run}
 SEED
 dns_args=()
 for h in "${hosts[@]}"; do dns_args+=(--dns "$h"); done
@@ -166,6 +173,17 @@ for _ in $(seq 120); do
 done
 kubectl get deployments,pods -n "$ns"
 
+step "Retrievers claim the queued jobs in the CRMs (first poll within 30 s of a pod's start)"
+echo "(each org's settings: maxConcurrentJobs 2, so acme-prod claims 2 of its 3; none for the Conflict one)"
+for _ in $(seq 120); do
+	[[ $(kubectl get jobruns -n "$ns" -o name 2>/dev/null | wc -l) -ge 5 ]] && break
+	sleep 0.5
+done
+kubectl get orgsettings,jobruns -n "$ns"
+echo
+prod_jobs=$(curl -fsS --cacert "$state/pki/ca.crt" "$fake/_admin/jobs/00D5g000004ACMEAA1")
+echo "in acme-prod's org (simulated Salesforce): $(grep -o '"status":"Claimed"' <<<"$prod_jobs" | wc -l) jobs Claimed, $(grep -o '"status":"Holding"' <<<"$prod_jobs" | wc -l) Holding (one of them for a Desktop processor, never ours)"
+
 step "Revoking the UAT sandbox's refresh token at the provider (as an admin would in Salesforce)"
 curl -fsS --cacert "$state/pki/ca.crt" -X POST "$fake/_admin/revoke" -H 'content-type: application/json' -d '{"refreshToken":"demo-uat-token"}'
 echo
@@ -186,6 +204,7 @@ Poke further: first point kubectl at the demo cluster in your shell (make ran in
   eval "\$(tests/cluster/up.sh)"
 then:
   kubectl get conn -n $ns -o wide                      # all connections
+  kubectl get orgs,jr -n $ns                           # org settings and claimed jobs
   kubectl describe conn acme-uat -n $ns                # conditions and events
   kubectl get events -n $ns                            # Activated, Deactivated, Conflict, ...
   kubectl patch conn acme-prod -n $ns --type merge -p '{"spec":{"paused":true}}'   # pause

@@ -124,6 +124,10 @@ pub struct RunArgs {
         default_value = crate::controller::children::DEFAULT_RETRIEVER_CLUSTER_ROLE
     )]
     pub retriever_cluster_role: String,
+    /// `/etc/hosts` entries of retriever pods, as JSON (`[{"ip": "10.0.0.1", "hostnames": ["a"]}]`;
+    /// the chart passes its `hostAliases`).
+    #[arg(long, env = "RETRIEVER_HOST_ALIASES", value_parser = parse_host_aliases, default_value = "[]")]
+    pub retriever_host_aliases: HostAliases,
     /// CPU request / limit of retriever pods.
     #[arg(long, env = "RETRIEVER_CPU_REQUEST", default_value = "10m")]
     pub retriever_cpu_request: String,
@@ -168,6 +172,7 @@ impl RunArgs {
                 memory_request: self.retriever_memory_request.clone(),
                 memory_limit: self.retriever_memory_limit.clone(),
                 cluster_role: self.retriever_cluster_role.clone(),
+                host_aliases: self.retriever_host_aliases.0.clone(),
             },
             validator,
             concurrency: self.concurrency,
@@ -299,6 +304,16 @@ impl RetrieveArgs {
             extra_roots: read_extra_roots(self.extra_ca_bundle.as_deref())?,
         })
     }
+}
+
+/// `--retriever-host-aliases`.
+#[derive(Clone, Debug, Default)]
+pub struct HostAliases(pub Vec<k8s_openapi::api::core::v1::HostAlias>);
+
+fn parse_host_aliases(s: &str) -> Result<HostAliases, String> {
+    serde_json::from_str(s)
+        .map(HostAliases)
+        .map_err(|e| format!("not a JSON list of {{\"ip\": ..., \"hostnames\": [...]}}: {e}"))
 }
 
 /// An org key as the operator names them: `sf-<18 lowercase alphanumerics>` or `d365-<GUID>`.

@@ -172,6 +172,17 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
     fake.add_salesforce_org(SalesforceOrg::new(ORG, ORG_USER, "ops@e2e.example", CLIENT_ID));
     fake.set_rotation(true); // every refresh returns a new refresh token and kills the old one
     let token = fake.issue_salesforce_token(ORG);
+    // Two jobs queued for the cloud, old enough to claim: the retriever pod's first poll takes them.
+    let jobs = fake.seed_jobs(
+        ORG,
+        &[
+            fake_providers::NewJob::new("export"),
+            fake_providers::NewJob::new("export"),
+        ],
+    );
+    for id in &jobs {
+        fake.set_job_modified(ORG, id, std::time::SystemTime::now() - Duration::from_secs(60));
+    }
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &pki.ca_pem).unwrap();
@@ -277,6 +288,28 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
     })
     .await;
     assert_eq!(ready["reason"], "RetrieverAvailable");
+
+    // The real pod, as its own ServiceAccount (in-cluster), trusting the operator's CA (from its
+    // session), claims the queued jobs in the CRM and records them as JobRuns.
+    let jobruns: Api<connection_operator::api::JobRun> = Api::namespaced(client.clone(), &ns);
+    let runs = eventually(
+        "two JobRuns from the retriever pod",
+        Duration::from_secs(90),
+        || async {
+            let runs = jobruns.list(&Default::default()).await.ok()?.items;
+            (runs.len() == 2).then_some(runs)
+        },
+    )
+    .await;
+    for run in &runs {
+        let status = run.status.as_ref().expect("status written");
+        assert_eq!(status.phase, Some(connection_operator::api::JobPhase::Claimed));
+        let by = &status.claim.as_ref().unwrap().by;
+        assert_eq!(by, &format!("{ns}/acme/{retriever}"));
+        let job = fake.job(ORG, &run.spec.crm_job_id).expect("a job of the CRM");
+        assert_eq!(job.status, fake_providers::JobStatus::Claimed);
+        assert_eq!(job.claimed_by.as_deref(), Some(by.as_str()));
+    }
     let connection: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
         "get",
         "connection",

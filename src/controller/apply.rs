@@ -38,15 +38,17 @@ pub struct Validated {
     pub recheck_in: Option<Duration>,
 }
 
-/// Step 2: validate the credentials against the provider when due.
+/// Step 2: validate the credentials against the provider when due. `early`: revalidate valid
+/// tokens now even if the next check is later (the retriever has been down a minute).
 pub async fn validate(
     ctx: &Context,
     conn: &Connection,
     ns: &str,
     observed: &Observed,
     now: Timestamp,
+    early: bool,
 ) -> Result<Validated, Error> {
-    let mut validated = validate_when_due(ctx, conn, ns, observed, now).await?;
+    let mut validated = validate_when_due(ctx, conn, ns, observed, now, early).await?;
     let unwatched = observed.credentials.as_ref().is_none_or(|s| {
         !s.data
             .as_ref()
@@ -90,6 +92,7 @@ async fn validate_when_due(
     ns: &str,
     observed: &Observed,
     now: Timestamp,
+    early: bool,
 ) -> Result<Validated, Error> {
     let key = uid(conn);
     let policy = &ctx.config.policy;
@@ -176,6 +179,11 @@ async fn validate_when_due(
     let fingerprint = fingerprint_with(live.as_ref());
     match schedule::due(Some(&memo), &fingerprint, now) {
         Due::Now => {}
+        // Only valid tokens are checked early; a rejection waits for new inputs, an outage for
+        // its backoff.
+        Due::At(_) if early && memo.outcome == schedule::Outcome::Authorized => {
+            info!("the retriever has been down for a minute: revalidating now");
+        }
         later => return Ok(unchanged(schedule::wait(&later, now))),
     }
     let seed = match seed {
@@ -335,6 +343,12 @@ async fn validate_when_due(
                 access_token: session.access_token.expose_secret().to_string(),
                 instance_url: session.instance_url.clone(),
                 expires_at: session.expires_at.map(|t| t.to_string()),
+                ca_bundle: ctx
+                    .config
+                    .validator
+                    .extra_roots
+                    .as_ref()
+                    .map(|r| r.pem().to_vec()),
                 annotations: BTreeMap::from([
                     (schedule::FINGERPRINT_ANNOTATION.to_string(), fingerprint),
                     (schedule::NEXT_CHECK_ANNOTATION.to_string(), next.to_string()),

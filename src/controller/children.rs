@@ -48,10 +48,13 @@ pub mod session_keys {
     pub const PROVIDER: &str = "provider";
     /// When the access token expires (RFC 3339); only when the provider said.
     pub const EXPIRES_AT: &str = "expires_at";
+    /// The operator's extra CA bundle (PEM; not a secret), so the retriever trusts the same CRM
+    /// hosts the operator does (a TLS-inspecting proxy, a test CA); only when there is one.
+    pub const CA_BUNDLE: &str = "ca.crt";
 }
 
 /// Settings of retriever workloads (operator flags / Helm values).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RetrieverSettings {
     pub image: String,
     pub pull_policy: String,
@@ -62,6 +65,9 @@ pub struct RetrieverSettings {
     /// The chart's ClusterRole each retriever's ServiceAccount is bound to (in its namespace):
     /// create/get/list/watch JobRuns and patch their status, nothing else.
     pub cluster_role: String,
+    /// `/etc/hosts` entries of retriever pods (the chart passes the operator pod's own), so a
+    /// retriever reaches the CRM hosts exactly as the operator does.
+    pub host_aliases: Vec<k8s_openapi::api::core::v1::HostAlias>,
 }
 
 /// The default of [`RetrieverSettings::cluster_role`]: what the chart names it for a release
@@ -85,6 +91,7 @@ impl Default for RetrieverSettings {
             memory_request: "32Mi".into(),
             memory_limit: "128Mi".into(),
             cluster_role: DEFAULT_RETRIEVER_CLUSTER_ROLE.into(),
+            host_aliases: Vec::new(),
         }
     }
 }
@@ -129,6 +136,8 @@ pub struct SessionData {
     pub instance_url: String,
     /// Expiry hint (RFC 3339), when the provider gave one.
     pub expires_at: Option<String>,
+    /// The operator's extra CA bundle (PEM), when it has one.
+    pub ca_bundle: Option<Vec<u8>>,
     /// Bookkeeping annotations (what was validated and when the next check is due).
     pub annotations: BTreeMap<String, String>,
 }
@@ -170,6 +179,9 @@ pub fn session_secret(conn: &Connection, session: &SessionData) -> Secret {
             session_keys::EXPIRES_AT.to_string(),
             ByteString(exp.as_bytes().to_vec()),
         );
+    }
+    if let Some(pem) = &session.ca_bundle {
+        data.insert(session_keys::CA_BUNDLE.to_string(), ByteString(pem.clone()));
     }
     Secret {
         metadata: meta,
@@ -311,6 +323,7 @@ pub fn retriever_deployment(
         // Its own ServiceAccount, allowed only to record JobRuns of this connection.
         service_account_name: Some(retriever_name(conn)),
         automount_service_account_token: Some(true),
+        host_aliases: (!settings.host_aliases.is_empty()).then(|| settings.host_aliases.clone()),
         enable_service_links: Some(false),
         security_context: Some(PodSecurityContext {
             // The session volume is mode 0440 (owner root): the pod reads it through its group.
@@ -461,6 +474,21 @@ pub fn observe_retriever(existing: Option<&Deployment>, wanted: &Deployment) -> 
     ))
 }
 
+/// Since when a retriever that had been running is down: its Deployment completed its rollout
+/// (`Progressing` is `NewReplicaSetAvailable`: a pod was ready) and is now not `Available` (the pod
+/// turned unready, e.g. because the CRM refused its session). `None` while it was never up (still
+/// starting, an image that cannot be pulled) or is up.
+pub fn retriever_down_since(existing: Option<&Deployment>) -> Option<k8s_openapi::jiff::Timestamp> {
+    let conditions = existing?.status.as_ref()?.conditions.as_ref()?;
+    let find = |type_: &str| conditions.iter().find(|c| c.type_.as_deref() == Some(type_));
+    let rolled_out =
+        find("Progressing").is_some_and(|c| c.reason.as_deref() == Some("NewReplicaSetAvailable"));
+    let available = find("Available")?;
+    (rolled_out && available.status.as_deref() == Some("False"))
+        .then(|| available.last_transition_time.as_ref().map(|t| t.0))
+        .flatten()
+}
+
 /// Whether the existing session Secret already holds the desired session: same data (token, URL,
 /// expiry) and validated for the same inputs. Only the next-check bookkeeping may differ; a
 /// revalidation that got the same session back then writes nothing.
@@ -544,6 +572,7 @@ mod tests {
                 access_token: "at".into(),
                 instance_url: "https://x".into(),
                 expires_at: None,
+                ca_bundle: None,
                 annotations: BTreeMap::new(),
             },
         );
@@ -835,6 +864,72 @@ mod tests {
     }
 
     #[test]
+    fn a_retriever_is_down_only_after_it_was_up() {
+        use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let at: k8s_openapi::jiff::Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
+        let with = |progressing: &str, available: &str| {
+            let mut d = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
+            let condition = |type_: &str, status: &str, reason: &str| DeploymentCondition {
+                type_: Some(type_.into()),
+                status: Some(status.into()),
+                reason: Some(reason.into()),
+                last_transition_time: Some(Time(at)),
+                ..Default::default()
+            };
+            d.status = Some(DeploymentStatus {
+                conditions: Some(vec![
+                    condition("Progressing", "True", progressing),
+                    condition("Available", available, "MinimumReplicasUnavailable"),
+                ]),
+                ..Default::default()
+            });
+            d
+        };
+        assert_eq!(
+            retriever_down_since(Some(&with("NewReplicaSetAvailable", "False"))),
+            Some(at)
+        );
+        assert_eq!(
+            retriever_down_since(Some(&with("NewReplicaSetAvailable", "True"))),
+            None
+        );
+        // Never up (starting, or an image that cannot be pulled): not "down".
+        assert_eq!(
+            retriever_down_since(Some(&with("ReplicaSetUpdated", "False"))),
+            None
+        );
+        assert_eq!(retriever_down_since(None), None);
+    }
+
+    #[test]
+    fn host_aliases_and_the_ca_bundle_reach_the_retriever() {
+        let settings = RetrieverSettings {
+            host_aliases: vec![k8s_openapi::api::core::v1::HostAlias {
+                ip: "10.88.0.1".into(),
+                hostnames: Some(vec!["login.salesforce.com".into()]),
+            }],
+            ..Default::default()
+        };
+        let d = retriever_deployment(&conn(), &settings, Some(&org()), 1);
+        assert_eq!(
+            d.spec.template.spec.unwrap().host_aliases,
+            Some(settings.host_aliases.clone())
+        );
+        let plain = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
+        assert_eq!(plain.spec.template.spec.unwrap().host_aliases, None);
+        let session = SessionData {
+            access_token: "at".into(),
+            instance_url: "https://x".into(),
+            expires_at: None,
+            ca_bundle: Some(b"-----BEGIN CERTIFICATE-----".to_vec()),
+            annotations: BTreeMap::new(),
+        };
+        let secret = session_secret(&conn(), &session);
+        assert!(secret.data.unwrap().contains_key(session_keys::CA_BUNDLE));
+    }
+
+    #[test]
     fn settings_flow_into_the_pod() {
         let settings = RetrieverSettings {
             image: "registry.local/op:1".into(),
@@ -878,6 +973,7 @@ mod tests {
                 access_token: "AT".into(),
                 instance_url: "https://acme.my.salesforce.com".into(),
                 expires_at: None,
+                ca_bundle: None,
                 annotations: BTreeMap::new(),
             },
         );
@@ -894,6 +990,7 @@ mod tests {
             access_token: "super-secret-token".into(),
             instance_url: "u".into(),
             expires_at: None,
+            ca_bundle: None,
             annotations: BTreeMap::new(),
         };
         assert!(!format!("{s:?}").contains("super-secret-token"));
@@ -905,6 +1002,7 @@ mod tests {
             access_token: token.into(),
             instance_url: "https://x".into(),
             expires_at: None,
+            ca_bundle: None,
             annotations: BTreeMap::from([
                 (
                     crate::controller::schedule::FINGERPRINT_ANNOTATION.to_string(),

@@ -100,6 +100,8 @@ pub struct Context {
     pub(crate) holder: String,
     /// Consecutive looks for a credentials Secret the watch cannot see, per connection UID.
     pub(crate) secret_polls: Mutex<HashMap<String, u32>>,
+    /// When each connection was last revalidated because its retriever was down.
+    pub(crate) retriever_revalidations: Mutex<HashMap<String, Timestamp>>,
     /// Consecutive API errors per connection UID (error_policy backoff).
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     /// Every Connection the controller sees (for one-team-per-org claims).
@@ -186,8 +188,22 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         // 2. validate against the provider, when due — unless a child's name is taken by an object
         // that is not ours: then nothing is validated, written or taken over.
         let foreign = children::foreign_children(conn, &observed.children());
-        let validated = if foreign.is_empty() {
-            apply::validate(&ctx, conn, &ns, &observed, now).await?
+        // An Active connection whose retriever went down (e.g. the CRM refused its session) is
+        // revalidated after a minute, at most once a minute: a new session may be all it needs.
+        let retriever_down = match conn.status.as_ref().and_then(|s| s.state) {
+            Some(State::Active) => schedule::retriever_down(
+                children::retriever_down_since(observed.deployment.as_ref()),
+                ctx.retriever_revalidations.lock().unwrap().get(&uid(conn)).copied(),
+                now,
+            ),
+            _ => schedule::Due::OnChange,
+        };
+        let early = retriever_down == schedule::Due::Now;
+        if early {
+            ctx.retriever_revalidations.lock().unwrap().insert(uid(conn), now);
+        }
+        let mut validated = if foreign.is_empty() {
+            apply::validate(&ctx, conn, &ns, &observed, now, early).await?
         } else {
             apply::Validated {
                 check: state::Check::invalid(
@@ -202,6 +218,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
                 recheck_in: Some(CHILD_CONFLICT_RECHECK),
             }
         };
+        if let Some(wait) = schedule::wait(&retriever_down, now).filter(|_| !early) {
+            validated.recheck_in = Some(validated.recheck_in.map_or(wait, |d| d.min(wait)));
+        }
         // The org's job settings, once the org is known (read here, created below when Active).
         let remote_id = match &validated.check.known {
             state::Known::Valid(id) => Some(id.remote_id.clone()),
@@ -364,6 +383,7 @@ pub async fn run(
         ),
         failures: Mutex::default(),
         secret_polls: Mutex::default(),
+        retriever_revalidations: Mutex::default(),
         store: store.clone(),
         config: config.clone(),
         metrics: metrics::Metrics::default(),
@@ -483,6 +503,10 @@ async fn forget_deleted(ctx: std::sync::Weak<Context>) {
         ctx.pending_tokens.lock().unwrap().retain(|k, _| live.contains(k));
         ctx.failures.lock().unwrap().retain(|k, _| live.contains(k));
         ctx.secret_polls.lock().unwrap().retain(|k, _| live.contains(k));
+        ctx.retriever_revalidations
+            .lock()
+            .unwrap()
+            .retain(|k, _| live.contains(k));
     }
 }
 

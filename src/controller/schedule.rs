@@ -233,10 +233,61 @@ pub fn wait(due: &Due, now: Timestamp) -> Option<Duration> {
     }
 }
 
+/// How long an Active connection's retriever may be down (it was ready, then turned unready: e.g.
+/// the CRM refused its session) before the tokens are revalidated, and the least time between two
+/// such revalidations of one connection.
+pub const RETRIEVER_DOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Whether a retriever that is down since `down_since` calls for a revalidation now (`Due::Now`),
+/// later (`Due::At`), or not at all (`Due::OnChange`: it is not down). `last` is the previous
+/// revalidation made for this reason.
+pub fn retriever_down(down_since: Option<Timestamp>, last: Option<Timestamp>, now: Timestamp) -> Due {
+    let Some(since) = down_since else {
+        return Due::OnChange;
+    };
+    let mut at = plus(since, RETRIEVER_DOWN_GRACE);
+    if let Some(last) = last {
+        at = at.max(plus(last, RETRIEVER_DOWN_GRACE));
+    }
+    if at <= now { Due::Now } else { Due::At(at) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::{ConnectionSpec, Provider, SalesforceSpec};
+
+    #[test]
+    fn a_retriever_down_a_minute_revalidates_at_most_once_a_minute() {
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        let now = t("2026-11-28T10:00:00Z");
+        assert_eq!(retriever_down(None, None, now), Due::OnChange);
+        assert_eq!(
+            retriever_down(Some(t("2026-11-28T09:59:30Z")), None, now),
+            Due::At(t("2026-11-28T10:00:30Z"))
+        );
+        assert_eq!(
+            retriever_down(Some(t("2026-11-28T09:59:00Z")), None, now),
+            Due::Now
+        );
+        // Still down after a revalidation 20 s ago: the next one waits for the minute.
+        assert_eq!(
+            retriever_down(
+                Some(t("2026-11-28T09:50:00Z")),
+                Some(t("2026-11-28T09:59:40Z")),
+                now
+            ),
+            Due::At(t("2026-11-28T10:00:40Z"))
+        );
+        assert_eq!(
+            retriever_down(
+                Some(t("2026-11-28T09:50:00Z")),
+                Some(t("2026-11-28T09:58:00Z")),
+                now
+            ),
+            Due::Now
+        );
+    }
 
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(secs).unwrap()

@@ -12,6 +12,8 @@ pub struct ExtraRoots {
     /// Where they came from (for messages).
     source: String,
     certificates: Vec<reqwest::Certificate>,
+    /// The PEM text as read (passed on to retriever pods in their session Secret).
+    pem: Vec<u8>,
 }
 
 impl ExtraRoots {
@@ -52,12 +54,21 @@ impl ExtraRoots {
                     ))
                 })?;
         }
-        Ok(ExtraRoots { source, certificates })
+        Ok(ExtraRoots {
+            source,
+            certificates,
+            pem: pem.to_vec(),
+        })
     }
 
     /// Where the certificates came from.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The PEM text of the bundle.
+    pub fn pem(&self) -> &[u8] {
+        &self.pem
     }
 
     /// How many certificates the bundle holds.

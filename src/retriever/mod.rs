@@ -167,9 +167,25 @@ pub async fn run(
     })?;
     info!(address = %bound, "serving /healthz, /readyz and /metrics");
 
+    // The CAs to trust beyond the web PKI: the flag's, else the operator's (from the session).
+    let extra_roots = match (&settings.extra_roots, &current.ca_bundle) {
+        (Some(roots), _) => Some(roots.clone()),
+        (None, Some(pem)) => Some(
+            crate::providers::ExtraRoots::from_pem(
+                settings
+                    .session_dir
+                    .join(crate::controller::children::session_keys::CA_BUNDLE)
+                    .display()
+                    .to_string(),
+                pem,
+            )
+            .map_err(|e| Error::Poll(e.to_string()))?,
+        ),
+        (None, None) => None,
+    };
     let retriever = Retriever {
         claimed_by: format!("{connection}/{}", settings.pod),
-        queue: JobQueue::new(settings.request_timeout, settings.extra_roots.as_ref()).map_err(Error::Http)?,
+        queue: JobQueue::new(settings.request_timeout, extra_roots.as_ref()).map_err(Error::Http)?,
         jobruns: Api::namespaced(client, &namespace),
         metrics,
         readiness: readiness.clone(),

@@ -18,6 +18,8 @@ pub struct Session {
     pub provider: Provider,
     /// When the access token expires, if the provider said.
     pub expires_at: Option<Timestamp>,
+    /// The operator's extra CA bundle (PEM), when it passed one.
+    pub ca_bundle: Option<Vec<u8>>,
     /// SHA-256 of every file's content (hex): tells a changed session from the same one re-read,
     /// without keeping or comparing the token itself.
     pub fingerprint: String,
@@ -55,7 +57,7 @@ const REQUIRED: [&str; 3] = [
     session_keys::PROVIDER,
 ];
 /// Keys it has only sometimes.
-const OPTIONAL: [&str; 1] = [session_keys::EXPIRES_AT];
+const OPTIONAL: [&str; 2] = [session_keys::EXPIRES_AT, session_keys::CA_BUNDLE];
 
 /// Reads the session files in `dir` (the Secret volume) and parses them.
 pub async fn load(dir: &Path) -> Result<Session, SessionError> {
@@ -138,11 +140,13 @@ pub fn parse(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<Session, S
         .map(|b| format!("{b:02x}"))
         .collect();
 
+    let ca_bundle = files.get(session_keys::CA_BUNDLE).cloned();
     Ok(Session {
         access_token,
         instance_url,
         provider,
         expires_at,
+        ca_bundle,
         fingerprint,
     })
 }
