@@ -356,8 +356,38 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
     let st = conn_status(&client, &ns, "acme").await;
     assert_eq!(st["state"], "Paused");
     assert_eq!(condition(&st, "RetrieverReady").unwrap()["reason"], "Holding");
+    // A job queued while paused waits (Holding); room for it in the org's settings.
+    let held = fake.seed_jobs(ORG, &[fake_providers::NewJob::new("export")]);
+    fake.set_job_modified(
+        ORG,
+        &held[0],
+        std::time::SystemTime::now() - Duration::from_secs(60),
+    );
+    let orgs: Api<connection_operator::api::OrgSettings> = Api::namespaced(client.clone(), &ns);
+    let org_key =
+        connection_operator::api::org_key(connection_operator::api::Provider::SalesforceProduction, ORG)
+            .unwrap();
+    orgs.patch(
+        &org_key,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"maxConcurrentJobs": 3}})),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fake.job(ORG, &held[0]).unwrap().status,
+        fake_providers::JobStatus::Holding
+    );
+    // Activate: the retriever comes back and its first poll (within 30 s of its start) claims it.
     pause(false).await;
     one_ready_retriever(&client, &ns, "acme").await;
+    eventually(
+        "the job held while paused is claimed",
+        Duration::from_secs(90),
+        || async { (fake.job(ORG, &held[0])?.status == fake_providers::JobStatus::Claimed).then_some(()) },
+    )
+    .await;
 
     // helm upgrade: a new operator pod; never two retrievers, and the rotated token is not lost.
     let requests_before = fake.token_requests();
