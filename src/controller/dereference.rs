@@ -89,6 +89,21 @@ pub fn claimants_of(store: &Store<DeserializeGuard<Connection>>, remote_id: &str
         .collect()
 }
 
+/// The connections in namespace `ns` for which `wanted` holds.
+fn connections_in(
+    store: &Store<DeserializeGuard<Connection>>,
+    ns: &str,
+    wanted: impl Fn(&Connection) -> bool,
+) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+    store
+        .state()
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok())
+        .filter(|c| c.namespace().as_deref() == Some(ns) && wanted(c))
+        .map(|c| object_ref(ns, &c.name_any()))
+        .collect()
+}
+
 /// The connections (in the Secret's namespace) that reference `secret`.
 pub fn connections_using_secret(
     store: &Store<DeserializeGuard<Connection>>,
@@ -97,18 +112,10 @@ pub fn connections_using_secret(
     let (Some(ns), name) = (secret.namespace(), secret.name_any()) else {
         return vec![];
     };
-    store
-        .state()
-        .iter()
-        .filter_map(|g| g.0.as_ref().ok())
-        .filter(|c| {
-            c.namespace().as_deref() == Some(ns.as_str()) && c.spec.credentials_secret_ref.name == name
-        })
-        .map(|c| object_ref(&ns, &c.name_any()))
-        .collect()
+    connections_in(store, &ns, |c| c.spec.credentials_secret_ref.name == name)
 }
 
-/// The connections (in its namespace) whose retriever runs with `settings`.
+/// The connections (in its namespace) whose retriever runs with `settings`: those of its org.
 pub fn connections_using_org_settings(
     store: &Store<DeserializeGuard<Connection>>,
     settings: &OrgSettings,
@@ -116,21 +123,13 @@ pub fn connections_using_org_settings(
     let (Some(ns), name) = (settings.namespace(), settings.name_any()) else {
         return vec![];
     };
-    store
-        .state()
-        .iter()
-        .filter_map(|g| g.0.as_ref().ok())
-        .filter(|c| {
-            c.namespace().as_deref() == Some(ns.as_str())
-                && c.status
-                    .as_ref()
-                    .and_then(|s| s.remote_id.as_deref())
-                    .and_then(|id| crate::api::org_key(c.spec.provider, id))
-                    .as_deref()
-                    == Some(name.as_str())
-        })
-        .map(|c| object_ref(&ns, &c.name_any()))
-        .collect()
+    connections_in(store, &ns, |c| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.remote_id.as_deref())
+            .and_then(|id| crate::api::org_key(c.spec.provider, id))
+            .is_some_and(|key| key == name)
+    })
 }
 
 /// The other connections claiming the same org as `changed` (so they re-decide who holds it).
