@@ -46,6 +46,18 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     answer.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// `GET path` on 127.0.0.1:port: the body of a 200 answer.
+fn http_body(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
 fn wait_for_status(port: u16, path: &str, want: u16) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while http_status(port, path) != Some(want) {
@@ -121,6 +133,16 @@ fn retrieve_holds_the_session_follows_its_changes_and_exits_0_on_sigterm() {
     let child = retrieve(dir.path(), port).spawn().unwrap();
     wait_for_status(port, "/readyz", 200);
     assert_eq!(http_status(port, "/healthz"), Some(200));
+    let metrics = http_body(port, "/metrics").unwrap_or_default();
+    for family in [
+        "crmconnect_retriever_polls",
+        "crmconnect_retriever_claims",
+        "crmconnect_retriever_holding_jobs",
+        "crmconnect_retriever_api_usage_ratio",
+        "crmconnect_retriever_throttled",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from /metrics:\n{metrics}");
+    }
 
     // The operator rotates the access token; the re-read sees it. A session that cannot be read
     // makes the pod unready (but alive) until it can be read again.

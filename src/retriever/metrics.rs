@@ -62,6 +62,11 @@ impl Default for Metrics {
             "Queue rows that could not be read and were skipped",
             skipped_rows.clone(),
         );
+        // Zero samples from the start, so dashboards and alerts see the series before the first poll.
+        polls.get_or_create(&Outcome { outcome: "ok" });
+        for outcome in ["claimed", "lost", "gone", "error"] {
+            claims.get_or_create(&Outcome { outcome });
+        }
         Metrics {
             registry,
             polls,
