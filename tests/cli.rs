@@ -51,7 +51,11 @@ fn http_body(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).ok()?;
     let (head, body) = answer.split_once("\r\n\r\n")?;
@@ -141,7 +145,10 @@ fn retrieve_holds_the_session_follows_its_changes_and_exits_0_on_sigterm() {
         "crmconnect_retriever_api_usage_ratio",
         "crmconnect_retriever_throttled",
     ] {
-        assert!(metrics.contains(family), "{family} missing from /metrics:\n{metrics}");
+        assert!(
+            metrics.contains(family),
+            "{family} missing from /metrics:\n{metrics}"
+        );
     }
 
     // The operator rotates the access token; the re-read sees it. A session that cannot be read
