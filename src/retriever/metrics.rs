@@ -63,9 +63,9 @@ impl Default for Metrics {
             skipped_rows.clone(),
         );
         // Zero samples from the start, so dashboards and alerts see the series before the first poll.
-        polls.get_or_create(&Outcome { outcome: "ok" });
+        let _ = polls.get_or_create(&Outcome { outcome: "ok" });
         for outcome in ["claimed", "lost", "gone", "error"] {
-            claims.get_or_create(&Outcome { outcome });
+            let _ = claims.get_or_create(&Outcome { outcome });
         }
         Metrics {
             registry,
