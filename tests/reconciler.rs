@@ -982,3 +982,49 @@ spec:
     );
     assert_eq!(env.fake.stats().dead_token_requests, 0);
 }
+
+#[tokio::test]
+async fn the_revalidate_annotation_forces_exactly_one_validation() {
+    let env = Env::new().await;
+    env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+    // Settled: nothing is due for an hour.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = env.fake.token_requests();
+    let annotate = |value: &str| {
+        run_ok(
+            kubectl().args([
+                "annotate",
+                "conn",
+                "acme",
+                "-n",
+                env.ns(),
+                &format!("crmconnect.io/revalidate={value}"),
+                "--overwrite",
+            ]),
+            None,
+        )
+    };
+    annotate("1");
+    eventually("one validation", WAIT, || async {
+        (env.fake.token_requests() == before + 1).then_some(())
+    })
+    .await;
+    // The same value again (and other edits of the object) change nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    annotate("1");
+    run_ok(
+        kubectl().args(["label", "conn", "acme", "-n", env.ns(), "x=y"]),
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.fake.token_requests(), before + 1, "exactly one provider call per new value");
+    annotate("2");
+    eventually("a second validation", WAIT, || async {
+        (env.fake.token_requests() == before + 2).then_some(())
+    })
+    .await;
+    op.stop().await;
+}

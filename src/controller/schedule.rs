@@ -46,17 +46,30 @@ pub enum Due {
     OnChange,
 }
 
+/// Annotation on a Connection: any new value forces one validation now (like `flux reconcile`),
+/// e.g. `kubectl annotate conn NAME crmconnect.io/revalidate="$(date +%s)" --overwrite`.
+pub const REVALIDATE_ANNOTATION: &str = "crmconnect.io/revalidate";
+
 /// Fingerprint of everything a validation depends on. `tokens` identifies the token inputs (the
 /// seed's hash and the live token's hash), `None` when the seed is missing or unreadable. Labels
 /// and annotations of the seed are not inputs: rewriting them changes nothing.
 pub fn fingerprint(conn: &Connection, tokens: Option<&str>) -> String {
-    let settings = serde_json::json!({
+    let mut settings = serde_json::json!({
         "secret": conn.spec.credentials_secret_ref.name,
         "tokens": tokens,
         "provider": conn.spec.provider,
         "salesforce": conn.spec.salesforce,
         "dynamics": conn.spec.dynamics,
     });
+    // Only when set: connections without it keep the fingerprints they had.
+    if let Some(value) = conn
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REVALIDATE_ANNOTATION))
+    {
+        settings["revalidate"] = value.as_str().into();
+    }
     let d = ring::digest::digest(&ring::digest::SHA256, settings.to_string().as_bytes());
     d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -256,6 +269,19 @@ pub fn retriever_down(down_since: Option<Timestamp>, last: Option<Timestamp>, no
 mod tests {
     use super::*;
     use crate::api::{ConnectionSpec, Provider, SalesforceSpec};
+
+    #[test]
+    fn a_new_revalidate_annotation_value_is_a_new_input() {
+        let mut c = crate::api::Connection::new("c", ConnectionSpec::new("t", Provider::SalesforceProduction, "s"));
+        let plain = fingerprint(&c, Some("x"));
+        c.metadata.annotations = Some([("other".to_string(), "1".to_string())].into());
+        assert_eq!(fingerprint(&c, Some("x")), plain, "other annotations are not inputs");
+        c.metadata.annotations = Some([(REVALIDATE_ANNOTATION.to_string(), "1".to_string())].into());
+        let first = fingerprint(&c, Some("x"));
+        assert_ne!(first, plain);
+        c.metadata.annotations = Some([(REVALIDATE_ANNOTATION.to_string(), "2".to_string())].into());
+        assert_ne!(fingerprint(&c, Some("x")), first);
+    }
 
     #[test]
     fn a_retriever_down_a_minute_revalidates_at_most_once_a_minute() {
