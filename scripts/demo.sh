@@ -40,9 +40,13 @@ scripts/image.sh 2>&1 | grep '^image.sh' || { scripts/image.sh; exit 1; }
 bin=$root/target/debug
 
 step "Starting the Kubernetes cluster with one node (first run builds it from the Go module proxy)"
-eval "$(tests/cluster/up.sh)"
+exports=$(tests/cluster/up.sh)
+eval "$exports"
 export KUBECONFIG PATH
 mkdir -p "$state"
+# For your own shell (make runs this in a subshell): `source target/demo/env`, from any directory.
+printf '%s\n' "$exports" "export PATH=$root/target/debug:\$PATH" >"$state/env"
+echo "kubectl for your shell: source $state/env   (then kubectl get conn -A; connection-operator --help)"
 stop_fake
 scripts/image.sh --load 2>&1 | grep '^image.sh: loaded' || true
 kubectl get nodes
@@ -200,8 +204,9 @@ kubectl get pods -n "$ns"
 
 cat <<EOF
 
-Poke further: first point kubectl at the demo cluster in your shell (make ran in a subshell):
-  eval "\$(tests/cluster/up.sh)"
+Poke further: first point kubectl (and connection-operator) at the demo cluster in your shell
+(make ran in a subshell):
+  source target/demo/env
 then:
   kubectl get conn -n $ns -o wide                      # all connections
   kubectl get orgs,jr -n $ns                           # org settings and claimed jobs
