@@ -1020,11 +1020,78 @@ async fn the_revalidate_annotation_forces_exactly_one_validation() {
         None,
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(env.fake.token_requests(), before + 1, "exactly one provider call per new value");
+    assert_eq!(
+        env.fake.token_requests(),
+        before + 1,
+        "exactly one provider call per new value"
+    );
     annotate("2");
     eventually("a second validation", WAIT, || async {
         (env.fake.token_requests() == before + 2).then_some(())
     })
     .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_own_host_is_worded_as_a_probable_typo_with_one_event() {
+    let env = Env::new().await;
+    env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, fast()).await;
+    // Nothing listens there: every attempt is refused at once, like a typo'd My Domain.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    env.create(json!({
+        "metadata": {"name": "typo"},
+        "spec": {
+            "team": "sales",
+            "provider": "SalesforceProduction",
+            "salesforce": {"loginUrl": format!("http://{closed}")},
+            "credentialsSecretRef": {"name": "creds"},
+        }
+    }))
+    .await;
+    let c = env
+        .wait_for("typo", "the typo hint", |c| {
+            c.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Authorized" && c.message.contains("check it for a typo"))
+            })
+        })
+        .await;
+    let authorized = c
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Authorized")
+        .unwrap();
+    assert_eq!(authorized.status, "Unknown", "still an unknown, not a verdict");
+    assert!(
+        authorized
+            .message
+            .contains(&format!("spec.salesforce.loginUrl names 127.0.0.1")),
+        "{}",
+        authorized.message
+    );
+    assert_eq!(state_of(&env.get("typo").await), Some(State::Pending));
+    eventually("one ProviderUnreachable event", WAIT, || async {
+        env.event_reasons("typo")
+            .await
+            .contains(&"ProviderUnreachable".to_string())
+            .then_some(())
+    })
+    .await;
+    // More failures, still one event.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = env.event_reasons("typo").await;
+    assert_eq!(
+        events.iter().filter(|r| *r == "ProviderUnreachable").count(),
+        1,
+        "{events:?}"
+    );
     op.stop().await;
 }

@@ -29,6 +29,11 @@ const FIRST_SECRET_LOOK: Duration = Duration::from_secs(1);
 /// Reason when a rotated refresh token could not be saved to `<name>-token`.
 pub const REFRESH_TOKEN_NOT_SAVED: &str = "RefreshTokenNotSaved";
 
+/// Event reason: this many validations in a row could not reach the provider (published once per
+/// run of failures; the state does not change).
+pub const PROVIDER_UNREACHABLE: &str = "ProviderUnreachable";
+const UNREACHABLE_EVENT_AFTER: u32 = 3;
+
 /// What the validation step concluded.
 pub struct Validated {
     pub check: Check,
@@ -319,7 +324,7 @@ async fn validate_when_due(
     match result {
         Err(failure) if failure.kind == FailureKind::Transient => {
             info!(reason = %failure.reason, "validation failed (transient): {}", failure.message);
-            Ok(remember(policy.after_transient(
+            let mut next = policy.after_transient(
                 Some(&memo),
                 &memo.check,
                 fingerprint,
@@ -327,7 +332,26 @@ async fn validate_when_due(
                 failure.retry_after,
                 jitter(),
                 &failure.message,
-            )))
+            );
+            // An outage and a typo'd host look the same at first, not after a few attempts.
+            let attempt = match next.outcome {
+                schedule::Outcome::Unavailable { attempt } => attempt,
+                _ => 0,
+            };
+            if attempt + 1 >= UNREACHABLE_EVENT_AFTER
+                && let Some((field, host)) = crate::providers::rules::own_host(&conn.spec)
+                && let Some(message) = next.check.unavailable.as_mut()
+            {
+                message.push_str(&format!(
+                    "; {field} names {host}: if this persists, check it for a typo (a provider outage rarely lasts this long)"
+                ));
+            }
+            // Once per run of failures.
+            if attempt + 1 == UNREACHABLE_EVENT_AFTER {
+                let note = next.check.unavailable.clone().unwrap_or_default();
+                publish(ctx, conn, EventType::Warning, PROVIDER_UNREACHABLE, &note).await;
+            }
+            Ok(remember(next))
         }
         Err(failure) => Ok(remember(rejected(ctx, conn, &memo, fingerprint, &failure).await)),
         Ok(session) => {

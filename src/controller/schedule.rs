@@ -272,10 +272,15 @@ mod tests {
 
     #[test]
     fn a_new_revalidate_annotation_value_is_a_new_input() {
-        let mut c = crate::api::Connection::new("c", ConnectionSpec::new("t", Provider::SalesforceProduction, "s"));
+        let mut c =
+            crate::api::Connection::new("c", ConnectionSpec::new("t", Provider::SalesforceProduction, "s"));
         let plain = fingerprint(&c, Some("x"));
         c.metadata.annotations = Some([("other".to_string(), "1".to_string())].into());
-        assert_eq!(fingerprint(&c, Some("x")), plain, "other annotations are not inputs");
+        assert_eq!(
+            fingerprint(&c, Some("x")),
+            plain,
+            "other annotations are not inputs"
+        );
         c.metadata.annotations = Some([(REVALIDATE_ANNOTATION.to_string(), "1".to_string())].into());
         let first = fingerprint(&c, Some("x"));
         assert_ne!(first, plain);

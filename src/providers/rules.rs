@@ -133,6 +133,22 @@ impl HostPolicy {
     }
 }
 
+/// When the connection names a host of its own (a My Domain login URL, a Dataverse environment URL),
+/// the field and host: when such a host stays unreachable, a typo is likelier than an outage.
+/// `None` for the fixed login hosts (login.salesforce.com, test.salesforce.com).
+pub fn own_host(spec: &ConnectionSpec) -> Option<(&'static str, String)> {
+    let (field, raw) = match (&spec.salesforce, &spec.dynamics) {
+        (_, Some(d)) => ("spec.dynamics.environmentUrl", d.environment_url.as_str()),
+        (Some(sf), None) => ("spec.salesforce.loginUrl", sf.login_url.as_deref()?),
+        (None, None) => return None,
+    };
+    let host = Url::parse(raw).ok()?.host_str()?.to_ascii_lowercase();
+    let fixed = [SALESFORCE_PRODUCTION_LOGIN, SALESFORCE_SANDBOX_LOGIN]
+        .iter()
+        .any(|u| u.strip_prefix("https://") == Some(host.as_str()));
+    (!fixed).then_some((field, host))
+}
+
 /// Parses a base URL from the spec (`what` names it in the message) and keeps only its origin
 /// (scheme, host, port): `https://acme.my.salesforce.com/` → `https://acme.my.salesforce.com`.
 pub fn parse_base_url(raw: &str, what: &str) -> Result<Url, Failure> {
@@ -361,6 +377,23 @@ pub fn salesforce_signature(id: &str, issued_at: &str, client_secret: &str) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_hosts_are_the_ones_a_user_typed() {
+        let mut spec = ConnectionSpec::new("t", crate::api::Provider::SalesforceProduction, "s");
+        assert_eq!(own_host(&spec), None, "the default login host");
+        spec.salesforce = Some(crate::api::SalesforceSpec {
+            login_url: Some("https://login.salesforce.com".into()),
+        });
+        assert_eq!(own_host(&spec), None);
+        spec.salesforce = Some(crate::api::SalesforceSpec {
+            login_url: Some("https://acme.my.salesforec.com".into()),
+        });
+        assert_eq!(
+            own_host(&spec),
+            Some(("spec.salesforce.loginUrl", "acme.my.salesforec.com".into()))
+        );
+    }
 
     /// Loopback allowed, as the tests' fake providers need.
     const TEST_HOSTS: HostPolicy = HostPolicy {
