@@ -1073,7 +1073,7 @@ async fn an_unreachable_own_host_is_worded_as_a_probable_typo_with_one_event() {
     assert!(
         authorized
             .message
-            .contains(&format!("spec.salesforce.loginUrl names 127.0.0.1")),
+            .contains("spec.salesforce.loginUrl names 127.0.0.1"),
         "{}",
         authorized.message
     );
