@@ -1095,3 +1095,57 @@ async fn an_unreachable_own_host_is_worded_as_a_probable_typo_with_one_event() {
     );
     op.stop().await;
 }
+
+#[tokio::test]
+async fn a_failing_api_call_is_an_event_naming_the_step_once_then_recovers() {
+    let env = Env::new().await;
+    env.put_credentials("creds", ORG).await;
+    // The namespace may hold no Deployment: applying the retriever fails at admission.
+    run_ok(
+        kubectl().args([
+            "create",
+            "quota",
+            "no-deployments",
+            "-n",
+            env.ns(),
+            "--hard=count/deployments.apps=0",
+        ]),
+        None,
+    );
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    let note = eventually("a ReconcileFailed event", WAIT, || async {
+        let out = kubectl_ok(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            env.ns(),
+            "--field-selector",
+            "regarding.name=acme,reason=ReconcileFailed",
+            "-o",
+            "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+        ]);
+        (!out.trim().is_empty()).then_some(out)
+    })
+    .await;
+    assert!(
+        note.contains("applying the session Secret, the retriever Deployment"),
+        "{note}"
+    );
+    assert!(note.contains("exceeded quota"), "{note}");
+    // Retries (with backoff) do not repeat the event.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let reasons = env.event_reasons("acme").await;
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "ReconcileFailed").count(),
+        1,
+        "{reasons:?}"
+    );
+    run_ok(
+        kubectl().args(["delete", "quota", "no-deployments", "-n", env.ns()]),
+        None,
+    );
+    env.wait_state("acme", State::Active).await;
+    env.wait_replicas("acme", 1).await;
+    op.stop().await;
+}

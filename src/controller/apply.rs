@@ -741,7 +741,7 @@ pub async fn status(
 pub const REAUTHORIZATION_FAILED: &str = "ReauthorizationFailed";
 
 /// Publishes an event on the connection (a failure to publish is logged, never an error).
-async fn publish(ctx: &Context, conn: &Connection, type_: EventType, reason: &str, note: &str) {
+pub(crate) async fn publish(ctx: &Context, conn: &Connection, type_: EventType, reason: &str, note: &str) {
     let event = Event {
         type_,
         reason: reason.to_string(),

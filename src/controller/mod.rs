@@ -129,13 +129,60 @@ pub enum StartError {
 }
 
 /// Reconcile errors. Provider failures are not errors: they are states. These are API problems,
-/// retried with backoff.
+/// retried with backoff; each names the step it happened in.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
+    #[error("{step}: {source}")]
+    Step {
+        step: Step,
+        #[source]
+        source: kube::Error,
+    },
     #[error("Connection has no namespace")]
     NoNamespace,
+}
+
+/// The steps of a reconcile, as errors and metrics name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Reading the credentials Secret and the children.
+    Dereference,
+    /// Labelling the Secret, fencing and saving tokens.
+    Validate,
+    /// Reading or creating the org's OrgSettings.
+    OrgSettings,
+    /// Applying the session Secret, the retriever and its identity.
+    ApplyChildren,
+    /// Writing the status.
+    Status,
+}
+
+impl Step {
+    pub fn label(self) -> &'static str {
+        match self {
+            Step::Dereference => "dereference",
+            Step::Validate => "validate",
+            Step::OrgSettings => "org_settings",
+            Step::ApplyChildren => "apply_children",
+            Step::Status => "status",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Dereference => "reading the credentials Secret and the connection's objects",
+            Step::Validate => "labelling the credentials Secret or saving the token",
+            Step::OrgSettings => "reading or creating the org's OrgSettings",
+            Step::ApplyChildren => {
+                "applying the session Secret, the retriever Deployment, ServiceAccount or RoleBinding"
+            }
+            Step::Status => "writing the status",
+        })
+    }
 }
 
 impl Error {
@@ -143,10 +190,28 @@ impl Error {
     pub fn label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
+            Error::Step { step, .. } => step.label(),
             Error::NoNamespace => "invalid",
         }
     }
 }
+
+/// Names the step of a Kubernetes error.
+trait AtStep<T> {
+    fn at(self, step: Step) -> Result<T, Error>;
+}
+
+impl<T> AtStep<T> for Result<T, Error> {
+    fn at(self, step: Step) -> Result<T, Error> {
+        self.map_err(|e| match e {
+            Error::Kube(source) => Error::Step { step, source },
+            other => other,
+        })
+    }
+}
+
+/// Event reason: a reconcile failed on a Kubernetes API call (published once per run of failures).
+pub const RECONCILE_FAILED: &str = "ReconcileFailed";
 
 fn uid(conn: &Connection) -> String {
     conn.metadata
@@ -184,7 +249,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         // Whole seconds: the API server stores condition times at second precision.
         let now = Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid time");
         // 1. dereference: the credentials Secret, the current children, the competing connections.
-        let observed = dereference::observe(&ctx, conn, &ns).await?;
+        let observed = dereference::observe(&ctx, conn, &ns).await.at(Step::Dereference)?;
         // 2. validate against the provider, when due — unless a child's name is taken by an object
         // that is not ours: then nothing is validated, written or taken over.
         let foreign = children::foreign_children(conn, &observed.children());
@@ -203,7 +268,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
             ctx.retriever_revalidations.lock().unwrap().insert(uid(conn), now);
         }
         let mut validated = if foreign.is_empty() {
-            apply::validate(&ctx, conn, &ns, &observed, now, early).await?
+            apply::validate(&ctx, conn, &ns, &observed, now, early)
+                .await
+                .at(Step::Validate)?
         } else {
             apply::Validated {
                 check: state::Check::invalid(
@@ -228,7 +295,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         };
         let org_key = remote_id.and_then(|id| crate::api::org_key(conn.spec.provider, &id));
         let mut org = match &org_key {
-            Some(key) => dereference::org_settings(&ctx, &ns, key).await?,
+            Some(key) => dereference::org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?,
             None => None,
         };
         let defaults = crate::api::OrgSettingsSpec::default();
@@ -260,7 +327,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
             &Time(now),
         );
         if let (Some(key), None, Some(State::Active)) = (&org_key, &org, status.state) {
-            org = Some(apply::create_org_settings(&ctx, &ns, key).await?);
+            org = Some(apply::create_org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?);
         }
         if status.state != Some(State::Conflict) {
             status.org_settings = org.as_ref().map(|o| o.name_any());
@@ -276,9 +343,11 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
             .as_ref()
             .map(|s| children::session_secret(conn, s));
         // 4. apply the children (only what changed).
-        apply::children(&ctx, conn, &ns, &observed, session, deployment).await?;
+        apply::children(&ctx, conn, &ns, &observed, session, deployment)
+            .await
+            .at(Step::ApplyChildren)?;
         // 5. update status (skipped when nothing changed) and tell the user about transitions.
-        apply::status(&ctx, conn, &ns, status).await?;
+        apply::status(&ctx, conn, &ns, status).await.at(Step::Status)?;
         ctx.failures.lock().unwrap().remove(&uid(conn));
         ctx.metrics.reconciled(started.elapsed().as_secs_f64());
         Ok(match validated.recheck_in {
@@ -309,6 +378,24 @@ fn error_policy(guard: Arc<DeserializeGuard<Connection>>, error: &Error, ctx: Ar
         jitter(),
     );
     warn!(connection = %conn.name_any(), error = %error, kind = error.label(), retry_in = ?delay, "reconcile failed");
+    // Tell the user too, once per run of failures (the log has every one).
+    if attempt == 0 {
+        let (ctx, conn, note) = (
+            ctx.clone(),
+            conn.clone(),
+            format!("{error}; retrying with backoff"),
+        );
+        tokio::spawn(async move {
+            apply::publish(
+                &ctx,
+                &conn,
+                kube::runtime::events::EventType::Warning,
+                RECONCILE_FAILED,
+                &note,
+            )
+            .await;
+        });
+    }
     Action::requeue(delay)
 }
 
