@@ -319,7 +319,9 @@ fn parse_host_aliases(s: &str) -> Result<HostAliases, String> {
 /// An org key as the operator names them: `sf-<18 lowercase alphanumerics>` or `d365-<GUID>`.
 fn parse_org_key(s: &str) -> Result<String, String> {
     let ok = match (s.strip_prefix("sf-"), s.strip_prefix("d365-")) {
-        (Some(id), _) => id.len() == 18 && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        (Some(id), _) => {
+            (1..=59).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        }
         (_, Some(id)) => Some(s.to_string()) == crate::api::org_key(crate::api::Provider::Dynamics365, id),
         _ => false,
     };

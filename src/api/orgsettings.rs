@@ -127,12 +127,18 @@ impl Default for OrgSettingsSpec {
 
 /// The name of the OrgSettings (and the `crmconnect.io/org` label value) of an org or environment:
 /// `sf-<18-character org ID, lowercased>` or `d365-<environment ID, lowercased>`. A 15-character
-/// Salesforce ID is first extended to its 18-character, case-insensitive form. `None` for an ID
-/// that is neither.
+/// Salesforce ID is first extended to its 18-character, case-insensitive form; an ID of another
+/// length (not a real one, but a provider could answer it) is lowercased as it is. `None` for an ID
+/// that is not alphanumeric (Salesforce, up to 59 characters) or not a GUID (Dynamics).
 pub fn org_key(provider: Provider, remote_id: &str) -> Option<String> {
     match provider {
         Provider::SalesforceProduction | Provider::SalesforceSandbox => {
-            let id = salesforce_id_18(remote_id)?;
+            let id = salesforce_id_18(remote_id).or_else(|| {
+                let plain = !remote_id.is_empty()
+                    && remote_id.len() <= 59
+                    && remote_id.bytes().all(|b| b.is_ascii_alphanumeric());
+                plain.then(|| remote_id.to_string())
+            })?;
             Some(format!("sf-{}", id.to_ascii_lowercase()))
         }
         Provider::Dynamics365 => {
@@ -211,6 +217,12 @@ mod tests {
             Some("d365-11111111-aaaa-1111-1111-111111111111")
         );
         assert_eq!(org_key(Provider::Dynamics365, "not-a-guid"), None);
+        // Not a real ID length, still a key (a retriever must not silently go missing).
+        assert_eq!(
+            org_key(Provider::SalesforceProduction, "00D5g000004E2EAA1").as_deref(),
+            Some("sf-00d5g000004e2eaa1")
+        );
+        assert_eq!(org_key(Provider::SalesforceProduction, "00D/../x"), None);
     }
 
     #[test]
