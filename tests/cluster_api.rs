@@ -314,6 +314,24 @@ async fn kubectl_explain_shows_our_docs() {
         out.contains("A team's connection to a Salesforce org or Dynamics 365 environment"),
         "{out}"
     );
+    for (path, text) in [
+        ("jobruns.spec.crmJobId", "record ID in the CRM"),
+        (
+            "orgsettings.spec.pollInterval",
+            "How often the retriever polls the CRM",
+        ),
+    ] {
+        let out = eventually(
+            &format!("kubectl explain {path}"),
+            Duration::from_secs(60),
+            || async {
+                let out = run(kubectl().args(["explain", path]), None);
+                out.success.then_some(out.stdout)
+            },
+        )
+        .await;
+        assert!(out.contains(text), "{path}: {out}");
+    }
 }
 
 #[tokio::test]

@@ -23,7 +23,8 @@ pub mod labels {
     pub const ORG: &str = "crmconnect.io/org";
 }
 
-/// The custom resources this operator defines: (file stem under `crds/`, CRD).
+/// The custom resources this operator defines: (file stem under `crds/`, CRD), with descriptions
+/// reflowed for `kubectl explain` (see [`reflow`]).
 pub fn crds() -> Vec<(
     &'static str,
     k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -33,6 +34,70 @@ pub fn crds() -> Vec<(
         ("orgsettings", OrgSettings::crd()),
         ("jobrun", JobRun::crd()),
     ]
+    .into_iter()
+    .map(|(stem, crd)| {
+        let mut value = serde_json::to_value(&crd).expect("CRD serializes");
+        reflow_descriptions(&mut value);
+        (stem, serde_json::from_value(value).expect("CRD deserializes"))
+    })
+    .collect()
+}
+
+/// Doc comments are wrapped at 100 columns in the source; `kubectl explain` wraps text itself, so a
+/// source line break in the middle of a sentence shows as a broken line. Joins the lines of each
+/// paragraph (a blank line still separates paragraphs; a line starting with `- ` or `|` keeps its
+/// own line).
+pub fn reflow(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| {
+            let mut out = String::new();
+            for line in paragraph.lines() {
+                let line = line.trim();
+                let keeps_own_line = line.starts_with("- ") || line.starts_with('|');
+                if !out.is_empty() {
+                    out.push(if keeps_own_line { '\n' } else { ' ' });
+                }
+                out.push_str(line);
+            }
+            out
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+fn reflow_descriptions(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                match (key.as_str(), child) {
+                    ("description", serde_json::Value::String(text)) => *text = reflow(text),
+                    (_, child) => reflow_descriptions(child),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(reflow_descriptions),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn descriptions_read_as_sentences_in_kubectl_explain() {
+        assert_eq!(
+            super::reflow("The Secret holding the tokens: keys `a`\n(required). Updating it\nre-authorizes."),
+            "The Secret holding the tokens: keys `a` (required). Updating it re-authorizes."
+        );
+        assert_eq!(super::reflow("One.\n\nTwo\nlines."), "One.\n\nTwo lines.");
+        assert_eq!(super::reflow("List:\n- a\n- b"), "List:\n- a\n- b");
+        for (_, crd) in super::crds() {
+            let yaml = serde_json::to_string(&crd).unwrap();
+            assert!(
+                !yaml.contains("`refresh_token` and `client_id`\\n"),
+                "no mid-sentence breaks"
+            );
+        }
+    }
 }
 
 /// One CRD as YAML, as `crds/<stem>.yaml` holds it; `None` for an unknown stem.
