@@ -80,26 +80,6 @@ fn reflow_descriptions(value: &mut serde_json::Value) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn descriptions_read_as_sentences_in_kubectl_explain() {
-        assert_eq!(
-            super::reflow("The Secret holding the tokens: keys `a`\n(required). Updating it\nre-authorizes."),
-            "The Secret holding the tokens: keys `a` (required). Updating it re-authorizes."
-        );
-        assert_eq!(super::reflow("One.\n\nTwo\nlines."), "One.\n\nTwo lines.");
-        assert_eq!(super::reflow("List:\n- a\n- b"), "List:\n- a\n- b");
-        for (_, crd) in super::crds() {
-            let yaml = serde_json::to_string(&crd).unwrap();
-            assert!(
-                !yaml.contains("`refresh_token` and `client_id`\\n"),
-                "no mid-sentence breaks"
-            );
-        }
-    }
-}
-
 /// One CRD as YAML, as `crds/<stem>.yaml` holds it; `None` for an unknown stem.
 pub fn crd_yaml_of(stem: &str) -> Option<String> {
     let (stem, crd) = crds().into_iter().find(|(s, _)| *s == stem)?;
@@ -121,4 +101,24 @@ pub fn all_crds_yaml() -> String {
         .map(|(stem, _)| crd_yaml_of(stem).expect("known stem"))
         .collect::<Vec<_>>()
         .join("---\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn descriptions_read_as_sentences_in_kubectl_explain() {
+        assert_eq!(
+            super::reflow("The Secret holding the tokens: keys `a`\n(required). Updating it\nre-authorizes."),
+            "The Secret holding the tokens: keys `a` (required). Updating it re-authorizes."
+        );
+        assert_eq!(super::reflow("One.\n\nTwo\nlines."), "One.\n\nTwo lines.");
+        assert_eq!(super::reflow("List:\n- a\n- b"), "List:\n- a\n- b");
+        for (_, crd) in super::crds() {
+            let yaml = serde_json::to_string(&crd).unwrap();
+            assert!(
+                !yaml.contains("`refresh_token` and `client_id`\\n"),
+                "no mid-sentence breaks"
+            );
+        }
+    }
 }
