@@ -1,5 +1,5 @@
 # The README's commands. `make test` is what CI runs (through .ci/run).
-.PHONY: demo demo-down test unit crds lint fmt image cluster-up cluster-down
+.PHONY: demo demo-down test unit crds lint fmt image cluster-up cluster-down install
 
 # The local demo: control plane + fake Salesforce/Dynamics + operator + example connections.
 demo:
@@ -47,3 +47,7 @@ cluster-up:
 
 cluster-down:
 	tests/cluster/down.sh
+
+# connection-operator on your PATH (~/.cargo/bin): `connection-operator check-credentials`, `crd`, ...
+install:
+	cargo install --path . --locked
