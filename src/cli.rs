@@ -17,9 +17,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print the CustomResourceDefinitions as YAML (generated from the Rust types): all of them, or
-    /// the one named (connection, orgsettings, jobrun).
+    /// the one named (connection, orgsettings, jobrun, jobtemplate).
     Crd {
-        #[arg(value_parser = ["connection", "orgsettings", "jobrun"])]
+        #[arg(value_parser = ["connection", "orgsettings", "jobrun", "jobtemplate"])]
         name: Option<String>,
     },
     /// Run the operator against the cluster of the current kubeconfig or in-cluster config.

@@ -6,5 +6,6 @@ mod check_credentials;
 pub mod cli;
 pub mod controller;
 pub mod crm;
+pub mod jobruns;
 pub mod providers;
 pub mod retriever;

@@ -86,6 +86,27 @@ pub struct JobRunStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<i64>,
 
+    /// The batch Job that runs it (same name), once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+
+    /// When the Job started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<Time>,
+
+    /// When the Job finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<Time>,
+
+    /// The last phase written back to the CRM job record (Running, Succeeded, Failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<JobPhase>,
+
+    /// The worker's result (its termination message), at most 256 characters here; the CRM
+    /// record holds up to 4 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+
     /// Conditions about the run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]

@@ -7,10 +7,13 @@ mod connection;
 #[allow(clippy::duplicated_attributes)]
 mod jobrun;
 #[allow(clippy::duplicated_attributes)]
+mod jobtemplate;
+#[allow(clippy::duplicated_attributes)]
 mod orgsettings;
 
 pub use connection::*;
 pub use jobrun::*;
+pub use jobtemplate::*;
 pub use orgsettings::*;
 
 use kube::CustomResourceExt;
@@ -33,6 +36,7 @@ pub fn crds() -> Vec<(
         ("connection", Connection::crd()),
         ("orgsettings", OrgSettings::crd()),
         ("jobrun", JobRun::crd()),
+        ("jobtemplate", JobTemplate::crd()),
     ]
     .into_iter()
     .map(|(stem, crd)| {

@@ -523,7 +523,15 @@ pub async fn run(
         "starting controller"
     );
     tokio::spawn(forget_deleted(Arc::downgrade(&ctx)));
-    controller
+    // The JobRun controller runs beside it, under the same leadership and shutdown.
+    let job_runs = crate::jobruns::run(
+        ctx.client.clone(),
+        config.namespace.clone(),
+        &config.validator,
+        config.instance.clone(),
+        stopped(),
+    );
+    let connections_done = controller
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
         // Only labelled Secrets are watched (credentials the operator has seen, and its own session
         // Secrets): memory stays proportional to the connections, not to every Secret in the cluster.
@@ -559,8 +567,11 @@ pub async fn run(
                     other => warn!(error = %other, "controller error"),
                 }
             }
-        })
-        .await;
+        });
+    let (_, job_runs) = futures::join!(connections_done, job_runs);
+    if let Err(e) = job_runs {
+        warn!(error = %e, "the JobRun controller could not start");
+    }
     if let Some(server) = server {
         let _ = server.await;
     }

@@ -485,6 +485,165 @@ pub fn claim_request(api: Api, base: &Url, job: &QueuedJob, claim: &Claim) -> Re
     }
 }
 
+/// The URL of one job record (Salesforce sObject, Dataverse row).
+pub fn record_url(api: Api, base: &Url, id: &str) -> Result<Url, String> {
+    if !is_record_id(id) {
+        return Err("the job ID is not a record ID".into());
+    }
+    let path = match api {
+        Api::Salesforce => format!("{}/sobjects/{}/{id}", sf::API_PATH, sf::OBJECT),
+        Api::Dataverse => format!("{}/{}({id})", dv::API_PATH, dv::ENTITY_SET),
+    };
+    base.join(&path).map_err(|e| e.to_string())
+}
+
+/// A job record as read before a report: its status and the version a conditional write names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub status: JobStatus,
+    pub version: Version,
+}
+
+/// Parses a job record (the answer to a GET of [`record_url`]).
+pub fn parse_record(api: Api, body: &[u8]) -> Result<Record, String> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("not JSON (line {}, column {})", e.line(), e.column()))?;
+    match api {
+        Api::Salesforce => {
+            let status = value
+                .get(sf::STATUS)
+                .and_then(Value::as_str)
+                .and_then(JobStatus::from_salesforce);
+            let modified = value
+                .get(sf::LAST_MODIFIED)
+                .and_then(Value::as_str)
+                .and_then(parse_datetime);
+            match (status, modified) {
+                (Some(status), Some(modified)) => Ok(Record {
+                    status,
+                    version: Version::LastModified(modified),
+                }),
+                _ => Err(format!("no usable {} or {}", sf::STATUS, sf::LAST_MODIFIED)),
+            }
+        }
+        Api::Dataverse => {
+            let status = value
+                .get(dv::STATUS)
+                .and_then(Value::as_i64)
+                .and_then(JobStatus::from_dataverse);
+            let etag = value.get(dv::ETAG).and_then(Value::as_str);
+            match (status, etag) {
+                (Some(status), Some(etag)) => Ok(Record {
+                    status,
+                    version: Version::ETag(etag.to_string()),
+                }),
+                _ => Err(format!("no usable {} or {}", dv::STATUS, dv::ETAG)),
+            }
+        }
+    }
+}
+
+/// What a report writes into a job record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// The job started.
+    Started { at: Timestamp },
+    /// The job ended; `result` is the worker's termination message (at most 4 KiB kept).
+    Ended {
+        succeeded: bool,
+        at: Timestamp,
+        result: Option<String>,
+    },
+}
+
+/// The longest result written to the CRM.
+pub const MAX_RESULT: usize = 4096;
+
+/// The conditional write of a report: it lands only on the version just read, so a user's abort
+/// in between is never overwritten.
+pub fn report_request(
+    api: Api,
+    base: &Url,
+    id: &str,
+    version: &Version,
+    report: &Report,
+) -> Result<Prepared, String> {
+    let url = record_url(api, base, id)?;
+    let (status, fields) = match report {
+        Report::Started { at } => (
+            JobStatus::Running,
+            vec![(started_field(api), json!(datetime_literal(*at)))],
+        ),
+        Report::Ended {
+            succeeded,
+            at,
+            result,
+        } => {
+            let mut fields = vec![(ended_field(api), json!(datetime_literal(*at)))];
+            if let Some(result) = result {
+                let mut cut = result.len().min(MAX_RESULT);
+                while !result.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                fields.push((result_field(api), json!(&result[..cut])));
+            }
+            (
+                if *succeeded {
+                    JobStatus::Completed
+                } else {
+                    JobStatus::Failed
+                },
+                fields,
+            )
+        }
+    };
+    let mut body = serde_json::Map::new();
+    match api {
+        Api::Salesforce => body.insert(sf::STATUS.into(), json!(status.salesforce())),
+        Api::Dataverse => body.insert(dv::STATUS.into(), json!(status.dataverse())),
+    };
+    for (field, value) in fields {
+        body.insert(field.into(), value);
+    }
+    let condition = match (api, version) {
+        (Api::Salesforce, Version::LastModified(seen)) => (
+            "If-Unmodified-Since",
+            k8s_openapi::jiff::fmt::rfc2822::DateTimePrinter::new()
+                .timestamp_to_rfc9110_string(seen)
+                .map_err(|e| e.to_string())?,
+        ),
+        (Api::Dataverse, Version::ETag(etag)) => ("If-Match", etag.clone()),
+        _ => return Err("the record's version does not fit the CRM".into()),
+    };
+    Ok(Prepared {
+        method: reqwest::Method::PATCH,
+        url,
+        headers: vec![condition],
+        body: Some(Value::Object(body)),
+    })
+}
+
+fn started_field(api: Api) -> &'static str {
+    match api {
+        Api::Salesforce => sf::STARTED,
+        Api::Dataverse => dv::STARTED,
+    }
+}
+
+fn ended_field(api: Api) -> &'static str {
+    match api {
+        Api::Salesforce => sf::ENDED,
+        Api::Dataverse => dv::ENDED,
+    }
+}
+
+fn result_field(api: Api) -> &'static str {
+    match api {
+        Api::Salesforce => sf::RESULT,
+        Api::Dataverse => dv::RESULT,
+    }
+}
+
 /// What the status of an answer to a claim means; `None`: it is an error to classify.
 pub fn claim_outcome(status: u16) -> Option<ClaimOutcome> {
     match status {
@@ -624,6 +783,43 @@ impl JobQueue {
             }),
             None => Err(classify(status, meta.retry_after, &body)),
         }
+    }
+
+    /// Reads one job record; `None` when it is gone (404).
+    pub async fn read(&self, target: &Target<'_>, id: &str) -> Result<Answer<Option<Record>>, CrmError> {
+        let url = record_url(target.api, target.base, id).map_err(CrmError::Malformed)?;
+        let prepared = Prepared {
+            method: reqwest::Method::GET,
+            url,
+            headers: vec![],
+            body: None,
+        };
+        let (status, meta, body) = self.send(target, prepared).await?;
+        let value = match status {
+            200 => Some(parse_record(target.api, &body).map_err(CrmError::Malformed)?),
+            404 => None,
+            _ => return Err(classify(status, meta.retry_after, &body)),
+        };
+        Ok(Answer {
+            value,
+            server_time: meta.server_time,
+            usage: meta.usage,
+        })
+    }
+
+    /// Writes a report into a job record read as `record` (a conditional write). `Lost`: the
+    /// record changed since it was read (read it again); `Gone`: it was deleted.
+    pub async fn report(
+        &self,
+        target: &Target<'_>,
+        id: &str,
+        record: &Record,
+        report: &Report,
+    ) -> Result<ClaimOutcome, CrmError> {
+        let prepared = report_request(target.api, target.base, id, &record.version, report)
+            .map_err(CrmError::Malformed)?;
+        let (status, meta, body) = self.send(target, prepared).await?;
+        claim_outcome(status).ok_or_else(|| classify(status, meta.retry_after, &body))
     }
 
     async fn send(&self, target: &Target<'_>, prepared: Prepared) -> Result<(u16, Meta, Vec<u8>), CrmError> {

@@ -269,3 +269,76 @@ fn error_text_never_carries_a_token_from_the_body() {
     let e = classify(401, None, body);
     assert!(!e.to_string().contains("SECRET"), "{e}");
 }
+
+#[test]
+fn reports_are_conditional_writes_of_the_contracts_fields() {
+    let seen = Version::LastModified(t("2026-11-28T10:00:00Z"));
+    let started = claim_request_like(
+        Api::Salesforce,
+        &seen,
+        &Report::Started {
+            at: t("2026-11-28T10:00:05Z"),
+        },
+    );
+    assert_eq!(
+        started.headers,
+        vec![("If-Unmodified-Since", "Sat, 28 Nov 2026 10:00:00 GMT".to_string())]
+    );
+    assert_eq!(
+        started.body.unwrap(),
+        json!({"Status__c": "Running", "Started__c": "2026-11-28T10:00:05Z"})
+    );
+    let long = "é".repeat(3000); // 6000 bytes: cut at 4 KiB on a character boundary
+    let ended = claim_request_like(
+        Api::Salesforce,
+        &seen,
+        &Report::Ended {
+            succeeded: false,
+            at: t("2026-11-28T10:01:00Z"),
+            result: Some(long),
+        },
+    );
+    let body = ended.body.unwrap();
+    assert_eq!(body["Status__c"], json!("Failed"));
+    assert_eq!(body["Result__c"].as_str().unwrap().len(), 4096);
+    let env = Url::parse("https://contoso.crm.dynamics.com").unwrap();
+    let done = report_request(
+        Api::Dataverse,
+        &env,
+        "3f2b1c4d-0000-0000-0000-000000000001",
+        &Version::ETag("W/\"7\"".into()),
+        &Report::Ended {
+            succeeded: true,
+            at: t("2026-11-28T10:01:00Z"),
+            result: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(done.headers, vec![("If-Match", "W/\"7\"".to_string())]);
+    assert_eq!(
+        done.body.unwrap(),
+        json!({"crmc_status": 5, "crmc_ended": "2026-11-28T10:01:00Z"})
+    );
+}
+
+fn claim_request_like(api: Api, version: &Version, report: &Report) -> Prepared {
+    report_request(api, &base(), "a0B000000000001AAA", version, report).unwrap()
+}
+
+#[test]
+fn records_parse_for_both_crms() {
+    let sf = br#"{"Id":"a0B000000000001AAA","Status__c":"Aborted","LastModifiedDate":"2026-11-28T10:00:00.000+0000"}"#;
+    assert_eq!(
+        parse_record(Api::Salesforce, sf).unwrap(),
+        Record {
+            status: JobStatus::Aborted,
+            version: Version::LastModified(t("2026-11-28T10:00:00Z"))
+        }
+    );
+    let dv = br#"{"@odata.etag":"W/\"9\"","crmc_status":4}"#;
+    assert_eq!(
+        parse_record(Api::Dataverse, dv).unwrap().status,
+        JobStatus::Running
+    );
+    assert!(parse_record(Api::Dataverse, b"{}").is_err());
+}

@@ -49,7 +49,7 @@ pub fn claimed_status(by: &str, at: Timestamp, expires: Timestamp, attempt: i64)
             expires: Time(expires),
         }),
         attempt: Some(attempt),
-        conditions: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,178 @@
+//! A JobRun's batch Job, built from its JobTemplate, and what a Job's status says. Pure.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{EnvVar, PodSpec, SecretVolumeSource, Volume, VolumeMount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{JobPhase, JobRun, JobTemplateSpec, labels};
+use crate::controller::children::{
+    MANAGED_BY, RUN_AS, SESSION_MOUNT, restricted_container_security, restricted_pod_security,
+};
+
+/// Label on a JobRun's batch Job and its pods: the JobRun's name.
+pub const JOBRUN_LABEL: &str = "crmconnect.io/jobrun";
+
+/// The batch Job that runs `run`: the template's pod with the restricted security of the
+/// retriever, no ServiceAccount token, the connection's session mounted read-only, and the CRM_*
+/// environment. `backoffLimit` defaults to 0 (a CRM job is reported failed rather than run twice);
+/// `ttlSecondsAfterFinished` is set only once the outcome is reported.
+pub fn batch_job(run: &JobRun, template: &JobTemplateSpec, instance_url: &str) -> Job {
+    let name = run.metadata.name.clone().unwrap_or_default();
+    let mut labels = BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (labels::CONNECTION.to_string(), run.spec.connection.clone()),
+        (JOBRUN_LABEL.to_string(), name.clone()),
+    ]);
+    if let Some(org) = run.metadata.labels.as_ref().and_then(|l| l.get(labels::ORG)) {
+        labels.insert(labels::ORG.to_string(), org.clone());
+    }
+    let mut pod_template = template.template.clone();
+    let mut pod_meta = pod_template.metadata.take().unwrap_or_default();
+    pod_meta
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .extend(labels.clone());
+    pod_template.metadata = Some(pod_meta);
+    let mut pod: PodSpec = pod_template.spec.take().unwrap_or_default();
+    pod.restart_policy = Some("Never".into());
+    pod.automount_service_account_token = Some(false);
+    pod.enable_service_links = Some(false);
+    pod.security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
+        fs_group: Some(RUN_AS),
+        ..restricted_pod_security()
+    });
+    let env = [
+        ("CRM_JOB_ID", run.spec.crm_job_id.as_str()),
+        ("CRM_JOB_TYPE", run.spec.job_type.as_str()),
+        ("CRM_PROVIDER", run.spec.provider.as_str()),
+        ("CRM_INSTANCE_URL", instance_url),
+    ];
+    for container in &mut pod.containers {
+        container.security_context = Some(restricted_container_security());
+        container
+            .termination_message_policy
+            .get_or_insert_with(|| "FallbackToLogsOnError".into());
+        let vars = container.env.get_or_insert_with(Vec::new);
+        vars.retain(|v| !env.iter().any(|(n, _)| v.name == *n));
+        vars.extend(env.iter().map(|(n, v)| EnvVar {
+            name: n.to_string(),
+            value: Some(v.to_string()),
+            ..Default::default()
+        }));
+        let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+        mounts.retain(|m| m.name != "crmconnect-session");
+        mounts.push(VolumeMount {
+            name: "crmconnect-session".into(),
+            mount_path: SESSION_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    let volumes = pod.volumes.get_or_insert_with(Vec::new);
+    volumes.retain(|v| v.name != "crmconnect-session");
+    volumes.push(Volume {
+        name: "crmconnect-session".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(format!("{}-session", run.spec.connection)),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    pod_template.spec = Some(pod);
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: run.metadata.namespace.clone(),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(template.backoff_limit.unwrap_or(0)),
+            active_deadline_seconds: template.active_deadline_seconds,
+            pod_failure_policy: template.pod_failure_policy.clone(),
+            template: pod_template,
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// What a Job's status says about the run.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// `None`: created, not started yet.
+    pub phase: Option<JobPhase>,
+    pub started: Option<Timestamp>,
+    pub finished: Option<Timestamp>,
+}
+
+/// Reads a Job's status: Succeeded / Failed from its `Complete` / `Failed` condition, Running once
+/// it has a start time.
+pub fn progress(job: &Job) -> Progress {
+    let Some(status) = &job.status else {
+        return Progress::default();
+    };
+    let condition = |type_: &str| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == type_ && c.status == "True")
+    };
+    let started = status.start_time.as_ref().map(|t| t.0);
+    let ended = |c: &k8s_openapi::api::batch::v1::JobCondition| {
+        status
+            .completion_time
+            .as_ref()
+            .or(c.last_transition_time.as_ref())
+            .map(|t| t.0)
+    };
+    if let Some(c) = condition("Complete") {
+        return Progress {
+            phase: Some(JobPhase::Succeeded),
+            started,
+            finished: ended(c),
+        };
+    }
+    if let Some(c) = condition("Failed") {
+        return Progress {
+            phase: Some(JobPhase::Failed),
+            started,
+            finished: c.last_transition_time.as_ref().map(|t| t.0),
+        };
+    }
+    Progress {
+        phase: started.map(|_| JobPhase::Running),
+        started,
+        finished: None,
+    }
+}
+
+/// What to write back to the CRM for a run whose Job shows `progress`, given what was reported
+/// already. `None`: nothing (not started, or already reported).
+pub fn report_due(progress: &Progress, reported: Option<JobPhase>) -> Option<JobPhase> {
+    let phase = progress.phase?;
+    match (phase, reported) {
+        (_, Some(done)) if done.is_terminal() => None,
+        (JobPhase::Running, Some(JobPhase::Running)) => None,
+        (phase, _) => Some(phase),
+    }
+}
+
+/// A short form of a worker's result for the JobRun's status (the CRM gets up to 4 KiB).
+pub fn summary(result: &str) -> String {
+    let line = result.trim();
+    if line.chars().count() <= 256 {
+        return line.to_string();
+    }
+    let mut out: String = line.chars().take(255).collect();
+    out.push('…');
+    out
+}
+
+#[cfg(test)]
+mod tests;

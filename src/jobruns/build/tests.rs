@@ -1,0 +1,157 @@
+use super::*;
+use crate::api::{JobRunSpec, Provider};
+use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+fn run() -> JobRun {
+    let mut run = JobRun::new(
+        "sf-00d000000000001eaa-a0b000000000001aaa",
+        JobRunSpec {
+            connection: "acme".into(),
+            crm_job_id: "a0B000000000001AAA".into(),
+            job_type: "export".into(),
+            provider: Provider::SalesforceProduction,
+        },
+    );
+    run.metadata.namespace = Some("sales".into());
+    run.metadata.labels = Some([(labels::ORG.to_string(), "sf-00d000000000001eaa".to_string())].into());
+    run
+}
+
+fn template() -> JobTemplateSpec {
+    JobTemplateSpec {
+        providers: vec![],
+        backoff_limit: None,
+        active_deadline_seconds: Some(600),
+        ttl_seconds_after_finished: Some(60),
+        pod_failure_policy: None,
+        template: PodTemplateSpec {
+            metadata: None,
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "worker".into(),
+                    image: Some("registry.local/worker:1".into()),
+                    env: Some(vec![EnvVar {
+                        name: "CRM_JOB_ID".into(),
+                        value: Some("spoofed".into()),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }],
+                automount_service_account_token: Some(true),
+                ..Default::default()
+            }),
+        },
+    }
+}
+
+#[test]
+fn the_job_is_the_templates_pod_made_safe_with_the_session_and_the_crm_environment() {
+    let job = batch_job(&run(), &template(), "https://acme.my.salesforce.com");
+    assert_eq!(job.metadata.name, run().metadata.name);
+    assert_eq!(job.metadata.namespace.as_deref(), Some("sales"));
+    let labels = job.metadata.labels.clone().unwrap();
+    assert_eq!(labels[JOBRUN_LABEL], "sf-00d000000000001eaa-a0b000000000001aaa");
+    assert_eq!(labels[labels::CONNECTION], "acme");
+    let spec = job.spec.unwrap();
+    assert_eq!(
+        spec.backoff_limit,
+        Some(0),
+        "a CRM job is reported failed rather than run twice"
+    );
+    assert_eq!(spec.active_deadline_seconds, Some(600));
+    assert_eq!(
+        spec.ttl_seconds_after_finished, None,
+        "set only once the outcome is reported"
+    );
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(false),
+        "the template cannot turn it on"
+    );
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(pod.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.security_context.as_ref().unwrap().allow_privilege_escalation,
+        Some(false)
+    );
+    let env: BTreeMap<_, _> = c
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.as_str(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        env["CRM_JOB_ID"], "a0B000000000001AAA",
+        "the template cannot spoof it"
+    );
+    assert_eq!(env["CRM_JOB_TYPE"], "export");
+    assert_eq!(env["CRM_PROVIDER"], "SalesforceProduction");
+    assert_eq!(env["CRM_INSTANCE_URL"], "https://acme.my.salesforce.com");
+    assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, SESSION_MOUNT);
+    assert_eq!(
+        c.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
+    let volume = pod.volumes.unwrap().pop().unwrap();
+    assert_eq!(
+        volume.secret.unwrap().secret_name.as_deref(),
+        Some("acme-session")
+    );
+}
+
+fn job_with(start: bool, condition: Option<&str>) -> Job {
+    let at: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
+    Job {
+        status: Some(JobStatus {
+            start_time: start.then_some(Time(at)),
+            completion_time: (condition == Some("Complete")).then_some(Time(at)),
+            conditions: condition.map(|c| {
+                vec![JobCondition {
+                    type_: c.into(),
+                    status: "True".into(),
+                    last_transition_time: Some(Time(at)),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn progress_follows_the_jobs_status() {
+    assert_eq!(progress(&Job::default()).phase, None);
+    assert_eq!(progress(&job_with(false, None)).phase, None);
+    assert_eq!(progress(&job_with(true, None)).phase, Some(JobPhase::Running));
+    let done = progress(&job_with(true, Some("Complete")));
+    assert_eq!(done.phase, Some(JobPhase::Succeeded));
+    assert!(done.finished.is_some());
+    assert_eq!(
+        progress(&job_with(true, Some("Failed"))).phase,
+        Some(JobPhase::Failed)
+    );
+}
+
+#[test]
+fn each_phase_is_reported_once_and_a_final_one_never_again() {
+    let p = |phase| Progress {
+        phase: Some(phase),
+        ..Default::default()
+    };
+    assert_eq!(report_due(&Progress::default(), None), None);
+    assert_eq!(report_due(&p(JobPhase::Running), None), Some(JobPhase::Running));
+    assert_eq!(report_due(&p(JobPhase::Running), Some(JobPhase::Running)), None);
+    assert_eq!(
+        report_due(&p(JobPhase::Succeeded), Some(JobPhase::Running)),
+        Some(JobPhase::Succeeded)
+    );
+    assert_eq!(report_due(&p(JobPhase::Failed), None), Some(JobPhase::Failed));
+    assert_eq!(report_due(&p(JobPhase::Failed), Some(JobPhase::Failed)), None);
+    assert_eq!(report_due(&p(JobPhase::Running), Some(JobPhase::Aborted)), None);
+    assert_eq!(summary(&"x".repeat(300)).chars().count(), 256);
+}

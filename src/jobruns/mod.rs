@@ -1,0 +1,496 @@
+//! The JobRun controller: runs each claimed CRM job as a batch Job from the JobTemplate of its
+//! type, and writes the outcome back to the CRM job record (the system of record).
+//!
+//! Built so far: a `Claimed` JobRun of an Active connection becomes a Job (same name; the JobRun
+//! is then owned by it); `Running`, then `Succeeded` or `Failed` from the Job's status, each written
+//! once to the CRM with a conditional write (never over `Aborted`: a job aborted or deleted in the
+//! CRM suspends the Job and the JobRun is `Aborted`); a missing template is a condition and an
+//! event. Not yet: Holding on pause, the history in OrgSettings, metrics.
+
+pub mod build;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use secrecy::SecretString;
+use tracing::{info, warn};
+
+use crate::api::{Connection, JobPhase, JobRun, JobRunStatus, JobTemplate, State, template_name};
+use crate::controller::children::{FIELD_MANAGER, MANAGED_BY, session_keys};
+use crate::crm::{self, ClaimOutcome, JobQueue, JobStatus, Report, Target};
+
+/// Condition type on a JobRun: its type's JobTemplate exists (and allows its provider).
+pub const TEMPLATE_FOUND: &str = "TemplateFound";
+/// Reason and event reason: no usable JobTemplate for the run's type.
+pub const TEMPLATE_MISSING: &str = "TemplateMissing";
+
+struct Ctx {
+    client: Client,
+    recorder: Recorder,
+    queue: JobQueue,
+    hosts: crate::providers::rules::HostPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    validator: &crate::providers::ValidatorConfig,
+    instance: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), reqwest::Error> {
+    let scoped = |client: &Client| -> (Api<JobRun>, Api<Job>, Api<Connection>) {
+        match &namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        }
+    };
+    let (runs, jobs, connections) = scoped(&client);
+    let templates: Api<JobTemplate> = Api::all(client.clone());
+    let ctx = Arc::new(Ctx {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "connection-operator".into(),
+                instance,
+            },
+        ),
+        queue: JobQueue::new(validator.request_timeout, validator.extra_roots.as_ref())?,
+        hosts: validator.hosts.clone(),
+        client,
+    });
+    let controller = Controller::new(runs, watcher::Config::default());
+    let store = controller.store();
+    let (by_connection, by_template) = (store.clone(), store);
+    let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+    controller
+        .owns(jobs, watcher::Config::default().labels(&managed))
+        // A connection turning Active starts its runs.
+        .watches(connections, watcher::Config::default(), move |c: Connection| {
+            runs_where(&by_connection, |r| {
+                r.namespace() == c.namespace() && r.spec.connection == c.name_any()
+            })
+        })
+        // A template appearing starts the runs waiting for it.
+        .watches(templates, watcher::Config::default(), move |t: JobTemplate| {
+            runs_where(&by_template, |r| template_name(&r.spec.job_type) == t.name_any())
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                match e {
+                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                    other => warn!(error = %other, "jobrun controller error"),
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn runs_where(store: &Store<JobRun>, wanted: impl Fn(&JobRun) -> bool) -> Vec<ObjectRef<JobRun>> {
+    store
+        .state()
+        .iter()
+        .filter(|r| wanted(r))
+        .map(|r| ObjectRef::from_obj(r.as_ref()))
+        .collect()
+}
+
+fn error_policy(run: Arc<JobRun>, error: &Error, _ctx: Arc<Ctx>) -> Action {
+    warn!(jobrun = %run.name_any(), %error, "jobrun reconcile failed; retrying in 15s");
+    Action::requeue(Duration::from_secs(15))
+}
+
+async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let status = run.status.clone().unwrap_or_default();
+    if status.phase.is_some_and(JobPhase::is_terminal) && status.reported == status.phase {
+        return Ok(Action::await_change());
+    }
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let connection = Api::<Connection>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&run.spec.connection)
+        .await?;
+    let Some(job) = jobs.get_opt(&name).await? else {
+        return start(&ctx, &run, &ns, &status, connection.as_ref()).await;
+    };
+
+    let progress = build::progress(&job);
+    let mut next = status.clone();
+    next.job = Some(name.clone());
+    next.started = progress.started.map(Time);
+    next.finished = progress.finished.map(Time);
+    let mut action = Action::await_change();
+    if let Some(phase) = build::report_due(&progress, status.reported) {
+        match report(&ctx, &run, &ns, phase, &progress, &job).await {
+            Reported::Done(result) => {
+                info!(jobrun = %name, ?phase, "reported to the CRM");
+                next.phase = Some(phase);
+                next.reported = Some(phase);
+                if let Some(result) = result {
+                    next.result = Some(build::summary(&result));
+                }
+                if phase.is_terminal() {
+                    finish(&ctx, &ns, &name, &run).await?;
+                }
+            }
+            Reported::Aborted => {
+                info!(jobrun = %name, "the job was aborted or deleted in the CRM: suspending its Job");
+                jobs.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+                )
+                .await?;
+                next.phase = Some(JobPhase::Aborted);
+                next.reported = Some(JobPhase::Aborted);
+            }
+            Reported::Later(why) => {
+                warn!(jobrun = %name, ?phase, "cannot report to the CRM yet: {why}");
+                next.phase = Some(phase);
+                action = Action::requeue(Duration::from_secs(30));
+            }
+        }
+    } else if let Some(phase) = progress
+        .phase
+        .filter(|_| status.reported.is_none_or(|r| !r.is_terminal()))
+    {
+        next.phase = Some(phase);
+    }
+    write_status(&ctx, &ns, &name, &status, next).await?;
+    Ok(action)
+}
+
+/// A run without its Job: create the Job when the connection is Active and a template exists.
+async fn start(
+    ctx: &Ctx,
+    run: &JobRun,
+    ns: &str,
+    status: &JobRunStatus,
+    connection: Option<&Connection>,
+) -> Result<Action, Error> {
+    let name = run.name_any();
+    if status.phase.is_some_and(JobPhase::is_terminal) {
+        return Ok(Action::await_change());
+    }
+    let active = connection
+        .and_then(|c| c.status.as_ref())
+        .filter(|s| s.state == Some(State::Active));
+    let Some(connection_status) = active else {
+        // Not started while the connection is not Active (paused, inactive, deleted): the job
+        // stays claimed; the connection's change wakes this up.
+        return Ok(Action::await_change());
+    };
+    let template_name = template_name(&run.spec.job_type);
+    let template = Api::<JobTemplate>::all(ctx.client.clone())
+        .get_opt(&template_name)
+        .await?
+        .filter(|t| t.spec.providers.is_empty() || t.spec.providers.contains(&run.spec.provider));
+    let Some(template) = template else {
+        let message = format!(
+            "no JobTemplate {template_name} for job type {:?} and provider {}: the job stays claimed until a cluster administrator creates one (kubectl get jobtemplates)",
+            run.spec.job_type, run.spec.provider
+        );
+        let mut next = status.clone();
+        let changed = set_condition(
+            &mut next.conditions,
+            TEMPLATE_FOUND,
+            "False",
+            TEMPLATE_MISSING,
+            &message,
+        );
+        if changed {
+            publish(ctx, run, EventType::Warning, TEMPLATE_MISSING, &message).await;
+        }
+        write_status(ctx, ns, &name, status, next).await?;
+        return Ok(Action::await_change());
+    };
+    let instance_url = connection_status.instance_url.clone().unwrap_or_default();
+    let desired = build::batch_job(run, &template.spec, &instance_url);
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let job = match jobs.create(&params, &desired).await {
+        Ok(job) => {
+            info!(jobrun = %name, template = %template_name, "created its Job");
+            job
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&name).await?,
+        Err(e) => return Err(e.into()),
+    };
+    // The JobRun belongs to its Job from now on: the Job's TTL, set once the outcome is
+    // reported, collects both.
+    let owner = OwnerReference {
+        api_version: "batch/v1".into(),
+        kind: "Job".into(),
+        name: name.clone(),
+        uid: job.uid().unwrap_or_default(),
+        controller: Some(false),
+        block_owner_deletion: Some(false),
+    };
+    Api::<JobRun>::namespaced(ctx.client.clone(), ns)
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"ownerReferences": [owner]}})),
+        )
+        .await?;
+    let mut next = status.clone();
+    next.job = Some(name.clone());
+    set_condition(
+        &mut next.conditions,
+        TEMPLATE_FOUND,
+        "True",
+        "TemplateFound",
+        &format!("runs from JobTemplate {template_name}"),
+    );
+    write_status(ctx, ns, &name, status, next).await?;
+    Ok(Action::await_change())
+}
+
+/// After the final report: the Job gets its TTL (the TTL controller then deletes it, and garbage
+/// collection the JobRun). No delete verb is needed.
+async fn finish(ctx: &Ctx, ns: &str, name: &str, run: &JobRun) -> Result<(), Error> {
+    let ttl = Api::<JobTemplate>::all(ctx.client.clone())
+        .get_opt(&template_name(&run.spec.job_type))
+        .await?
+        .and_then(|t| t.spec.ttl_seconds_after_finished);
+    if let Some(ttl) = ttl {
+        Api::<Job>::namespaced(ctx.client.clone(), ns)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"ttlSecondsAfterFinished": ttl}})),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+enum Reported {
+    /// Written; the worker's result, for a final report.
+    Done(Option<String>),
+    /// The CRM job is aborted or gone.
+    Aborted,
+    /// Not now (no session, the CRM unreachable or busy): why.
+    Later(String),
+}
+
+/// Writes `phase` into the CRM job record: read it, then a conditional write on that version.
+async fn report(
+    ctx: &Ctx,
+    run: &JobRun,
+    ns: &str,
+    phase: JobPhase,
+    progress: &build::Progress,
+    job: &Job,
+) -> Reported {
+    let session = match Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&format!("{}-session", run.spec.connection))
+        .await
+    {
+        Ok(Some(secret)) => secret,
+        Ok(None) => return Reported::Later("the connection has no session".into()),
+        Err(e) => return Reported::Later(format!("cannot read the session: {e}")),
+    };
+    let value = |key: &str| {
+        session
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .map(|v| v.trim().to_string())
+    };
+    let (Some(token), Some(base)) = (
+        value(session_keys::ACCESS_TOKEN),
+        value(session_keys::INSTANCE_URL),
+    ) else {
+        return Reported::Later("the session has no access token or instance URL".into());
+    };
+    let Ok(base) = url::Url::parse(&base) else {
+        return Reported::Later("the session's instance URL is not a URL".into());
+    };
+    if let Err(why) = ctx.hosts.check(&base) {
+        return Reported::Later(format!("refusing to send the token: {why}"));
+    }
+    let token = SecretString::from(token);
+    let target = Target {
+        api: crm::Api::of(run.spec.provider),
+        base: &base,
+        token: &token,
+    };
+    let result = if phase.is_terminal() {
+        termination_message(ctx, ns, &run.name_any()).await
+    } else {
+        None
+    };
+    let report = match phase {
+        JobPhase::Running => Report::Started {
+            at: progress.started.unwrap_or_else(Timestamp::now),
+        },
+        _ => Report::Ended {
+            succeeded: phase == JobPhase::Succeeded,
+            at: progress.finished.unwrap_or_else(Timestamp::now),
+            result: result.clone(),
+        },
+    };
+    let _ = job;
+    for _ in 0..3 {
+        let read = match ctx.queue.read(&target, &run.spec.crm_job_id).await {
+            Ok(read) => read,
+            Err(e) => return Reported::Later(e.to_string()),
+        };
+        let record = match read.value {
+            None => return Reported::Aborted,
+            Some(r) if r.status == JobStatus::Aborted => return Reported::Aborted,
+            Some(r) => r,
+        };
+        // One-second resolution of If-Unmodified-Since: a change in the same second as ours
+        // would not be seen, so a record changed under 2 s ago is read again after a moment.
+        if let (crm::Version::LastModified(modified), Some(now)) = (&record.version, read.server_time)
+            && now.as_second() - modified.as_second() < 2
+        {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        }
+        match ctx
+            .queue
+            .report(&target, &run.spec.crm_job_id, &record, &report)
+            .await
+        {
+            Ok(ClaimOutcome::Claimed) => return Reported::Done(result),
+            Ok(ClaimOutcome::Gone) => return Reported::Aborted,
+            Ok(ClaimOutcome::Lost) => continue, // changed meanwhile: read again
+            Err(e) => return Reported::Later(e.to_string()),
+        }
+    }
+    Reported::Later("the CRM job record kept changing".into())
+}
+
+/// The worker's termination message (its first container's), from the Job's newest pod.
+async fn termination_message(ctx: &Ctx, ns: &str, job: &str) -> Option<String> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))
+        .await
+        .ok()?;
+    let newest = pods
+        .items
+        .iter()
+        .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0))?;
+    newest
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .clone()
+        .filter(|m| !m.trim().is_empty())
+}
+
+/// Sets a condition; true when it changed (status or reason).
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+) -> bool {
+    if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
+        if c.status == status && c.reason == reason && c.message == message {
+            return false;
+        }
+        let changed = c.status != status || c.reason != reason;
+        if c.status != status {
+            c.last_transition_time =
+                Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::now()));
+        }
+        c.status = status.into();
+        c.reason = reason.into();
+        c.message = message.into();
+        return changed;
+    }
+    conditions.push(Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Time(
+            Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::now()),
+        ),
+        observed_generation: None,
+    });
+    true
+}
+
+async fn write_status(
+    ctx: &Ctx,
+    ns: &str,
+    name: &str,
+    old: &JobRunStatus,
+    new: JobRunStatus,
+) -> Result<(), Error> {
+    if *old == new {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": JobRun::api_version(&()),
+        "kind": JobRun::kind(&()),
+        "status": new,
+    });
+    Api::<JobRun>::namespaced(ctx.client.clone(), ns)
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn publish(ctx: &Ctx, run: &JobRun, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Run".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &run.object_ref(&())).await {
+        warn!(error = %e, "could not publish event");
+    }
+}
