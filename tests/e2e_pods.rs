@@ -173,11 +173,13 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
     fake.set_rotation(true); // every refresh returns a new refresh token and kills the old one
     let token = fake.issue_salesforce_token(ORG);
     // Two jobs queued for the cloud, old enough to claim: the retriever pod's first poll takes them.
+    // Their types are this test's own: JobTemplates are cluster-scoped.
+    let (ok_type, failing_type) = (format!("e2e-ok-{}", &ns[2..]), format!("e2e-fail-{}", &ns[2..]));
     let jobs = fake.seed_jobs(
         ORG,
         &[
-            fake_providers::NewJob::new("export"),
-            fake_providers::NewJob::new("export"),
+            fake_providers::NewJob::new(&ok_type),
+            fake_providers::NewJob::new(&failing_type),
         ],
     );
     for id in &jobs {
@@ -310,6 +312,29 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         assert_eq!(job.status, fake_providers::JobStatus::Claimed);
         assert_eq!(job.claimed_by.as_deref(), Some(by.as_str()));
     }
+
+    // The administrator's templates: the claimed jobs run as batch Jobs on the node, and their
+    // outcomes go back to the CRM; 5 s after the report the Job (and with it the JobRun) is gone.
+    let (repo, tag) = chart_image();
+    let _templates = JobTemplates::create(&[
+        (ok_type.as_str(), format!("{repo}:{tag}"), vec!["--version"]),
+        (failing_type.as_str(), format!("{repo}:{tag}"), vec!["no-such-command"]),
+    ]);
+    let (ok_id, failing_id) = (jobs[0].clone(), jobs[1].clone());
+    let done = eventually("both CRM jobs reported", Duration::from_secs(120), || async {
+        let (ok, failed) = (fake.job(ORG, &ok_id)?, fake.job(ORG, &failing_id)?);
+        (ok.status == fake_providers::JobStatus::Completed && failed.status == fake_providers::JobStatus::Failed)
+            .then_some((ok, failed))
+    })
+    .await;
+    assert!(done.0.ended.is_some(), "{:?}", done.0);
+    let result = done.1.result.clone().unwrap_or_default();
+    assert!(result.contains("no-such-command"), "the worker's output is the failed job's result: {result:?}");
+    eventually("finished Jobs and JobRuns collected after their TTL", Duration::from_secs(90), || async {
+        let left = jobruns.list(&Default::default()).await.ok()?.items;
+        left.is_empty().then_some(())
+    })
+    .await;
     let connection: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
         "get",
         "connection",
@@ -479,6 +504,40 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         "the operator Deployment is gone"
     );
     drop(ns_guard);
+}
+
+/// Cluster-scoped JobTemplates made by a test, deleted when dropped.
+struct JobTemplates(Vec<String>);
+
+impl JobTemplates {
+    /// (job type, image, container args): the image's pull policy is Never (loaded into the node).
+    fn create(templates: &[(&str, String, Vec<&str>)]) -> Self {
+        let mut names = vec![];
+        for (job_type, image, args) in templates {
+            let manifest = serde_json::json!({
+                "apiVersion": "crmconnect.io/v1alpha1",
+                "kind": "JobTemplate",
+                "metadata": {"name": job_type},
+                "spec": {
+                    "ttlSecondsAfterFinished": 5,
+                    "template": {"spec": {"containers": [{
+                        "name": "worker", "image": image, "imagePullPolicy": "Never", "args": args,
+                    }]}},
+                },
+            });
+            kubectl_ok_stdin(&["apply", "-f", "-"], &manifest.to_string());
+            names.push(job_type.to_string());
+        }
+        JobTemplates(names)
+    }
+}
+
+impl Drop for JobTemplates {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = kubectl().args(["delete", "jobtemplate", name, "--ignore-not-found"]).output();
+        }
+    }
 }
 
 fn kubectl_ok_stdin(args: &[&str], stdin: &str) -> String {
