@@ -318,22 +318,34 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
     let (repo, tag) = chart_image();
     let _templates = JobTemplates::create(&[
         (ok_type.as_str(), format!("{repo}:{tag}"), vec!["--version"]),
-        (failing_type.as_str(), format!("{repo}:{tag}"), vec!["no-such-command"]),
+        (
+            failing_type.as_str(),
+            format!("{repo}:{tag}"),
+            vec!["no-such-command"],
+        ),
     ]);
     let (ok_id, failing_id) = (jobs[0].clone(), jobs[1].clone());
     let done = eventually("both CRM jobs reported", Duration::from_secs(120), || async {
         let (ok, failed) = (fake.job(ORG, &ok_id)?, fake.job(ORG, &failing_id)?);
-        (ok.status == fake_providers::JobStatus::Completed && failed.status == fake_providers::JobStatus::Failed)
+        (ok.status == fake_providers::JobStatus::Completed
+            && failed.status == fake_providers::JobStatus::Failed)
             .then_some((ok, failed))
     })
     .await;
     assert!(done.0.ended.is_some(), "{:?}", done.0);
     let result = done.1.result.clone().unwrap_or_default();
-    assert!(result.contains("no-such-command"), "the worker's output is the failed job's result: {result:?}");
-    eventually("finished Jobs and JobRuns collected after their TTL", Duration::from_secs(90), || async {
-        let left = jobruns.list(&Default::default()).await.ok()?.items;
-        left.is_empty().then_some(())
-    })
+    assert!(
+        result.contains("no-such-command"),
+        "the worker's output is the failed job's result: {result:?}"
+    );
+    eventually(
+        "finished Jobs and JobRuns collected after their TTL",
+        Duration::from_secs(90),
+        || async {
+            let left = jobruns.list(&Default::default()).await.ok()?.items;
+            left.is_empty().then_some(())
+        },
+    )
     .await;
     let connection: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
         "get",
@@ -535,7 +547,9 @@ impl JobTemplates {
 impl Drop for JobTemplates {
     fn drop(&mut self) {
         for name in &self.0 {
-            let _ = kubectl().args(["delete", "jobtemplate", name, "--ignore-not-found"]).output();
+            let _ = kubectl()
+                .args(["delete", "jobtemplate", name, "--ignore-not-found"])
+                .output();
         }
     }
 }

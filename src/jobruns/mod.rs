@@ -150,7 +150,7 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     next.finished = progress.finished.map(Time);
     let mut action = Action::await_change();
     if let Some(phase) = build::report_due(&progress, status.reported) {
-        match report(&ctx, &run, &ns, phase, &progress, &job).await {
+        match report(&ctx, &run, &ns, phase, &progress).await {
             Reported::Done(result) => {
                 info!(jobrun = %name, ?phase, "reported to the CRM");
                 next.phase = Some(phase);
@@ -307,14 +307,7 @@ enum Reported {
 }
 
 /// Writes `phase` into the CRM job record: read it, then a conditional write on that version.
-async fn report(
-    ctx: &Ctx,
-    run: &JobRun,
-    ns: &str,
-    phase: JobPhase,
-    progress: &build::Progress,
-    job: &Job,
-) -> Reported {
+async fn report(ctx: &Ctx, run: &JobRun, ns: &str, phase: JobPhase, progress: &build::Progress) -> Reported {
     let session = match Api::<Secret>::namespaced(ctx.client.clone(), ns)
         .get_opt(&format!("{}-session", run.spec.connection))
         .await
@@ -364,7 +357,6 @@ async fn report(
             result: result.clone(),
         },
     };
-    let _ = job;
     for _ in 0..3 {
         let read = match ctx.queue.read(&target, &run.spec.crm_job_id).await {
             Ok(read) => read,
