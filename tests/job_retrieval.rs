@@ -290,6 +290,46 @@ async fn claims_jobs_up_to_max_concurrent_across_pages(dynamics: bool) {
             "job history is not owned by the Connection"
         );
     }
+    // No JobTemplate for the type: the runs stay Claimed, and say why (a condition and an event).
+    let first = runs[0].name_any();
+    let jobruns: Api<JobRun> = Api::namespaced(env.client.clone(), env.ns());
+    let condition = eventually("TemplateFound=False", Duration::from_secs(30), || async {
+        let run = jobruns.get(&first).await.ok()?;
+        run.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "TemplateFound" && c.status == "False")
+    })
+    .await;
+    assert_eq!(condition.reason, "TemplateMissing");
+    assert!(
+        condition.message.contains("no JobTemplate export"),
+        "{}",
+        condition.message
+    );
+    let run = jobruns.get(&first).await.unwrap();
+    assert_eq!(
+        run.status.unwrap().phase,
+        Some(JobPhase::Claimed),
+        "it stays claimed"
+    );
+    eventually("a TemplateMissing event", Duration::from_secs(30), || async {
+        kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            env.ns(),
+            "--field-selector",
+            "reason=TemplateMissing",
+            "-o",
+            "name",
+        ])
+        .lines()
+        .next()
+        .map(str::to_string)
+    })
+    .await;
+
     // The org is at its maximum: the next poll claims nothing more.
     let again = retrieve_once(
         &kubeconfig,
