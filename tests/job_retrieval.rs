@@ -719,3 +719,75 @@ async fn a_new_connection_for_the_same_org_uses_its_settings_and_paused_gets_no_
     .await;
     env.op.stop().await;
 }
+
+#[tokio::test]
+async fn pausing_gives_claimed_jobs_back_to_holding_and_activating_claims_them_again() {
+    let env = Env::new().await;
+    env.connect("acme", false).await;
+    let ids = seed_aged(&env.fake, SF_ORG, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
+    let session = env.session_dir("acme", dir.path()).await;
+    let out = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("claimed 2,"),
+        "{}",
+        text(&out)
+    );
+
+    let connections: Api<Connection> = Api::namespaced(env.client.clone(), env.ns());
+    let pause = |paused: bool| {
+        let connections = connections.clone();
+        async move {
+            connections
+                .patch(
+                    "acme",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"paused": paused}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    pause(true).await;
+    eventually(
+        "both jobs back to Holding in the CRM",
+        Duration::from_secs(60),
+        || async {
+            let jobs = env.fake.jobs(SF_ORG);
+            jobs.iter()
+                .all(|j| j.status == JobStatus::Holding && j.claimed_by.is_none())
+                .then_some(())
+        },
+    )
+    .await;
+    eventually("both JobRuns Holding", Duration::from_secs(30), || async {
+        let runs = env.jobruns().await;
+        runs.iter()
+            .all(|r| r.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Holding))
+            .then_some(())
+    })
+    .await;
+
+    // Activated: the retriever's next poll claims them again (the same JobRuns, attempt 2).
+    pause(false).await;
+    env.wait_state("acme", State::Active).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // the 2-second rule on the release's write
+    let out = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("claimed 2,"),
+        "{}",
+        text(&out)
+    );
+    for id in &ids {
+        let job = env.fake.job(SF_ORG, id).unwrap();
+        assert_eq!((job.status, job.attempt), (JobStatus::Claimed, 2), "{job:?}");
+    }
+    let runs = env.jobruns().await;
+    assert_eq!(runs.len(), 2, "the same JobRuns, adopted");
+    for run in &runs {
+        let status = run.status.as_ref().unwrap();
+        assert_eq!((status.phase, status.attempt), (Some(JobPhase::Claimed), Some(2)));
+    }
+    env.op.stop().await;
+}

@@ -502,6 +502,8 @@ pub fn record_url(api: Api, base: &Url, id: &str) -> Result<Url, String> {
 pub struct Record {
     pub status: JobStatus,
     pub version: Version,
+    /// Who holds the claim (`<namespace>/<connection>/<pod>` for us), if anyone.
+    pub claimed_by: Option<String>,
 }
 
 /// Parses a job record (the answer to a GET of [`record_url`]).
@@ -522,6 +524,10 @@ pub fn parse_record(api: Api, body: &[u8]) -> Result<Record, String> {
                 (Some(status), Some(modified)) => Ok(Record {
                     status,
                     version: Version::LastModified(modified),
+                    claimed_by: value
+                        .get(sf::CLAIMED_BY)
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                 }),
                 _ => Err(format!("no usable {} or {}", sf::STATUS, sf::LAST_MODIFIED)),
             }
@@ -536,6 +542,10 @@ pub fn parse_record(api: Api, body: &[u8]) -> Result<Record, String> {
                 (Some(status), Some(etag)) => Ok(Record {
                     status,
                     version: Version::ETag(etag.to_string()),
+                    claimed_by: value
+                        .get(dv::CLAIMED_BY)
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                 }),
                 _ => Err(format!("no usable {} or {}", dv::STATUS, dv::ETAG)),
             }
@@ -554,6 +564,9 @@ pub enum Report {
         at: Timestamp,
         result: Option<String>,
     },
+    /// The claim is given back: the job is Holding again, for any processor (a paused connection's
+    /// job that had not started).
+    Release,
 }
 
 /// The longest result written to the CRM.
@@ -596,6 +609,13 @@ pub fn report_request(
                 fields,
             )
         }
+        Report::Release => (
+            JobStatus::Holding,
+            vec![
+                (claimed_by_field(api), Value::Null),
+                (claim_expires_field(api), Value::Null),
+            ],
+        ),
     };
     let mut body = serde_json::Map::new();
     match api {
@@ -634,6 +654,20 @@ fn ended_field(api: Api) -> &'static str {
     match api {
         Api::Salesforce => sf::ENDED,
         Api::Dataverse => dv::ENDED,
+    }
+}
+
+fn claimed_by_field(api: Api) -> &'static str {
+    match api {
+        Api::Salesforce => sf::CLAIMED_BY,
+        Api::Dataverse => dv::CLAIMED_BY,
+    }
+}
+
+fn claim_expires_field(api: Api) -> &'static str {
+    match api {
+        Api::Salesforce => sf::CLAIM_EXPIRES,
+        Api::Dataverse => dv::CLAIM_EXPIRES,
     }
 }
 

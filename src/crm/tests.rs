@@ -332,7 +332,8 @@ fn records_parse_for_both_crms() {
         parse_record(Api::Salesforce, sf).unwrap(),
         Record {
             status: JobStatus::Aborted,
-            version: Version::LastModified(t("2026-11-28T10:00:00Z"))
+            version: Version::LastModified(t("2026-11-28T10:00:00Z")),
+            claimed_by: None,
         }
     );
     let dv = br#"{"@odata.etag":"W/\"9\"","crmc_status":4}"#;
@@ -341,4 +342,20 @@ fn records_parse_for_both_crms() {
         JobStatus::Running
     );
     assert!(parse_record(Api::Dataverse, b"{}").is_err());
+}
+
+#[test]
+fn a_release_gives_the_job_back_to_the_queue() {
+    let r = report_request(
+        Api::Salesforce,
+        &base(),
+        "a0B000000000001AAA",
+        &Version::LastModified(t("2026-11-28T10:00:00Z")),
+        &Report::Release,
+    )
+    .unwrap();
+    assert_eq!(
+        r.body.unwrap(),
+        json!({"Status__c": "Holding", "ClaimedBy__c": null, "ClaimExpires__c": null})
+    );
 }

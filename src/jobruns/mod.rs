@@ -32,6 +32,8 @@ use crate::crm::{self, ClaimOutcome, JobQueue, JobStatus, Report, Target};
 
 /// Condition type on a JobRun: its type's JobTemplate exists (and allows its provider).
 pub const TEMPLATE_FOUND: &str = "TemplateFound";
+/// How often a running job's CRM record is read for an abort.
+const ABORT_CHECK: Duration = Duration::from_secs(60);
 /// Reason and event reason: no usable JobTemplate for the run's type.
 pub const TEMPLATE_MISSING: &str = "TemplateMissing";
 
@@ -185,6 +187,34 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     {
         next.phase = Some(phase);
     }
+    // A running job is looked up in the CRM every minute: aborted or deleted there, its Job is
+    // suspended (which deletes its pods).
+    if next.phase == Some(JobPhase::Running) && next.reported == Some(JobPhase::Running) {
+        if let Ok((base, token)) = crm_session(&ctx, &run, &ns).await {
+            let target = Target {
+                api: crm::Api::of(run.spec.provider),
+                base: &base,
+                token: &token,
+            };
+            let read = ctx.queue.read(&target, &run.spec.crm_job_id).await;
+            let aborted =
+                matches!(&read, Ok(a) if a.value.as_ref().is_none_or(|r| r.status == JobStatus::Aborted));
+            if aborted {
+                info!(jobrun = %name, "the job was aborted or deleted in the CRM: suspending its Job");
+                jobs.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+                )
+                .await?;
+                next.phase = Some(JobPhase::Aborted);
+                next.reported = Some(JobPhase::Aborted);
+            }
+        }
+        if next.phase == Some(JobPhase::Running) {
+            action = Action::requeue(ABORT_CHECK);
+        }
+    }
     write_status(&ctx, &ns, &name, &status, next).await?;
     Ok(action)
 }
@@ -201,12 +231,35 @@ async fn start(
     if status.phase.is_some_and(JobPhase::is_terminal) {
         return Ok(Action::await_change());
     }
+    let state = connection.and_then(|c| c.status.as_ref()).and_then(|s| s.state);
+    if state == Some(State::Paused) && status.phase != Some(JobPhase::Holding) {
+        // Paused with valid tokens: the claim is given back, the job waits in the CRM as Holding
+        // (for any processor); the retriever claims it again once the connection is active.
+        let mut next = status.clone();
+        match report(ctx, run, ns, JobPhase::Holding, &build::Progress::default()).await {
+            Reported::Done(_) => {
+                info!(jobrun = %name, "connection paused: released the job back to Holding in the CRM");
+                next.phase = Some(JobPhase::Holding);
+            }
+            Reported::Aborted => {
+                next.phase = Some(JobPhase::Aborted);
+                next.reported = Some(JobPhase::Aborted);
+            }
+            Reported::Later(why) => {
+                warn!(jobrun = %name, "cannot release the job yet: {why}");
+                return Ok(Action::requeue(Duration::from_secs(30)));
+            }
+        }
+        write_status(ctx, ns, &name, status, next).await?;
+        return Ok(Action::await_change());
+    }
     let active = connection
         .and_then(|c| c.status.as_ref())
-        .filter(|s| s.state == Some(State::Active));
+        .filter(|s| s.state == Some(State::Active) && status.phase != Some(JobPhase::Holding));
     let Some(connection_status) = active else {
-        // Not started while the connection is not Active (paused, inactive, deleted): the job
-        // stays claimed; the connection's change wakes this up.
+        // Not started while the connection is not Active (inactive: its token is dead, so the CRM
+        // cannot be told; deleted), nor while Holding (the retriever claims it again): the
+        // connection's change, or the retriever's new claim, wakes this up.
         return Ok(Action::await_change());
     };
     let template_name = template_name(&run.spec.job_type);
@@ -233,6 +286,41 @@ async fn start(
         write_status(ctx, ns, &name, status, next).await?;
         return Ok(Action::await_change());
     };
+    // Still ours in the CRM? (A claim held while the connection was inactive may have lapsed, and
+    // another processor may have taken the job.)
+    let verdict = match crm_session(ctx, run, ns).await {
+        Ok((base, token)) => {
+            let target = Target {
+                api: crm::Api::of(run.spec.provider),
+                base: &base,
+                token: &token,
+            };
+            ownership(ctx, run, &target).await
+        }
+        Err(why) => Err(why),
+    };
+    match verdict {
+        Ok(Ownership::Ours) => {}
+        Ok(Ownership::Queued) => {
+            let mut next = status.clone();
+            next.phase = Some(JobPhase::Holding);
+            write_status(ctx, ns, &name, status, next).await?;
+            return Ok(Action::await_change());
+        }
+        Ok(Ownership::Lost(why)) => {
+            info!(jobrun = %name, "not started: {why}");
+            let mut next = status.clone();
+            next.phase = Some(JobPhase::Aborted);
+            next.reported = Some(JobPhase::Aborted);
+            set_condition(&mut next.conditions, "Started", "False", "NotOurs", &why);
+            write_status(ctx, ns, &name, status, next).await?;
+            return Ok(Action::await_change());
+        }
+        Err(why) => {
+            warn!(jobrun = %name, "cannot check the CRM job before starting it: {why}");
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    }
     let instance_url = connection_status.instance_url.clone().unwrap_or_default();
     let desired = build::batch_job(run, &template.spec, &instance_url);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
@@ -307,15 +395,14 @@ enum Reported {
 }
 
 /// Writes `phase` into the CRM job record: read it, then a conditional write on that version.
-async fn report(ctx: &Ctx, run: &JobRun, ns: &str, phase: JobPhase, progress: &build::Progress) -> Reported {
-    let session = match Api::<Secret>::namespaced(ctx.client.clone(), ns)
+/// The connection's CRM session: its API base URL and current access token (from its
+/// `<name>-session` Secret), if the provider-host policy allows sending the token there.
+async fn crm_session(ctx: &Ctx, run: &JobRun, ns: &str) -> Result<(url::Url, SecretString), String> {
+    let session = Api::<Secret>::namespaced(ctx.client.clone(), ns)
         .get_opt(&format!("{}-session", run.spec.connection))
         .await
-    {
-        Ok(Some(secret)) => secret,
-        Ok(None) => return Reported::Later("the connection has no session".into()),
-        Err(e) => return Reported::Later(format!("cannot read the session: {e}")),
-    };
+        .map_err(|e| format!("cannot read the session: {e}"))?
+        .ok_or("the connection has no session")?;
     let value = |key: &str| {
         session
             .data
@@ -328,15 +415,56 @@ async fn report(ctx: &Ctx, run: &JobRun, ns: &str, phase: JobPhase, progress: &b
         value(session_keys::ACCESS_TOKEN),
         value(session_keys::INSTANCE_URL),
     ) else {
-        return Reported::Later("the session has no access token or instance URL".into());
+        return Err("the session has no access token or instance URL".into());
     };
-    let Ok(base) = url::Url::parse(&base) else {
-        return Reported::Later("the session's instance URL is not a URL".into());
+    let base = url::Url::parse(&base).map_err(|_| "the session's instance URL is not a URL".to_string())?;
+    ctx.hosts
+        .check(&base)
+        .map_err(|why| format!("refusing to send the token: {why}"))?;
+    Ok((base, SecretString::from(token)))
+}
+
+/// What the CRM says of a run's job before it starts.
+enum Ownership {
+    /// Still claimed by this run: it may start.
+    Ours,
+    /// Back in the queue (the claim lapsed): the retriever claims it again.
+    Queued,
+    /// Aborted, deleted, or taken by another processor: why.
+    Lost(String),
+}
+
+/// Reads the job record and compares its claim with the run's.
+async fn ownership(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership, String> {
+    let ours = run
+        .status
+        .as_ref()
+        .and_then(|s| s.claim.as_ref())
+        .map(|c| c.by.as_str());
+    let read = ctx
+        .queue
+        .read(target, &run.spec.crm_job_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(match read.value {
+        None => Ownership::Lost("the job was deleted in the CRM".into()),
+        Some(r) => match r.status {
+            JobStatus::Aborted => Ownership::Lost("the job was aborted in the CRM".into()),
+            JobStatus::Holding | JobStatus::Waiting => Ownership::Queued,
+            JobStatus::Claimed if ours.is_some() && r.claimed_by.as_deref() == ours => Ownership::Ours,
+            other => Ownership::Lost(format!(
+                "the job is {other:?} in the CRM under another processor's claim (this claim lapsed)"
+            )),
+        },
+    })
+}
+
+/// Writes `phase` into the CRM job record: read it, then a conditional write on that version.
+async fn report(ctx: &Ctx, run: &JobRun, ns: &str, phase: JobPhase, progress: &build::Progress) -> Reported {
+    let (base, token) = match crm_session(ctx, run, ns).await {
+        Ok(session) => session,
+        Err(why) => return Reported::Later(why),
     };
-    if let Err(why) = ctx.hosts.check(&base) {
-        return Reported::Later(format!("refusing to send the token: {why}"));
-    }
-    let token = SecretString::from(token);
     let target = Target {
         api: crm::Api::of(run.spec.provider),
         base: &base,
@@ -351,6 +479,7 @@ async fn report(ctx: &Ctx, run: &JobRun, ns: &str, phase: JobPhase, progress: &b
         JobPhase::Running => Report::Started {
             at: progress.started.unwrap_or_else(Timestamp::now),
         },
+        JobPhase::Holding => Report::Release,
         _ => Report::Ended {
             succeeded: phase == JobPhase::Succeeded,
             at: progress.finished.unwrap_or_else(Timestamp::now),
@@ -367,6 +496,22 @@ async fn report(ctx: &Ctx, run: &JobRun, ns: &str, phase: JobPhase, progress: &b
             Some(r) if r.status == JobStatus::Aborted => return Reported::Aborted,
             Some(r) => r,
         };
+        // Only a record this run still holds is written.
+        let ours = run
+            .status
+            .as_ref()
+            .and_then(|s| s.claim.as_ref())
+            .map(|c| c.by.as_str());
+        let held = matches!(record.status, JobStatus::Claimed | JobStatus::Running)
+            && ours.is_some()
+            && record.claimed_by.as_deref() == ours;
+        if !held {
+            return match (phase, record.status) {
+                // Nothing to give back: it is in the queue already.
+                (JobPhase::Holding, JobStatus::Holding | JobStatus::Waiting) => Reported::Done(None),
+                _ => Reported::Aborted,
+            };
+        }
         // One-second resolution of If-Unmodified-Since: a change in the same second as ours
         // would not be seen, so a record changed under 2 s ago is read again after a moment.
         if let (crm::Version::LastModified(modified), Some(now)) = (&record.version, read.server_time)
