@@ -338,6 +338,11 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         result.contains("no-such-command"),
         "the worker's output is the failed job's result: {result:?}"
     );
+    // The org's history keeps both, also after the runs are gone.
+    let orgs: Api<connection_operator::api::OrgSettings> = Api::namespaced(client.clone(), &ns);
+    let org_key =
+        connection_operator::api::org_key(connection_operator::api::Provider::SalesforceProduction, ORG)
+            .unwrap();
     eventually(
         "finished Jobs and JobRuns collected after their TTL",
         Duration::from_secs(90),
@@ -347,6 +352,34 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         },
     )
     .await;
+    let history = orgs.get(&org_key).await.unwrap().status.unwrap_or_default();
+    assert_eq!(
+        (history.counts.succeeded, history.counts.failed),
+        (1, 1),
+        "{history:?}"
+    );
+    let recorded: Vec<&str> = history
+        .recent_runs
+        .iter()
+        .map(|r| r.crm_job_id.as_str())
+        .collect();
+    assert!(
+        recorded.contains(&ok_id.as_str()) && recorded.contains(&failing_id.as_str()),
+        "{history:?}"
+    );
+    let failed_run = history
+        .recent_runs
+        .iter()
+        .find(|r| r.crm_job_id == failing_id)
+        .unwrap();
+    assert!(
+        failed_run
+            .summary
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no-such-command"),
+        "{failed_run:?}"
+    );
     let connection: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
         "get",
         "connection",
@@ -400,10 +433,6 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         &held[0],
         std::time::SystemTime::now() - Duration::from_secs(60),
     );
-    let orgs: Api<connection_operator::api::OrgSettings> = Api::namespaced(client.clone(), &ns);
-    let org_key =
-        connection_operator::api::org_key(connection_operator::api::Provider::SalesforceProduction, ORG)
-            .unwrap();
     orgs.patch(
         &org_key,
         &PatchParams::default(),

@@ -24,6 +24,7 @@ const AT_LEAST_A_MINUTE: &str = "duration(self) >= duration('1m')";
     namespaced,
     shortname = "orgs",
     category = "crm",
+    status = "OrgSettingsStatus",
     derive = "PartialEq",
     doc = "Job settings of one CRM org or environment (named sf-<org ID> or d365-<environment ID>). Created with defaults by the operator when a connection for the org first turns Active; never deleted by it, so a new connection for the same org reuses them.",
     printcolumn(
@@ -43,6 +44,18 @@ const AT_LEAST_A_MINUTE: &str = "duration(self) >= duration('1m')";
         type_ = "integer",
         json_path = ".spec.maxConcurrentJobs",
         description = "How many of the org's jobs may be claimed or running at once"
+    ),
+    printcolumn(
+        name = "Succeeded",
+        type_ = "integer",
+        json_path = ".status.counts.succeeded",
+        description = "Jobs of this org that ran and succeeded"
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.counts.failed",
+        description = "Jobs of this org that ran and failed"
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -90,6 +103,78 @@ pub struct OrgSettingsSpec {
     #[serde(default = "default_history_limit")]
     #[schemars(range(min = 1, max = 100))]
     pub history_limit: i32,
+}
+
+/// The org's job history, kept by the operator. It outlives the connections: pausing, expiry and
+/// deletion keep it. The CRM job records are the system of record.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrgSettingsStatus {
+    /// The newest finished runs first, at most `spec.historyLimit`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub recent_runs: Vec<RunRecord>,
+    /// Finished runs of this org, by outcome, since the OrgSettings was created.
+    #[serde(default)]
+    pub counts: RunCounts,
+}
+
+/// One finished run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    /// The job's record ID in the CRM.
+    pub crm_job_id: String,
+    /// The CRM job's type.
+    #[serde(rename = "type")]
+    pub job_type: String,
+    /// Succeeded, Failed or Aborted.
+    pub phase: super::JobPhase,
+    /// The connection whose retriever claimed it.
+    pub connection: String,
+    /// When it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// The worker's result, shortened to 256 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+}
+
+/// Finished runs by outcome.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunCounts {
+    #[serde(default)]
+    pub succeeded: i64,
+    #[serde(default)]
+    pub failed: i64,
+    #[serde(default)]
+    pub aborted: i64,
+}
+
+/// The history with `run` recorded: first in `recent_runs` (replacing an earlier record of the same
+/// CRM job, which is then not counted twice), at most `limit` kept.
+pub fn record_run(status: &OrgSettingsStatus, run: RunRecord, limit: i32) -> OrgSettingsStatus {
+    let mut next = status.clone();
+    let again = next
+        .recent_runs
+        .iter()
+        .any(|r| r.crm_job_id == run.crm_job_id && r.phase == run.phase);
+    next.recent_runs.retain(|r| r.crm_job_id != run.crm_job_id);
+    if !again {
+        match run.phase {
+            super::JobPhase::Succeeded => next.counts.succeeded += 1,
+            super::JobPhase::Failed => next.counts.failed += 1,
+            super::JobPhase::Aborted => next.counts.aborted += 1,
+            _ => {}
+        }
+    }
+    next.recent_runs.insert(0, run);
+    next.recent_runs.truncate(limit.clamp(1, 100) as usize);
+    next
 }
 
 fn yes() -> bool {
@@ -223,6 +308,41 @@ mod tests {
             Some("sf-00d5g000004e2eaa1")
         );
         assert_eq!(org_key(Provider::SalesforceProduction, "00D/../x"), None);
+    }
+
+    fn record(id: &str, phase: super::super::JobPhase) -> RunRecord {
+        RunRecord {
+            crm_job_id: id.into(),
+            job_type: "export".into(),
+            phase,
+            connection: "acme".into(),
+            started: None,
+            finished: None,
+            summary: None,
+        }
+    }
+
+    #[test]
+    fn history_is_newest_first_bounded_and_counts_each_job_once() {
+        use super::super::JobPhase::*;
+        let mut status = OrgSettingsStatus::default();
+        for (i, phase) in [Succeeded, Failed, Succeeded, Aborted].into_iter().enumerate() {
+            status = record_run(&status, record(&format!("j{i}"), phase), 3);
+        }
+        let ids: Vec<&str> = status.recent_runs.iter().map(|r| r.crm_job_id.as_str()).collect();
+        assert_eq!(ids, ["j3", "j2", "j1"], "newest first, at most historyLimit");
+        assert_eq!(
+            status.counts,
+            RunCounts {
+                succeeded: 2,
+                failed: 1,
+                aborted: 1
+            }
+        );
+        // The same outcome recorded again (a retried write) is not counted twice.
+        let again = record_run(&status, record("j3", Aborted), 3);
+        assert_eq!(again.counts, status.counts);
+        assert_eq!(again.recent_runs.len(), 3);
     }
 
     #[test]

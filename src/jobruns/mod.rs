@@ -215,7 +215,7 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             action = Action::requeue(ABORT_CHECK);
         }
     }
-    write_status(&ctx, &ns, &name, &status, next).await?;
+    write_status(&ctx, &run, &status, next).await?;
     Ok(action)
 }
 
@@ -250,7 +250,7 @@ async fn start(
                 return Ok(Action::requeue(Duration::from_secs(30)));
             }
         }
-        write_status(ctx, ns, &name, status, next).await?;
+        write_status(ctx, run, status, next).await?;
         return Ok(Action::await_change());
     }
     let active = connection
@@ -283,7 +283,7 @@ async fn start(
         if changed {
             publish(ctx, run, EventType::Warning, TEMPLATE_MISSING, &message).await;
         }
-        write_status(ctx, ns, &name, status, next).await?;
+        write_status(ctx, run, status, next).await?;
         return Ok(Action::await_change());
     };
     // Still ours in the CRM? (A claim held while the connection was inactive may have lapsed, and
@@ -304,7 +304,7 @@ async fn start(
         Ok(Ownership::Queued) => {
             let mut next = status.clone();
             next.phase = Some(JobPhase::Holding);
-            write_status(ctx, ns, &name, status, next).await?;
+            write_status(ctx, run, status, next).await?;
             return Ok(Action::await_change());
         }
         Ok(Ownership::Lost(why)) => {
@@ -313,7 +313,7 @@ async fn start(
             next.phase = Some(JobPhase::Aborted);
             next.reported = Some(JobPhase::Aborted);
             set_condition(&mut next.conditions, "Started", "False", "NotOurs", &why);
-            write_status(ctx, ns, &name, status, next).await?;
+            write_status(ctx, run, status, next).await?;
             return Ok(Action::await_change());
         }
         Err(why) => {
@@ -362,7 +362,7 @@ async fn start(
         "TemplateFound",
         &format!("runs from JobTemplate {template_name}"),
     );
-    write_status(ctx, ns, &name, status, next).await?;
+    write_status(ctx, run, status, next).await?;
     Ok(Action::await_change())
 }
 
@@ -594,29 +594,78 @@ fn set_condition(
     true
 }
 
-async fn write_status(
-    ctx: &Ctx,
-    ns: &str,
-    name: &str,
-    old: &JobRunStatus,
-    new: JobRunStatus,
-) -> Result<(), Error> {
+async fn write_status(ctx: &Ctx, run: &JobRun, old: &JobRunStatus, new: JobRunStatus) -> Result<(), Error> {
     if *old == new {
         return Ok(());
     }
+    let (ns, name) = (run.namespace().unwrap_or_default(), run.name_any());
+    let finished_now = new.reported.is_some_and(JobPhase::is_terminal) && old.reported != new.reported;
     let patch = serde_json::json!({
         "apiVersion": JobRun::api_version(&()),
         "kind": JobRun::kind(&()),
         "status": new,
     });
-    Api::<JobRun>::namespaced(ctx.client.clone(), ns)
+    Api::<JobRun>::namespaced(ctx.client.clone(), &ns)
         .patch_status(
-            name,
+            &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&patch),
         )
         .await?;
+    if finished_now {
+        record_history(ctx, run, &ns, &new).await;
+    }
     Ok(())
+}
+
+/// Adds a finished run to its org's history (`OrgSettings.status`), which outlives the connections.
+/// A conditional write (resourceVersion), retried on a conflict; a failure is logged (the CRM
+/// record stays the system of record).
+async fn record_history(ctx: &Ctx, run: &JobRun, ns: &str, status: &JobRunStatus) {
+    let Some(org) = run.labels().get(crate::api::labels::ORG).cloned() else {
+        return;
+    };
+    let Some(phase) = status.reported else { return };
+    let record = crate::api::RunRecord {
+        crm_job_id: run.spec.crm_job_id.clone(),
+        job_type: run.spec.job_type.clone(),
+        phase,
+        connection: run.spec.connection.clone(),
+        started: status.started.clone(),
+        finished: status.finished.clone(),
+        summary: status.result.clone(),
+    };
+    let api: Api<crate::api::OrgSettings> = Api::namespaced(ctx.client.clone(), ns);
+    for _ in 0..5 {
+        let settings = match api.get_opt(&org).await {
+            Ok(Some(settings)) => settings,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(org = %org, error = %e, "cannot read the org's settings to record the run");
+                return;
+            }
+        };
+        let history = crate::api::record_run(
+            &settings.status.clone().unwrap_or_default(),
+            record.clone(),
+            settings.spec.history_limit,
+        );
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": settings.resource_version()},
+            "status": history,
+        });
+        match api
+            .patch_status(&org, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => {
+                warn!(org = %org, error = %e, "cannot record the run in the org's history");
+                return;
+            }
+        }
+    }
 }
 
 async fn publish(ctx: &Ctx, run: &JobRun, type_: EventType, reason: &str, note: &str) {
