@@ -23,7 +23,7 @@ image:
 
 # Tests that need no cluster.
 unit:
-	cargo test --workspace --lib --test crd_schema --test cli --test providers_salesforce --test providers_dynamics --test providers_tls
+	cargo test --workspace --lib --test crd_schema --test cli --test providers_salesforce --test providers_dynamics --test providers_tls --test worker
 
 # Regenerate the CRDs (and the chart's copies) from the Rust types.
 crds:

@@ -28,10 +28,22 @@ pub enum Command {
     /// queued jobs atomically in the CRM and records each as a JobRun. Serves /healthz, /readyz
     /// and /metrics.
     Retrieve(RetrieveArgs),
+    /// Built-in job workers (a JobTemplate's container command).
+    #[command(subcommand)]
+    Worker(WorkerCommand),
     /// Validate one connection's credentials from local files (no cluster) and print the identity or
     /// the classified failure. Exit code 0 valid, 1 permanent/configuration failure, 2 transient.
     /// A rotated refresh token is written back into the Secret file.
     CheckCredentials(crate::check_credentials::CheckArgs),
+}
+
+/// `connection-operator worker ...`.
+#[derive(Subcommand, Debug)]
+pub enum WorkerCommand {
+    /// Count the records of one object in the connection's CRM (the example worker): prints the
+    /// count and writes it as the termination message. Exit 0; 75 when the CRM refuses the session
+    /// twice; 1 otherwise.
+    RecordCount(crate::worker::RecordCountArgs),
 }
 
 /// Flags of `run` (each also readable from the environment, for the Helm chart).
@@ -389,6 +401,9 @@ pub enum CliError {
     /// `check-credentials` did not succeed; `exit_code` is 1 (permanent/configuration) or 2 (transient).
     #[error("{message}")]
     CheckFailed { message: String, exit_code: i32 },
+    /// A worker failed; `exit_code` is 75 (the CRM refused the session) or 1.
+    #[error("{message}")]
+    Worker { message: String, exit_code: i32 },
 }
 
 impl CliError {
@@ -397,7 +412,7 @@ impl CliError {
         match self {
             CliError::CrdMissing | CliError::Config(_) | CliError::Retriever(_) => 1,
             CliError::Connect(_) | CliError::Kube(_) => 2,
-            CliError::CheckFailed { exit_code, .. } => *exit_code,
+            CliError::CheckFailed { exit_code, .. } | CliError::Worker { exit_code, .. } => *exit_code,
         }
     }
 }
@@ -435,6 +450,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             run_operator(*args).await
         }
         Command::CheckCredentials(args) => crate::check_credentials::run(args, cli.log_format).await,
+        Command::Worker(WorkerCommand::RecordCount(args)) => match crate::worker::record_count(&args).await {
+            Ok(result) => {
+                println!("{result}");
+                Ok(())
+            }
+            Err((message, exit_code)) => Err(CliError::Worker { message, exit_code }),
+        },
         Command::Retrieve(args) => {
             init_logging(cli.log_format);
             Ok(crate::retriever::run(args.settings()?, shutdown_signal()).await?)

@@ -9,3 +9,4 @@ pub mod crm;
 pub mod jobruns;
 pub mod providers;
 pub mod retriever;
+pub mod worker;

@@ -1082,6 +1082,17 @@ pub(crate) async fn sf_query(
     let Some(q) = params.get("q") else {
         return finish(sf_error(400, "MALFORMED_QUERY", "missing the q parameter"), &ctx);
     };
+    // `SELECT COUNT() FROM <object>` (the example worker): every object holds RECORD_COUNT records.
+    let words: Vec<String> = q.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
+    if words.len() == 4 && words[0] == "SELECT" && words[1] == "COUNT()" && words[2] == "FROM" {
+        return finish(
+            json_response(
+                200,
+                json!({"totalSize": RECORD_COUNT, "done": true, "records": []}),
+            ),
+            &ctx,
+        );
+    }
     let soql = match parse_soql(q) {
         Ok(soql) => soql,
         Err((code, message)) => return finish(sf_error(400, code, &message), &ctx),
@@ -1526,6 +1537,25 @@ fn dv_segment_not_found(text: &str) -> Response {
         DV_QUERY_ERROR,
         &format!("Resource not found for the segment '{text}'."),
     )
+}
+
+/// How many records every other object (Salesforce `SELECT COUNT() FROM X`, Dataverse
+/// `GET /api/data/v9.2/{set}/$count`) holds in the fake: what the example worker counts.
+pub const RECORD_COUNT: u64 = 42;
+
+/// `GET /api/data/v9.2/{set}/$count` → `42` (text).
+pub(crate) async fn dv_count(
+    AxState(shared): Shared_,
+    Path(_set): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match gate(&shared, CrmApi::Dataverse, Kind::Read, &headers).await {
+        Ok(ctx) => finish(
+            ([(header::CONTENT_TYPE, "text/plain")], RECORD_COUNT.to_string()).into_response(),
+            &ctx,
+        ),
+        Err(response) => response,
+    }
 }
 
 pub(crate) async fn dv_get(

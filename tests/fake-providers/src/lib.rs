@@ -14,6 +14,7 @@
 //! | Salesforce next page | `GET /services/data/v62.0/query/{locator}-{offset}` (bearer) |
 //! | Salesforce job read / write | `GET` / `PATCH /services/data/v62.0/sobjects/CrmJob__c/{Id}` (bearer; `If-Unmodified-Since`) |
 //! | Dataverse job discover | `GET /api/data/v9.2/crmc_crmjobs?$select=…&$filter=…&$orderby=createdon asc` (bearer; `Prefer: odata.maxpagesize=N`) → `value`, `@odata.nextLink` |
+//! | record counts (the example worker) | Salesforce `GET /services/data/v62.0/query?q=SELECT COUNT() FROM X` → `totalSize` 42; Dataverse `GET /api/data/v9.2/{set}/$count` → `42` |
 //! | Dataverse job read / write | `GET` / `PATCH /api/data/v9.2/crmc_crmjobs({guid})` (bearer; `If-Match`, `Prefer: return=representation`) |
 //!
 //! So a Connection points at the fake with `spec.salesforce.loginUrl: <url>` or
@@ -840,6 +841,7 @@ fn router(shared: Arc<Shared>) -> Router {
             "/api/data/v9.2/{segment}",
             get(jobs::dv_get).patch(jobs::dv_patch),
         )
+        .route("/api/data/v9.2/{set}/$count", get(jobs::dv_count))
         .route("/_admin/stats", get(admin_stats).delete(admin_reset_stats))
         .route("/_admin/salesforce/orgs", post(admin_add_org))
         .route("/_admin/dynamics/environments", post(admin_add_environment))
