@@ -59,12 +59,14 @@ salesforce:
   - {orgId: 00D7z000000UATAAA1, userId: 0057z00000UATAAAA1, username: qa@acme.example.uat, clientId: demo-client, refreshTokens: [demo-uat-token]}
 dynamics:
   - {organizationId: 6f1c2a9e-0000-4000-8000-00000000c0de, userId: 2b7d4e11-0000-4000-8000-0000000a11ce, clientId: demo-app, environmentUrl: "https://contoso.crm.microsoftdynamics.us", refreshTokens: [demo-dyn-token]}
-# Jobs queued for the cloud in each CRM (and one for a desktop processor, which is not ours).
+# Jobs queued for the cloud in each CRM (and one for a desktop processor, which is not ours). The
+# record-count jobs run with examples/jobtemplates/record-count.yaml; nightly-export has no template.
 jobs:
-  - {remoteId: 00D5g000004ACMEAA1, count: 3, type: nightly-export}
+  - {remoteId: 00D5g000004ACMEAA1, count: 2, type: record-count}
+  - {remoteId: 00D5g000004ACMEAA1, count: 1, type: nightly-export}
   - {remoteId: 00D5g000004ACMEAA1, type: report, processor: Desktop}
-  - {remoteId: 00D7z000000UATAAA1, count: 1, type: data-sync}
-  - {remoteId: 6f1c2a9e-0000-4000-8000-00000000c0de, count: 2, type: invoice-run}
+  - {remoteId: 00D7z000000UATAAA1, count: 1, type: record-count}
+  - {remoteId: 6f1c2a9e-0000-4000-8000-00000000c0de, count: 2, type: record-count}
 SEED
 dns_args=()
 for h in "${hosts[@]}"; do dns_args+=(--dns "$h"); done
@@ -98,6 +100,9 @@ echo
 echo "(it watches namespace $ns only: Connections applied elsewhere get no status from it)"
 echo "(two replicas: the Lease's holder reconciles, the other is a standby)"
 kubectl get lease -n "$release_ns"
+
+step "Applying the example JobTemplate (the administrator's: how record-count jobs run)"
+kubectl apply -f examples/jobtemplates/record-count.yaml
 
 step "Applying example connections in namespace $ns"
 kubectl apply -n "$ns" -f - <<YAML
@@ -177,16 +182,20 @@ for _ in $(seq 120); do
 done
 kubectl get deployments,pods -n "$ns"
 
-step "Retrievers claim the queued jobs in the CRMs (first poll within 30 s of a pod's start)"
-echo "(each org's settings: maxConcurrentJobs 2, so acme-prod claims 2 of its 3; none for the Conflict one)"
-for _ in $(seq 120); do
-	[[ $(kubectl get jobruns -n "$ns" -o name 2>/dev/null | wc -l) -ge 5 ]] && break
+step "Retrievers claim the queued jobs; each runs as a Job; the outcome goes back to the CRM"
+echo "(first poll within 30 s of a retriever's start; each org's maxConcurrentJobs is 2, so acme-prod"
+echo " claims 2 of its 3 jobs for the cloud; the Conflict connection claims none)"
+for _ in $(seq 240); do
+	[[ $(kubectl get jobruns -n "$ns" -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' 2>/dev/null | grep -c Succeeded) -ge 5 ]] && break
 	sleep 0.5
 done
-kubectl get orgsettings,jobruns -n "$ns"
+kubectl get orgsettings,jobruns,jobs -n "$ns"
 echo
 prod_jobs=$(curl -fsS --cacert "$state/pki/ca.crt" "$fake/_admin/jobs/00D5g000004ACMEAA1")
-echo "in acme-prod's org (simulated Salesforce): $(grep -o '"status":"Claimed"' <<<"$prod_jobs" | wc -l) jobs Claimed, $(grep -o '"status":"Holding"' <<<"$prod_jobs" | wc -l) Holding (one of them for a Desktop processor, never ours)"
+echo "in acme-prod's org (the simulated Salesforce), one job record:"
+grep -o '{[^{}]*"status":"Completed"[^{}]*}' <<<"$prod_jobs" | head -1 | tr ',' '\n' |
+	grep -E '"(id|jobType|status|claimedBy|attempt|result)"' | sed 's/^/  /'
+echo "  ... and $(grep -o '"status":"Holding"' <<<"$prod_jobs" | wc -l) still Holding (one for a Desktop processor, never ours)"
 
 step "Revoking the UAT sandbox's refresh token at the provider (as an admin would in Salesforce)"
 curl -fsS --cacert "$state/pki/ca.crt" -X POST "$fake/_admin/revoke" -H 'content-type: application/json' -d '{"refreshToken":"demo-uat-token"}'

@@ -127,6 +127,23 @@ async fn every_example_applies_dry_run_and_for_real() {
     .await;
 }
 
+#[test]
+fn the_example_job_template_applies() {
+    ensure_crds();
+    let path = "examples/jobtemplates/record-count.yaml";
+    // Server-side dry run: the CRD's schema (pod template, podFailurePolicy) accepts it; nothing
+    // is left behind in the shared test cluster.
+    let out = kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        path,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ]);
+    assert!(out.contains("record-count"), "{out}");
+}
+
 #[tokio::test]
 async fn examples_kustomization_applies() {
     ensure_crds();
