@@ -12,19 +12,32 @@ use crate::controller::children::{
     MANAGED_BY, RUN_AS, SESSION_MOUNT, restricted_container_security, restricted_pod_security,
 };
 
-/// Label on a JobRun's batch Job and its pods: the JobRun's name.
-pub const JOBRUN_LABEL: &str = "crmconnect.io/jobrun";
+/// Annotation on a JobRun's batch Job: the JobRun's name (which may be longer than a label value).
+pub const JOBRUN_ANNOTATION: &str = "crmconnect.io/jobrun";
+
+/// The name of a JobRun's batch Job: the JobRun's own name when it fits the 63 characters a Job
+/// name may have (its pods carry it in a label), else its first 46 characters and a hash of the
+/// whole (Dataverse job IDs are GUIDs: those names are longer). Deterministic, so a second create
+/// is harmless.
+pub fn job_name(run_name: &str) -> String {
+    if run_name.len() <= 63 {
+        return run_name.to_string();
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, run_name.as_bytes());
+    let hash: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{hash}", run_name[..46].trim_end_matches('-'))
+}
 
 /// The batch Job that runs `run`: the template's pod with the restricted security of the
 /// retriever, no ServiceAccount token, the connection's session mounted read-only, and the CRM_*
 /// environment. `backoffLimit` defaults to 0 (a CRM job is reported failed rather than run twice);
 /// `ttlSecondsAfterFinished` is set only once the outcome is reported.
 pub fn batch_job(run: &JobRun, template: &JobTemplateSpec, instance_url: &str) -> Job {
-    let name = run.metadata.name.clone().unwrap_or_default();
+    let run_name = run.metadata.name.clone().unwrap_or_default();
+    let name = job_name(&run_name);
     let mut labels = BTreeMap::from([
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
         (labels::CONNECTION.to_string(), run.spec.connection.clone()),
-        (JOBRUN_LABEL.to_string(), name.clone()),
     ]);
     if let Some(org) = run.metadata.labels.as_ref().and_then(|l| l.get(labels::ORG)) {
         labels.insert(labels::ORG.to_string(), org.clone());
@@ -88,6 +101,7 @@ pub fn batch_job(run: &JobRun, template: &JobTemplateSpec, instance_url: &str) -
             name: Some(name),
             namespace: run.metadata.namespace.clone(),
             labels: Some(labels),
+            annotations: Some(BTreeMap::from([(JOBRUN_ANNOTATION.to_string(), run_name)])),
             ..Default::default()
         },
         spec: Some(JobSpec {

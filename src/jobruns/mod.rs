@@ -141,13 +141,14 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let connection = Api::<Connection>::namespaced(ctx.client.clone(), &ns)
         .get_opt(&run.spec.connection)
         .await?;
-    let Some(job) = jobs.get_opt(&name).await? else {
+    let job_name = build::job_name(&name);
+    let Some(job) = jobs.get_opt(&job_name).await? else {
         return start(&ctx, &run, &ns, &status, connection.as_ref()).await;
     };
 
     let progress = build::progress(&job);
     let mut next = status.clone();
-    next.job = Some(name.clone());
+    next.job = Some(job_name.clone());
     next.started = progress.started.map(Time);
     next.finished = progress.finished.map(Time);
     let mut action = Action::await_change();
@@ -161,13 +162,13 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                     next.result = Some(build::summary(&result));
                 }
                 if phase.is_terminal() {
-                    finish(&ctx, &ns, &name, &run).await?;
+                    finish(&ctx, &ns, &job_name, &run).await?;
                 }
             }
             Reported::Aborted => {
                 info!(jobrun = %name, "the job was aborted or deleted in the CRM: suspending its Job");
                 jobs.patch(
-                    &name,
+                    &job_name,
                     &PatchParams::default(),
                     &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
                 )
@@ -202,7 +203,7 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             if aborted {
                 info!(jobrun = %name, "the job was aborted or deleted in the CRM: suspending its Job");
                 jobs.patch(
-                    &name,
+                    &job_name,
                     &PatchParams::default(),
                     &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
                 )
@@ -229,6 +230,10 @@ async fn start(
 ) -> Result<Action, Error> {
     let name = run.name_any();
     if status.phase.is_some_and(JobPhase::is_terminal) {
+        return Ok(Action::await_change());
+    }
+    if status.claim.is_none() {
+        // The retriever creates the JobRun, then writes its claim: that write wakes this up.
         return Ok(Action::await_change());
     }
     let state = connection.and_then(|c| c.status.as_ref()).and_then(|s| s.state);
@@ -333,7 +338,7 @@ async fn start(
             info!(jobrun = %name, template = %template_name, "created its Job");
             job
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&name).await?,
+        Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&build::job_name(&name)).await?,
         Err(e) => return Err(e.into()),
     };
     // The JobRun belongs to its Job from now on: the Job's TTL, set once the outcome is
@@ -341,7 +346,7 @@ async fn start(
     let owner = OwnerReference {
         api_version: "batch/v1".into(),
         kind: "Job".into(),
-        name: name.clone(),
+        name: job.name_any(),
         uid: job.uid().unwrap_or_default(),
         controller: Some(false),
         block_owner_deletion: Some(false),
@@ -354,7 +359,7 @@ async fn start(
         )
         .await?;
     let mut next = status.clone();
-    next.job = Some(name.clone());
+    next.job = Some(job.name_any());
     set_condition(
         &mut next.conditions,
         TEMPLATE_FOUND,
@@ -471,7 +476,7 @@ async fn report(ctx: &Ctx, run: &JobRun, ns: &str, phase: JobPhase, progress: &b
         token: &token,
     };
     let result = if phase.is_terminal() {
-        termination_message(ctx, ns, &run.name_any()).await
+        termination_message(ctx, ns, &build::job_name(&run.name_any())).await
     } else {
         None
     };

@@ -52,7 +52,10 @@ fn the_job_is_the_templates_pod_made_safe_with_the_session_and_the_crm_environme
     assert_eq!(job.metadata.name, run().metadata.name);
     assert_eq!(job.metadata.namespace.as_deref(), Some("sales"));
     let labels = job.metadata.labels.clone().unwrap();
-    assert_eq!(labels[JOBRUN_LABEL], "sf-00d000000000001eaa-a0b000000000001aaa");
+    assert_eq!(
+        job.metadata.annotations.as_ref().unwrap()[JOBRUN_ANNOTATION],
+        "sf-00d000000000001eaa-a0b000000000001aaa"
+    );
     assert_eq!(labels[labels::CONNECTION], "acme");
     let spec = job.spec.unwrap();
     assert_eq!(
@@ -154,4 +157,23 @@ fn each_phase_is_reported_once_and_a_final_one_never_again() {
     assert_eq!(report_due(&p(JobPhase::Failed), Some(JobPhase::Failed)), None);
     assert_eq!(report_due(&p(JobPhase::Running), Some(JobPhase::Aborted)), None);
     assert_eq!(summary(&"x".repeat(300)).chars().count(), 256);
+}
+
+#[test]
+fn job_names_fit_63_characters_and_are_deterministic() {
+    let short = "sf-00d000000000001eaa-a0b000000000001aaa";
+    assert_eq!(job_name(short), short);
+    let long = "d365-6f1c2a9e-0000-4000-8000-00000000c0de-1b545a36-4cde-4c51-ab7e-73ce98c6d52b";
+    let name = job_name(long);
+    assert!(name.len() <= 63, "{name}");
+    assert_eq!(name, job_name(long));
+    assert_ne!(
+        name,
+        job_name(&long.replace("d52b", "d52c")),
+        "the hash tells them apart"
+    );
+    assert!(
+        name.starts_with("d365-6f1c2a9e-0000-4000-8000-00000000c0de-1b54-"),
+        "{name}"
+    );
 }
