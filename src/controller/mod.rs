@@ -528,6 +528,7 @@ pub async fn run(
         ctx.client.clone(),
         config.namespace.clone(),
         &config.validator,
+        config.retriever.host_aliases.clone(),
         config.instance.clone(),
         stopped(),
     );

@@ -32,7 +32,12 @@ pub fn job_name(run_name: &str) -> String {
 /// retriever, no ServiceAccount token, the connection's session mounted read-only, and the CRM_*
 /// environment. `backoffLimit` defaults to 0 (a CRM job is reported failed rather than run twice);
 /// `ttlSecondsAfterFinished` is set only once the outcome is reported.
-pub fn batch_job(run: &JobRun, template: &JobTemplateSpec, instance_url: &str) -> Job {
+pub fn batch_job(
+    run: &JobRun,
+    template: &JobTemplateSpec,
+    instance_url: &str,
+    host_aliases: &[k8s_openapi::api::core::v1::HostAlias],
+) -> Job {
     let run_name = run.metadata.name.clone().unwrap_or_default();
     let name = job_name(&run_name);
     let mut labels = BTreeMap::from([
@@ -51,6 +56,12 @@ pub fn batch_job(run: &JobRun, template: &JobTemplateSpec, instance_url: &str) -
     pod_template.metadata = Some(pod_meta);
     let mut pod: PodSpec = pod_template.spec.take().unwrap_or_default();
     pod.restart_policy = Some("Never".into());
+    // The CRM hosts resolve as for the operator and the retriever (the chart's hostAliases).
+    if !host_aliases.is_empty() {
+        pod.host_aliases
+            .get_or_insert_with(Vec::new)
+            .extend(host_aliases.iter().cloned());
+    }
     pod.automount_service_account_token = Some(false);
     pod.enable_service_links = Some(false);
     pod.security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {

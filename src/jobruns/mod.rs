@@ -42,6 +42,8 @@ struct Ctx {
     recorder: Recorder,
     queue: JobQueue,
     hosts: crate::providers::rules::HostPolicy,
+    /// `/etc/hosts` entries of Job pods (the retrievers' own).
+    host_aliases: Vec<k8s_openapi::api::core::v1::HostAlias>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,7 @@ pub async fn run(
     client: Client,
     namespace: Option<String>,
     validator: &crate::providers::ValidatorConfig,
+    host_aliases: Vec<k8s_openapi::api::core::v1::HostAlias>,
     instance: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), reqwest::Error> {
@@ -84,6 +87,7 @@ pub async fn run(
         ),
         queue: JobQueue::new(validator.request_timeout, validator.extra_roots.as_ref())?,
         hosts: validator.hosts.clone(),
+        host_aliases,
         client,
     });
     let controller = Controller::new(runs, watcher::Config::default());
@@ -327,7 +331,7 @@ async fn start(
         }
     }
     let instance_url = connection_status.instance_url.clone().unwrap_or_default();
-    let desired = build::batch_job(run, &template.spec, &instance_url);
+    let desired = build::batch_job(run, &template.spec, &instance_url, &ctx.host_aliases);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),

@@ -48,7 +48,16 @@ fn template() -> JobTemplateSpec {
 
 #[test]
 fn the_job_is_the_templates_pod_made_safe_with_the_session_and_the_crm_environment() {
-    let job = batch_job(&run(), &template(), "https://acme.my.salesforce.com");
+    let alias = k8s_openapi::api::core::v1::HostAlias {
+        ip: "10.88.0.1".into(),
+        hostnames: Some(vec!["acme.my.salesforce.com".into()]),
+    };
+    let job = batch_job(
+        &run(),
+        &template(),
+        "https://acme.my.salesforce.com",
+        std::slice::from_ref(&alias),
+    );
     assert_eq!(job.metadata.name, run().metadata.name);
     assert_eq!(job.metadata.namespace.as_deref(), Some("sales"));
     let labels = job.metadata.labels.clone().unwrap();
@@ -75,6 +84,11 @@ fn the_job_is_the_templates_pod_made_safe_with_the_session_and_the_crm_environme
         "the template cannot turn it on"
     );
     assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(
+        pod.host_aliases,
+        Some(vec![alias]),
+        "the CRM hosts resolve as for the operator"
+    );
     assert_eq!(pod.security_context.as_ref().unwrap().run_as_non_root, Some(true));
     let c = &pod.containers[0];
     assert_eq!(
