@@ -628,7 +628,7 @@ async fn write_status(ctx: &Ctx, run: &JobRun, old: &JobRunStatus, new: JobRunSt
 }
 
 /// Adds a finished run to its org's history (`OrgSettings.status`), which outlives the connections.
-/// A conditional write (resourceVersion), retried on a conflict; a failure is logged (the CRM
+/// A conditional write (a replace with the resourceVersion read), retried on a conflict; a failure is logged (the CRM
 /// record stays the system of record).
 async fn record_history(ctx: &Ctx, run: &JobRun, ns: &str, status: &JobRunStatus) {
     let Some(org) = run.labels().get(crate::api::labels::ORG).cloned() else {
@@ -645,7 +645,7 @@ async fn record_history(ctx: &Ctx, run: &JobRun, ns: &str, status: &JobRunStatus
         summary: status.result.clone(),
     };
     let api: Api<crate::api::OrgSettings> = Api::namespaced(ctx.client.clone(), ns);
-    for _ in 0..5 {
+    for _ in 0..10 {
         let settings = match api.get_opt(&org).await {
             Ok(Some(settings)) => settings,
             Ok(None) => return,
@@ -659,14 +659,11 @@ async fn record_history(ctx: &Ctx, run: &JobRun, ns: &str, status: &JobRunStatus
             record.clone(),
             settings.spec.history_limit,
         );
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": settings.resource_version()},
-            "status": history,
-        });
-        match api
-            .patch_status(&org, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        // A replace carrying the resourceVersion just read: two runs finishing together never
+        // overwrite each other's record (the loser gets 409 and reads again).
+        let mut updated = settings.clone();
+        updated.status = Some(history);
+        match api.replace_status(&org, &PostParams::default(), &updated).await {
             Ok(_) => return,
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(e) => {
