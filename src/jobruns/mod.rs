@@ -171,14 +171,7 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             }
             Reported::Aborted => {
                 info!(jobrun = %name, "the job was aborted or deleted in the CRM: suspending its Job");
-                jobs.patch(
-                    &job_name,
-                    &PatchParams::default(),
-                    &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
-                )
-                .await?;
-                next.phase = Some(JobPhase::Aborted);
-                next.reported = Some(JobPhase::Aborted);
+                abort(&jobs, &job_name, &mut next).await?;
             }
             Reported::Later(why) => {
                 warn!(jobrun = %name, ?phase, "cannot report to the CRM yet: {why}");
@@ -206,14 +199,7 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 matches!(&read, Ok(a) if a.value.as_ref().is_none_or(|r| r.status == JobStatus::Aborted));
             if aborted {
                 info!(jobrun = %name, "the job was aborted or deleted in the CRM: suspending its Job");
-                jobs.patch(
-                    &job_name,
-                    &PatchParams::default(),
-                    &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
-                )
-                .await?;
-                next.phase = Some(JobPhase::Aborted);
-                next.reported = Some(JobPhase::Aborted);
+                abort(&jobs, &job_name, &mut next).await?;
             }
         }
         if next.phase == Some(JobPhase::Running) {
@@ -373,6 +359,20 @@ async fn start(
     );
     write_status(ctx, run, status, next).await?;
     Ok(Action::await_change())
+}
+
+/// The CRM job was aborted or deleted: the Job is suspended (its pods are deleted) and the run is
+/// `Aborted`.
+async fn abort(jobs: &Api<Job>, job_name: &str, next: &mut JobRunStatus) -> Result<(), Error> {
+    jobs.patch(
+        job_name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+    )
+    .await?;
+    next.phase = Some(JobPhase::Aborted);
+    next.reported = Some(JobPhase::Aborted);
+    Ok(())
 }
 
 /// After the final report: the Job gets its TTL (the TTL controller then deletes it, and garbage
