@@ -81,5 +81,9 @@ trap 'rm -rf "$pause_root"' EXIT
 "$root/scripts/image.sh" pack "$pause_root" registry.k8s.io/pause:kubecluster "$bin/pause.tar" /pause
 
 echo "$stamp" >"$bin/.stamp"
+# In CI (a one-shot machine) the Go build and module caches (several GB) have served their purpose.
+if [[ "${CI:-}" == true ]]; then
+	go clean -cache -modcache
+fi
 "$bin/kubectl" version --client >&2
 "$bin/helm" version >&2
