@@ -96,6 +96,10 @@ pub struct RunArgs {
     /// Connections reconciled concurrently.
     #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+    /// How often the CRM record of a running job is read, to stop the job when it was aborted or
+    /// deleted in the CRM (one read per running job per interval).
+    #[arg(long, env = "JOB_ABORT_CHECK", default_value = "60s", value_parser = parse_duration)]
+    pub job_abort_check: std::time::Duration,
     /// Reconcile only while holding a Lease, so that of several replicas exactly one reconciles
     /// (and refreshes tokens); the others wait as standbys.
     #[arg(long, env = "LEADER_ELECT")]
@@ -210,6 +214,7 @@ impl RunArgs {
                         .clone()
                         .unwrap_or_else(|| dir.with_extension("key")),
                 }),
+            job_abort_check: self.job_abort_check,
         })
     }
 }

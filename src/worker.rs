@@ -2,7 +2,9 @@
 //! container runs, end to end. It reads the session the operator mounts, counts the records of one
 //! object in the CRM, prints the count and writes it as its termination message (the job's result
 //! in the CRM). On a 401 it re-reads the session (the operator may have renewed it) and tries once
-//! more, then exits 75 (EX_TEMPFAIL).
+//! more, then exits 75 (EX_TEMPFAIL). An object the org does not have (Salesforce `INVALID_TYPE`,
+//! Dataverse `0x8006088a`) can never be counted: it exits 42, which the example JobTemplate's
+//! `podFailurePolicy` turns into a failed Job without a retry.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +29,9 @@ pub struct RecordCountArgs {
     /// Where the result is written for Kubernetes to report (the container's terminationMessagePath).
     #[arg(long, default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
+    /// How long the count may take (a large object counts slowly).
+    #[arg(long, default_value = "30s", value_parser = crate::cli::parse_duration)]
+    pub timeout: Duration,
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
@@ -37,16 +42,47 @@ fn parse_name(s: &str) -> Result<String, String> {
 
 /// Exit code when the CRM keeps refusing the session.
 pub const EXIT_SESSION_REFUSED: i32 = 75;
+/// Exit code when the job can never succeed (the object does not exist in the org): the example
+/// JobTemplate fails the Job at once on it (`podFailurePolicy`), without a retry.
+pub const EXIT_PERMANENT: i32 = 42;
 
-/// Counts, prints and records. `Err((message, exit code))`.
+/// True when the CRM's answer says the counted object does not exist: decided on the HTTP status
+/// and the documented error code (Salesforce `INVALID_TYPE`; Dataverse `0x8006088a`, "Resource not
+/// found for the segment"), never on the message text.
+pub fn no_such_object(provider: Provider, status: u16, body: &str) -> bool {
+    let value: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    match provider {
+        Provider::Dynamics365 => status == 404 && value["error"]["code"].as_str() == Some("0x8006088a"),
+        _ => {
+            status == 400
+                && value
+                    .as_array()
+                    .is_some_and(|errors| errors.iter().any(|e| e["errorCode"] == "INVALID_TYPE"))
+        }
+    }
+}
+
+/// Counts, prints and records. `Err((message, exit code))`. Either way the message is the
+/// container's termination message, which becomes the job's result in the CRM.
 pub async fn record_count(args: &RecordCountArgs) -> Result<String, (String, i32)> {
+    let outcome = count(args).await;
+    let message = match &outcome {
+        Ok(result) => result,
+        Err((message, _)) => message,
+    };
+    // Best effort: outside a pod there is no termination log.
+    let _ = std::fs::write(&args.termination_log, message);
+    outcome
+}
+
+async fn count(args: &RecordCountArgs) -> Result<String, (String, i32)> {
     let fail = |m: String| (m, 1);
     let mut current = session::load(&args.session_dir)
         .await
         .map_err(|e| fail(e.to_string()))?;
     for attempt in 0..2 {
         let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
+            .timeout(args.timeout)
             .redirect(reqwest::redirect::Policy::none());
         if let Some(pem) = &current.ca_bundle {
             let roots = crate::providers::ExtraRoots::from_pem("the session's ca.crt", pem)
@@ -98,6 +134,15 @@ pub async fn record_count(args: &RecordCountArgs) -> Result<String, (String, i32
             ));
         }
         if !(200..300).contains(&status) {
+            let body = response.text().await.unwrap_or_default();
+            if no_such_object(current.provider, status, &body) {
+                return Err((
+                    format!(
+                        "{object}: no such object in the CRM (HTTP {status}); this job can never succeed"
+                    ),
+                    EXIT_PERMANENT,
+                ));
+            }
             return Err(fail(format!("the CRM answered HTTP {status}")));
         }
         let body = response
@@ -111,10 +156,32 @@ pub async fn record_count(args: &RecordCountArgs) -> Result<String, (String, i32
                 .and_then(|v| v.get("totalSize").and_then(|n| n.as_u64())),
         }
         .ok_or_else(|| fail("the CRM's answer holds no count".into()))?;
-        let result = format!("{object}: {count} records");
-        // Best effort: outside a pod there is no termination log.
-        let _ = std::fs::write(&args.termination_log, &result);
-        return Ok(result);
+        return Ok(format!("{object}: {count} records"));
     }
     unreachable!("the loop returns")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_documented_codes_mean_no_such_object() {
+        let sf = r#"[{"message":"sObject type 'X' is not supported.","errorCode":"INVALID_TYPE"}]"#;
+        assert!(no_such_object(Provider::SalesforceProduction, 400, sf));
+        assert!(no_such_object(Provider::SalesforceSandbox, 400, sf));
+        assert!(!no_such_object(Provider::SalesforceProduction, 500, sf));
+        let other = r#"[{"message":"sObject type 'X' is not supported.","errorCode":"MALFORMED_QUERY"}]"#;
+        assert!(!no_such_object(Provider::SalesforceProduction, 400, other));
+        let dv = r#"{"error":{"code":"0x8006088a","message":"Resource not found for the segment 'x'."}}"#;
+        assert!(no_such_object(Provider::Dynamics365, 404, dv));
+        assert!(!no_such_object(Provider::Dynamics365, 400, dv));
+        let dv_other = r#"{"error":{"code":"0x0","message":"Resource not found for the segment 'x'."}}"#;
+        assert!(!no_such_object(Provider::Dynamics365, 404, dv_other));
+        assert!(!no_such_object(
+            Provider::Dynamics365,
+            404,
+            "<html>not found</html>"
+        ));
+    }
 }

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -24,32 +23,6 @@ use serde_json::json;
 const ORG: &str = "00D5g000004E2EAA1";
 const ORG_USER: &str = "0055g00000E2EUSR1";
 const CLIENT_ID: &str = "e2e-client";
-
-/// The node's bridge address (`CLUSTER_NODE_IP`), or None when the cluster runs without a node.
-fn node_ip() -> Option<IpAddr> {
-    match std::env::var("CLUSTER_NODE_IP") {
-        Ok(ip) if !ip.is_empty() => Some(ip.parse().expect("CLUSTER_NODE_IP is an IP address")),
-        _ => {
-            assert_eq!(
-                std::env::var("CLUSTER_NODE").as_deref(),
-                Ok("0"),
-                "CLUSTER_NODE_IP is not set: these tests need the test cluster's node; {RUN_HINT} as root"
-            );
-            None
-        }
-    }
-}
-
-/// The image `scripts/image.sh` builds: the chart's default (repository + appVersion).
-fn chart_image() -> (String, String) {
-    let chart = std::fs::read_to_string(repo_root().join("charts/connection-operator/Chart.yaml")).unwrap();
-    let app_version = chart
-        .lines()
-        .find_map(|l| l.strip_prefix("appVersion:"))
-        .map(|v| v.trim().trim_matches('"').to_string())
-        .expect("appVersion in Chart.yaml");
-    ("ghcr.io/crmconnect/connection-operator".to_string(), app_version)
-}
 
 struct Release {
     name: String,
@@ -545,42 +518,6 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         "the operator Deployment is gone"
     );
     drop(ns_guard);
-}
-
-/// Cluster-scoped JobTemplates made by a test, deleted when dropped.
-struct JobTemplates(Vec<String>);
-
-impl JobTemplates {
-    /// (job type, image, container args): the image's pull policy is Never (loaded into the node).
-    fn create(templates: &[(&str, String, Vec<&str>)]) -> Self {
-        let mut names = vec![];
-        for (job_type, image, args) in templates {
-            let manifest = serde_json::json!({
-                "apiVersion": "crmconnect.io/v1alpha1",
-                "kind": "JobTemplate",
-                "metadata": {"name": job_type},
-                "spec": {
-                    "ttlSecondsAfterFinished": 5,
-                    "template": {"spec": {"containers": [{
-                        "name": "worker", "image": image, "imagePullPolicy": "Never", "args": args,
-                    }]}},
-                },
-            });
-            kubectl_ok_stdin(&["apply", "-f", "-"], &manifest.to_string());
-            names.push(job_type.to_string());
-        }
-        JobTemplates(names)
-    }
-}
-
-impl Drop for JobTemplates {
-    fn drop(&mut self) {
-        for name in &self.0 {
-            let _ = kubectl()
-                .args(["delete", "jobtemplate", name, "--ignore-not-found"])
-                .output();
-        }
-    }
 }
 
 fn kubectl_ok_stdin(args: &[&str], stdin: &str) -> String {

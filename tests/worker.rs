@@ -62,11 +62,16 @@ fn session(dir: &Path, token: &str, url: &str, provider: &str) {
 }
 
 async fn worker(dir: &Path, log: &Path) -> Output {
+    worker_with(dir, log, &[]).await
+}
+
+async fn worker_with(dir: &Path, log: &Path, extra: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_connection-operator"));
     cmd.args(["worker", "record-count", "--session-dir"])
         .arg(dir)
         .arg("--termination-log")
-        .arg(log);
+        .arg(log)
+        .args(extra);
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap()
@@ -121,4 +126,58 @@ async fn a_session_the_crm_keeps_refusing_exits_75() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("refused the session twice"));
+}
+
+#[tokio::test]
+async fn an_object_the_org_does_not_have_exits_42_with_the_reason_as_its_result() {
+    let fake = FakeProviders::start().await;
+    fake.add_salesforce_org(SalesforceOrg::new(ORG, "005000000000041AAA", "u@x", "cid"));
+    fake.add_dynamics_environment(DynamicsEnvironment::new(
+        ENV,
+        "42424242-4242-4242-4242-424242424242",
+        "cid",
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("termination-log");
+
+    let token = access_token(&fake, ORG, false).await;
+    session(dir.path(), &token, &fake.url(), "SalesforceProduction");
+    let out = worker_with(dir.path(), &log, &["--object", fake_providers::NO_SUCH_OBJECT]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = std::fs::read_to_string(&log).unwrap();
+    assert!(result.contains("no such object"), "{result}");
+
+    let token = access_token(&fake, ENV, true).await;
+    session(dir.path(), &token, &fake.environment_url(), "Dynamics365");
+    let out = worker_with(
+        dir.path(),
+        &log,
+        &["--entity-set", fake_providers::NO_SUCH_ENTITY_SET],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Any other failure is an ordinary one (exit 1: the template's backoffLimit may retry it).
+    fake.push_fault(fake_providers::Fault::status(
+        fake_providers::FaultTarget::DataverseData,
+        503,
+        "busy",
+    ));
+    let out = worker(dir.path(), &log).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

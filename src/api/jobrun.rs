@@ -143,6 +143,28 @@ pub enum JobPhase {
 }
 
 impl JobPhase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [JobPhase; 6] = [
+        JobPhase::Claimed,
+        JobPhase::Running,
+        JobPhase::Succeeded,
+        JobPhase::Failed,
+        JobPhase::Aborted,
+        JobPhase::Holding,
+    ];
+
+    /// Its name, as in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPhase::Claimed => "Claimed",
+            JobPhase::Running => "Running",
+            JobPhase::Succeeded => "Succeeded",
+            JobPhase::Failed => "Failed",
+            JobPhase::Aborted => "Aborted",
+            JobPhase::Holding => "Holding",
+        }
+    }
+
     /// A phase that never changes again.
     pub fn is_terminal(self) -> bool {
         matches!(self, JobPhase::Succeeded | JobPhase::Failed | JobPhase::Aborted)

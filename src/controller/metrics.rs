@@ -33,6 +33,8 @@ pub struct Metrics {
     reconcile_seconds: Histogram,
     validations: Family<ValidationLabels, Counter>,
     connections: Family<StateLabels, Gauge>,
+    /// The JobRun controller's (registered here, served together).
+    pub(crate) jobs: crate::jobruns::metrics::JobMetrics,
 }
 
 impl Default for Metrics {
@@ -58,7 +60,10 @@ impl Default for Metrics {
         );
         let connections = Family::<StateLabels, Gauge>::default();
         registry.register("connections", "Connections by state", connections.clone());
+        let jobs = crate::jobruns::metrics::JobMetrics::default();
+        jobs.register(&mut registry);
         Self {
+            jobs,
             registry,
             reconciles,
             reconcile_seconds,
@@ -116,6 +121,7 @@ impl Metrics {
         {
             self.connections.get_or_create(&StateLabels { state }).set(n);
         }
+        self.jobs.refresh();
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("metrics encode to a String");

@@ -56,6 +56,8 @@ pub struct Config {
     pub leader_election: Option<leader::LeaderElection>,
     /// The write-ahead journal of rotated refresh tokens (directory, key file); none when `None`.
     pub journal: Option<JournalConfig>,
+    /// How often a running job's CRM record is read for an abort.
+    pub job_abort_check: std::time::Duration,
 }
 
 /// Where the journal of rotated refresh tokens lives (see [`journal`]).
@@ -78,6 +80,7 @@ impl Default for Config {
             instance: None,
             leader_election: None,
             metrics_addr: None,
+            job_abort_check: crate::jobruns::Settings::default().abort_check,
             journal: None,
         }
     }
@@ -528,7 +531,11 @@ pub async fn run(
         ctx.client.clone(),
         config.namespace.clone(),
         &config.validator,
-        config.retriever.host_aliases.clone(),
+        crate::jobruns::Settings {
+            abort_check: config.job_abort_check,
+            host_aliases: config.retriever.host_aliases.clone(),
+        },
+        ctx.metrics.jobs.clone(),
         config.instance.clone(),
         stopped(),
     );

@@ -29,12 +29,13 @@ pub fn job_name(run_name: &str) -> String {
 }
 
 /// The batch Job that runs `run`: the template's pod with the restricted security of the
-/// retriever, no ServiceAccount token, the connection's session mounted read-only, and the CRM_*
-/// environment. `backoffLimit` defaults to 0 (a CRM job is reported failed rather than run twice);
+/// retriever, no ServiceAccount token, the session of `connection` (the run's own, or the one
+/// that adopted it) mounted read-only, and the CRM_* environment. `backoffLimit` defaults to 0 (a CRM job is reported failed rather than run twice);
 /// `ttlSecondsAfterFinished` is set only once the outcome is reported.
 pub fn batch_job(
     run: &JobRun,
     template: &JobTemplateSpec,
+    connection: &str,
     instance_url: &str,
     host_aliases: &[k8s_openapi::api::core::v1::HostAlias],
 ) -> Job {
@@ -42,7 +43,7 @@ pub fn batch_job(
     let name = job_name(&run_name);
     let mut labels = BTreeMap::from([
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (labels::CONNECTION.to_string(), run.spec.connection.clone()),
+        (labels::CONNECTION.to_string(), connection.to_string()),
     ]);
     if let Some(org) = run.metadata.labels.as_ref().and_then(|l| l.get(labels::ORG)) {
         labels.insert(labels::ORG.to_string(), org.clone());
@@ -100,7 +101,7 @@ pub fn batch_job(
     volumes.push(Volume {
         name: "crmconnect-session".into(),
         secret: Some(SecretVolumeSource {
-            secret_name: Some(format!("{}-session", run.spec.connection)),
+            secret_name: Some(format!("{connection}-session")),
             default_mode: Some(0o440),
             ..Default::default()
         }),

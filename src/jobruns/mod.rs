@@ -1,13 +1,17 @@
 //! The JobRun controller: runs each claimed CRM job as a batch Job from the JobTemplate of its
 //! type, and writes the outcome back to the CRM job record (the system of record).
 //!
-//! Built so far: a `Claimed` JobRun of an Active connection becomes a Job (same name; the JobRun
-//! is then owned by it); `Running`, then `Succeeded` or `Failed` from the Job's status, each written
-//! once to the CRM with a conditional write (never over `Aborted`: a job aborted or deleted in the
-//! CRM suspends the Job and the JobRun is `Aborted`); a missing template is a condition and an
-//! event. Not yet: Holding on pause, the history in OrgSettings, metrics.
+//! A `Claimed` JobRun of an Active connection becomes a Job (same name; the JobRun is then owned
+//! by it); `Running`, then `Succeeded` or `Failed` from the Job's status, each written once to the
+//! CRM with a conditional write (never over `Aborted`: a job aborted or deleted in the CRM
+//! suspends the Job and the JobRun is `Aborted`). A paused connection's runs that have not started
+//! go back to `Holding` in the CRM; an inactive connection's outcomes wait for its
+//! re-authorization. A run whose connection was deleted is served by the Active connection that
+//! now holds its org. A missing template is a condition and an event. Finished runs go into the
+//! org's history (`OrgSettings.status`). See `docs/jobs.md`.
 
 pub mod build;
+pub mod metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +36,23 @@ use crate::crm::{self, ClaimOutcome, JobQueue, JobStatus, Report, Target};
 
 /// Condition type on a JobRun: its type's JobTemplate exists (and allows its provider).
 pub const TEMPLATE_FOUND: &str = "TemplateFound";
-/// How often a running job's CRM record is read for an abort.
-const ABORT_CHECK: Duration = Duration::from_secs(60);
+/// Settings of the JobRun controller.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often a running job's CRM record is read for an abort (`--job-abort-check`).
+    pub abort_check: Duration,
+    /// `/etc/hosts` entries of Job pods (the retrievers' own).
+    pub host_aliases: Vec<k8s_openapi::api::core::v1::HostAlias>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            abort_check: Duration::from_secs(60),
+            host_aliases: Vec::new(),
+        }
+    }
+}
 /// Reason and event reason: no usable JobTemplate for the run's type.
 pub const TEMPLATE_MISSING: &str = "TemplateMissing";
 
@@ -42,8 +61,8 @@ struct Ctx {
     recorder: Recorder,
     queue: JobQueue,
     hosts: crate::providers::rules::HostPolicy,
-    /// `/etc/hosts` entries of Job pods (the retrievers' own).
-    host_aliases: Vec<k8s_openapi::api::core::v1::HostAlias>,
+    settings: Settings,
+    metrics: metrics::JobMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +76,8 @@ pub async fn run(
     client: Client,
     namespace: Option<String>,
     validator: &crate::providers::ValidatorConfig,
-    host_aliases: Vec<k8s_openapi::api::core::v1::HostAlias>,
+    settings: Settings,
+    metrics: metrics::JobMetrics,
     instance: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), reqwest::Error> {
@@ -87,19 +107,25 @@ pub async fn run(
         ),
         queue: JobQueue::new(validator.request_timeout, validator.extra_roots.as_ref())?,
         hosts: validator.hosts.clone(),
-        host_aliases,
+        settings,
+        metrics,
         client,
     });
     let controller = Controller::new(runs, watcher::Config::default());
     let store = controller.store();
+    ctx.metrics.watch(store.clone());
     let (by_connection, by_template) = (store.clone(), store);
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     controller
         .owns(jobs, watcher::Config::default().labels(&managed))
-        // A connection turning Active starts its runs.
+        // A connection turning Active starts its runs, and those of its org left by a deleted
+        // connection (which it adopts).
         .watches(connections, watcher::Config::default(), move |c: Connection| {
+            let org = org_of(&c);
             runs_where(&by_connection, |r| {
-                r.namespace() == c.namespace() && r.spec.connection == c.name_any()
+                r.namespace() == c.namespace()
+                    && (r.spec.connection == c.name_any()
+                        || (org.is_some() && r.labels().get(crate::api::labels::ORG) == org.as_ref()))
             })
         })
         // A template appearing starts the runs waiting for it.
@@ -118,6 +144,46 @@ pub async fn run(
         })
         .await;
     Ok(())
+}
+
+/// The org key of a connection that has recorded its org.
+fn org_of(c: &Connection) -> Option<String> {
+    let id = c.status.as_ref()?.org_id.as_deref()?;
+    crate::api::org_key(c.spec.provider, id)
+}
+
+/// The connection that serves a run: its own while it exists, else the Active connection of the
+/// same namespace that now holds the run's org (a new Connection for the org adopts the runs its
+/// predecessor left in flight).
+async fn serving_connection(ctx: &Ctx, run: &JobRun, ns: &str) -> Result<Option<Connection>, Error> {
+    let api = Api::<Connection>::namespaced(ctx.client.clone(), ns);
+    if let Some(own) = api.get_opt(&run.spec.connection).await? {
+        return Ok(Some(own));
+    }
+    let Some(org) = run.labels().get(crate::api::labels::ORG) else {
+        return Ok(None);
+    };
+    let adopter = api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .find(|c| {
+            c.status.as_ref().and_then(|s| s.state) == Some(State::Active) && org_of(c).as_ref() == Some(org)
+        });
+    if let Some(c) = &adopter {
+        info!(jobrun = %run.name_any(), connection = %c.name_any(), "served by the connection that now holds its org");
+    }
+    Ok(adopter)
+}
+
+/// True when a connection's session may be used to write to the CRM: Active or Paused (a paused
+/// connection's token is valid). An inactive one's is dead: its runs' reports wait for it.
+fn can_report(connection: Option<&Connection>) -> bool {
+    matches!(
+        connection.and_then(|c| c.status.as_ref()).and_then(|s| s.state),
+        Some(State::Active | State::Paused)
+    )
 }
 
 fn runs_where(store: &Store<JobRun>, wanted: impl Fn(&JobRun) -> bool) -> Vec<ObjectRef<JobRun>> {
@@ -142,9 +208,11 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let connection = Api::<Connection>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&run.spec.connection)
-        .await?;
+    let connection = serving_connection(&ctx, &run, &ns).await?;
+    let serving = connection
+        .as_ref()
+        .map(|c| c.name_any())
+        .unwrap_or_else(|| run.spec.connection.clone());
     let job_name = build::job_name(&name);
     let Some(job) = jobs.get_opt(&job_name).await? else {
         return start(&ctx, &run, &ns, &status, connection.as_ref()).await;
@@ -156,8 +224,15 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     next.started = progress.started.map(Time);
     next.finished = progress.finished.map(Time);
     let mut action = Action::await_change();
-    if let Some(phase) = build::report_due(&progress, status.reported) {
-        match report(&ctx, &run, &ns, phase, &progress).await {
+    let due = build::report_due(&progress, status.reported);
+    if let Some(phase) = due.filter(|_| !can_report(connection.as_ref())) {
+        // The token is dead (inactive) or the connection is gone: the outcome stays in the Job
+        // (no TTL before it is reported) and is written once a connection for the org is active
+        // again, whose change wakes this up.
+        info!(jobrun = %name, ?phase, connection = %serving, "report held until the connection is active again");
+        next.phase = Some(phase);
+    } else if let Some(phase) = due {
+        match report(&ctx, &run, &ns, &serving, phase, &progress).await {
             Reported::Done(result) => {
                 info!(jobrun = %name, ?phase, "reported to the CRM");
                 next.phase = Some(phase);
@@ -166,6 +241,10 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                     next.result = Some(build::summary(&result));
                 }
                 if phase.is_terminal() {
+                    if let (Some(started), Some(finished)) = (progress.started, progress.finished) {
+                        let seconds = (finished.as_millisecond() - started.as_millisecond()) as f64 / 1000.0;
+                        ctx.metrics.finished(&run.spec.job_type, phase, seconds);
+                    }
                     finish(&ctx, &ns, &job_name, &run).await?;
                 }
             }
@@ -187,8 +266,11 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     }
     // A running job is looked up in the CRM every minute: aborted or deleted there, its Job is
     // suspended (which deletes its pods).
-    if next.phase == Some(JobPhase::Running) && next.reported == Some(JobPhase::Running) {
-        if let Ok((base, token)) = crm_session(&ctx, &run, &ns).await {
+    if next.phase == Some(JobPhase::Running)
+        && next.reported == Some(JobPhase::Running)
+        && can_report(connection.as_ref())
+    {
+        if let Ok((base, token)) = crm_session(&ctx, &serving, &ns).await {
             let target = Target {
                 api: crm::Api::of(run.spec.provider),
                 base: &base,
@@ -203,7 +285,7 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             }
         }
         if next.phase == Some(JobPhase::Running) {
-            action = Action::requeue(ABORT_CHECK);
+            action = Action::requeue(ctx.settings.abort_check);
         }
     }
     write_status(&ctx, &run, &status, next).await?;
@@ -222,6 +304,9 @@ async fn start(
     if status.phase.is_some_and(JobPhase::is_terminal) {
         return Ok(Action::await_change());
     }
+    let serving = connection
+        .map(|c| c.name_any())
+        .unwrap_or_else(|| run.spec.connection.clone());
     if status.claim.is_none() {
         // The retriever creates the JobRun, then writes its claim: that write wakes this up.
         return Ok(Action::await_change());
@@ -231,7 +316,16 @@ async fn start(
         // Paused with valid tokens: the claim is given back, the job waits in the CRM as Holding
         // (for any processor); the retriever claims it again once the connection is active.
         let mut next = status.clone();
-        match report(ctx, run, ns, JobPhase::Holding, &build::Progress::default()).await {
+        match report(
+            ctx,
+            run,
+            ns,
+            &serving,
+            JobPhase::Holding,
+            &build::Progress::default(),
+        )
+        .await
+        {
             Reported::Done(_) => {
                 info!(jobrun = %name, "connection paused: released the job back to Holding in the CRM");
                 next.phase = Some(JobPhase::Holding);
@@ -283,7 +377,7 @@ async fn start(
     };
     // Still ours in the CRM? (A claim held while the connection was inactive may have lapsed, and
     // another processor may have taken the job.)
-    let verdict = match crm_session(ctx, run, ns).await {
+    let verdict = match crm_session(ctx, &serving, ns).await {
         Ok((base, token)) => {
             let target = Target {
                 api: crm::Api::of(run.spec.provider),
@@ -317,7 +411,13 @@ async fn start(
         }
     }
     let instance_url = connection_status.instance_url.clone().unwrap_or_default();
-    let desired = build::batch_job(run, &template.spec, &instance_url, &ctx.host_aliases);
+    let desired = build::batch_job(
+        run,
+        &template.spec,
+        &serving,
+        &instance_url,
+        &ctx.settings.host_aliases,
+    );
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -406,9 +506,9 @@ enum Reported {
 /// Writes `phase` into the CRM job record: read it, then a conditional write on that version.
 /// The connection's CRM session: its API base URL and current access token (from its
 /// `<name>-session` Secret), if the provider-host policy allows sending the token there.
-async fn crm_session(ctx: &Ctx, run: &JobRun, ns: &str) -> Result<(url::Url, SecretString), String> {
+async fn crm_session(ctx: &Ctx, connection: &str, ns: &str) -> Result<(url::Url, SecretString), String> {
     let session = Api::<Secret>::namespaced(ctx.client.clone(), ns)
-        .get_opt(&format!("{}-session", run.spec.connection))
+        .get_opt(&format!("{connection}-session"))
         .await
         .map_err(|e| format!("cannot read the session: {e}"))?
         .ok_or("the connection has no session")?;
@@ -469,8 +569,33 @@ async fn ownership(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Owner
 }
 
 /// Writes `phase` into the CRM job record: read it, then a conditional write on that version.
-async fn report(ctx: &Ctx, run: &JobRun, ns: &str, phase: JobPhase, progress: &build::Progress) -> Reported {
-    let (base, token) = match crm_session(ctx, run, ns).await {
+async fn report(
+    ctx: &Ctx,
+    run: &JobRun,
+    ns: &str,
+    connection: &str,
+    phase: JobPhase,
+    progress: &build::Progress,
+) -> Reported {
+    let reported = write_report(ctx, run, ns, connection, phase, progress).await;
+    let outcome = match reported {
+        Reported::Done(_) => metrics::ReportOutcome::Written,
+        Reported::Aborted => metrics::ReportOutcome::Aborted,
+        Reported::Later(_) => metrics::ReportOutcome::Later,
+    };
+    ctx.metrics.reported(phase, outcome);
+    reported
+}
+
+async fn write_report(
+    ctx: &Ctx,
+    run: &JobRun,
+    ns: &str,
+    connection: &str,
+    phase: JobPhase,
+    progress: &build::Progress,
+) -> Reported {
+    let (base, token) = match crm_session(ctx, connection, ns).await {
         Ok(session) => session,
         Err(why) => return Reported::Later(why),
     };

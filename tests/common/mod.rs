@@ -7,6 +7,8 @@
 //! a test that needs a cluster never passes without one.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod jobs;
+
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -436,4 +438,92 @@ pub fn argocd_health(connection: &serde_json::Value) -> (String, String) {
     assert!(out.success, "lua5.4 failed: {}", out.stderr);
     let (status, message) = out.stdout.split_once('\n').unwrap_or((&out.stdout, ""));
     (status.to_string(), message.to_string())
+}
+
+/// The node's bridge address (`CLUSTER_NODE_IP`), or None when the cluster runs without a node.
+pub fn node_ip() -> Option<std::net::IpAddr> {
+    match std::env::var("CLUSTER_NODE_IP") {
+        Ok(ip) if !ip.is_empty() => Some(ip.parse().expect("CLUSTER_NODE_IP is an IP address")),
+        _ => {
+            assert_eq!(
+                std::env::var("CLUSTER_NODE").as_deref(),
+                Ok("0"),
+                "CLUSTER_NODE_IP is not set: these tests need the test cluster's node; {RUN_HINT} as root"
+            );
+            None
+        }
+    }
+}
+
+/// The image `scripts/image.sh` builds: the chart's default (repository + appVersion).
+pub fn chart_image() -> (String, String) {
+    let chart = std::fs::read_to_string(repo_root().join("charts/connection-operator/Chart.yaml")).unwrap();
+    let app_version = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .expect("appVersion in Chart.yaml");
+    ("ghcr.io/crmconnect/connection-operator".to_string(), app_version)
+}
+
+/// Cluster-scoped JobTemplates made by a test, deleted when dropped. A test names its job types
+/// after its namespace: templates are shared by the whole cluster.
+pub struct JobTemplates(Vec<String>);
+
+impl JobTemplates {
+    /// (job type, image, container args): the image's pull policy is Never (loaded into the node),
+    /// and finished Jobs go 5 s after their outcome is reported.
+    pub fn create(templates: &[(&str, String, Vec<&str>)]) -> Self {
+        let specs: Vec<(&str, serde_json::Value)> = templates
+            .iter()
+            .map(|(job_type, image, args)| {
+                let mut spec = Self::worker(image, args);
+                spec["ttlSecondsAfterFinished"] = 5.into();
+                (*job_type, spec)
+            })
+            .collect();
+        Self::apply(&specs)
+    }
+
+    /// (job type, JobTemplate spec).
+    pub fn apply(templates: &[(&str, serde_json::Value)]) -> Self {
+        let mut names = vec![];
+        for (job_type, spec) in templates {
+            let manifest = serde_json::json!({
+                "apiVersion": "crmconnect.io/v1alpha1",
+                "kind": "JobTemplate",
+                "metadata": {"name": job_type},
+                "spec": spec,
+            });
+            run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest.to_string()));
+            names.push(job_type.to_string());
+        }
+        JobTemplates(names)
+    }
+
+    /// These and more.
+    pub fn and(mut self, templates: &[(&str, serde_json::Value)]) -> Self {
+        let mut more = Self::apply(templates);
+        self.0.append(&mut more.0);
+        self
+    }
+
+    /// A JobTemplate spec whose one container runs `image` with `args` (pull policy Never).
+    pub fn worker(image: &str, args: &[&str]) -> serde_json::Value {
+        serde_json::json!({
+            "template": {"spec": {"containers": [{
+                "name": "worker", "image": image, "imagePullPolicy": "Never", "args": args,
+            }]}},
+        })
+    }
+}
+
+impl Drop for JobTemplates {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = kubectl()
+                .args(["delete", "jobtemplate", name, "--ignore-not-found"])
+                .output();
+        }
+    }
 }

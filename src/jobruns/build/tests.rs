@@ -55,6 +55,7 @@ fn the_job_is_the_templates_pod_made_safe_with_the_session_and_the_crm_environme
     let job = batch_job(
         &run(),
         &template(),
+        "acme",
         "https://acme.my.salesforce.com",
         std::slice::from_ref(&alias),
     );
@@ -117,6 +118,32 @@ fn the_job_is_the_templates_pod_made_safe_with_the_session_and_the_crm_environme
     assert_eq!(
         volume.secret.unwrap().secret_name.as_deref(),
         Some("acme-session")
+    );
+}
+
+#[test]
+fn an_adopted_run_mounts_the_session_of_the_connection_serving_it() {
+    let job = batch_job(
+        &run(),
+        &template(),
+        "acme-v2",
+        "https://acme.my.salesforce.com",
+        &[],
+    );
+    assert_eq!(job.metadata.labels.unwrap()[labels::CONNECTION], "acme-v2");
+    let volume = job
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .volumes
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        volume.secret.unwrap().secret_name.as_deref(),
+        Some("acme-v2-session")
     );
 }
 

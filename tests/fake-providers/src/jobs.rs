@@ -271,6 +271,8 @@ pub(crate) struct JobQueues {
     cursors: HashMap<String, Cursor>,
     page_size: Option<usize>,
     query_delay: Duration,
+    /// How long a record count (the example worker's request) takes.
+    count_delay: Duration,
     usage: HashMap<String, ApiUsage>,
     /// Requests left to throttle, Retry-After seconds.
     throttle: Option<(u32, u64)>,
@@ -713,6 +715,12 @@ impl FakeProviders {
         self.shared.lock().jobs.query_delay = delay;
     }
 
+    /// How long a record count (`SELECT COUNT() FROM X`, `GET {set}/$count`) takes to answer:
+    /// a worker that is still running. Zero (the default) for none.
+    pub fn set_count_delay(&self, delay: Duration) {
+        self.shared.lock().jobs.count_delay = delay;
+    }
+
     /// Salesforce API usage of an org: `used` data requests so far of a daily `max` (default 0 of
     /// 15000). Every data request counts one; at `used >= max` they get 403 REQUEST_LIMIT_EXCEEDED.
     /// False for an unknown ID.
@@ -1085,6 +1093,19 @@ pub(crate) async fn sf_query(
     // `SELECT COUNT() FROM <object>` (the example worker): every object holds RECORD_COUNT records.
     let words: Vec<String> = q.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
     if words.len() == 4 && words[0] == "SELECT" && words[1] == "COUNT()" && words[2] == "FROM" {
+        count_delay(&shared).await;
+        if words[3].eq_ignore_ascii_case(NO_SUCH_OBJECT) {
+            // What Salesforce answers for an object the org does not have.
+            let object = q.split_whitespace().nth(3).unwrap_or_default();
+            return finish(
+                sf_error(
+                    400,
+                    "INVALID_TYPE",
+                    &format!("sObject type '{object}' is not supported."),
+                ),
+                &ctx,
+            );
+        }
         return finish(
             json_response(
                 200,
@@ -1543,19 +1564,45 @@ fn dv_segment_not_found(text: &str) -> Response {
 /// `GET /api/data/v9.2/{set}/$count`) holds in the fake: what the example worker counts.
 pub const RECORD_COUNT: u64 = 42;
 
+/// The Salesforce object (and, [`NO_SUCH_ENTITY_SET`], the Dataverse entity set) the fake's orgs
+/// do not have: counting it gets Salesforce's 400 `INVALID_TYPE` or Dataverse's 404 `0x8006088a`
+/// ("Resource not found for the segment").
+pub const NO_SUCH_OBJECT: &str = "NoSuchObject__c";
+/// See [`NO_SUCH_OBJECT`].
+pub const NO_SUCH_ENTITY_SET: &str = "nosuchobjects";
+
+async fn count_delay(shared: &Shared) {
+    let delay = shared.lock().jobs.count_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// `GET /api/data/v9.2/{set}/$count` → `42` (text).
 pub(crate) async fn dv_count(
     AxState(shared): Shared_,
-    Path(_set): Path<String>,
+    Path(set): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    match gate(&shared, CrmApi::Dataverse, Kind::Read, &headers).await {
-        Ok(ctx) => finish(
-            ([(header::CONTENT_TYPE, "text/plain")], RECORD_COUNT.to_string()).into_response(),
+    let ctx = match gate(&shared, CrmApi::Dataverse, Kind::Read, &headers).await {
+        Ok(ctx) => ctx,
+        Err(response) => return response,
+    };
+    count_delay(&shared).await;
+    if set == NO_SUCH_ENTITY_SET {
+        return finish(
+            dv_error(
+                404,
+                "0x8006088a",
+                &format!("Resource not found for the segment '{set}'."),
+            ),
             &ctx,
-        ),
-        Err(response) => response,
+        );
     }
+    finish(
+        ([(header::CONTENT_TYPE, "text/plain")], RECORD_COUNT.to_string()).into_response(),
+        &ctx,
+    )
 }
 
 pub(crate) async fn dv_get(

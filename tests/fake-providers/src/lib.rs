@@ -97,6 +97,7 @@
 //! | [`FakeProviders::set_job_page_size`] | `POST /_admin/job-page-size` `{"pageSize": 2}` (0: the defaults) |
 //! | [`FakeProviders::expire_access_tokens`] | `POST /_admin/expire-access-tokens` → `{"expired": 3}` |
 //! | [`FakeProviders::set_query_delay`] | `POST /_admin/query-delay` `{"millis": 500}` |
+//! | [`FakeProviders::set_count_delay`] | in-process only (a worker still running) |
 //! | [`FakeProviders::set_api_usage`] | `POST /_admin/api-usage` `{"remoteId": "...", "used": 14999, "max": 15000}` → `{"changed": true}` |
 //! | [`FakeProviders::throttle_data`] | `POST /_admin/throttle` `{"requests": 2, "retryAfterSecs": 7}` (0 requests: off) |
 //!
@@ -127,7 +128,8 @@ use base64::Engine as _;
 mod jobs;
 mod tls;
 pub use jobs::{
-    CrmApi, FakeJob, JobStatus, NewJob, SeedJob, format_http_date, iso_datetime, parse_http_date,
+    CrmApi, FakeJob, JobStatus, NO_SUCH_ENTITY_SET, NO_SUCH_OBJECT, NewJob, RECORD_COUNT, SeedJob,
+    format_http_date, iso_datetime, parse_http_date,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
