@@ -28,7 +28,7 @@ unit:
 # Regenerate the CRDs (and the chart's copies) from the Rust types.
 crds:
 	cargo build -q
-	for crd in connection orgsettings jobrun jobtemplate; do \
+	for crd in connection orgsettings jobrun jobtemplate orgclaim; do \
 		target/debug/connection-operator crd $$crd > crds/$$crd.yaml && \
 		cp crds/$$crd.yaml charts/connection-operator/crds/$$crd.yaml || exit 1; \
 	done

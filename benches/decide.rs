@@ -1,5 +1,5 @@
-//! Speed of the pure per-reconcile decisions: claim resolution against N peers and the status
-//! decision. `cargo bench --bench decide` (under `cargo test` it runs one quick round, unmeasured).
+//! Speed of the pure per-reconcile decisions: the waiting order of an org's claim against N waiting
+//! connections and the status decision. `cargo bench --bench decide` (under `cargo test` it runs one quick round, unmeasured).
 
 use connection_operator::api::{Connection, ConnectionSpec, Provider};
 use connection_operator::controller::claims::{self, Claimant};
@@ -60,25 +60,29 @@ fn main() {
             remote_id: id.remote_id.clone(),
         };
         time(
-            &format!("claims::resolve against {n} peers"),
+            &format!("claims::older_waiting against {n} peers"),
             10_000 / scale as u32,
-            || claims::resolve(&me, &all),
+            || claims::older_waiting(&me, &all),
         );
         time(
-            &format!("state::decide (claim against {n} peers)"),
+            &format!("state::decide (waiting order against {n} peers)"),
             10_000 / scale as u32,
             || {
                 state::decide(
                     &c,
                     &Check::valid(id.clone()),
                     |id| {
-                        claims::resolve(
-                            &Claimant {
-                                remote_id: id.remote_id.clone(),
-                                ..me.clone()
-                            },
-                            &all,
-                        )
+                        let me = Claimant {
+                            remote_id: id.remote_id.clone(),
+                            ..me.clone()
+                        };
+                        if claims::older_waiting(&me, &all) {
+                            claims::Claim::Lost {
+                                winner: all[0].clone(),
+                            }
+                        } else {
+                            claims::Claim::Won
+                        }
                     },
                     &connection_operator::controller::children::RetrieverObserved::Available,
                     &now,

@@ -17,9 +17,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print the CustomResourceDefinitions as YAML (generated from the Rust types): all of them, or
-    /// the one named (connection, orgsettings, jobrun, jobtemplate).
+    /// the one named (connection, orgsettings, jobrun, jobtemplate, orgclaim).
     Crd {
-        #[arg(value_parser = ["connection", "orgsettings", "jobrun", "jobtemplate"])]
+        #[arg(value_parser = ["connection", "orgsettings", "jobrun", "jobtemplate", "orgclaim"])]
         name: Option<String>,
     },
     /// Run the operator against the cluster of the current kubeconfig or in-cluster config.

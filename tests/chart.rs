@@ -318,7 +318,7 @@ fn cluster_rbac_names_never_clash_with_built_in_roles() {
             assert!(
                 name == "crmconnect:admin"
                     || name == "crmconnect:admin:retriever"
-                    || name == "crmconnect:admin:jobtemplates",
+                    || name == "crmconnect:admin:cluster-scoped",
                 "{doc}"
             );
         }
@@ -352,7 +352,8 @@ async fn with_a_watch_namespace_the_operator_may_act_in_that_namespace_only() {
         ]),
         None,
     );
-    // Nothing cluster-wide but reading the cluster-scoped JobTemplates (the administrator's).
+    // Nothing cluster-wide but reading the cluster-scoped JobTemplates (the administrator's) and
+    // writing the OrgClaims.
     for doc in documents(&rendered) {
         let kind = doc["kind"].as_str().unwrap_or_default();
         if !kind.starts_with("Cluster") {
@@ -360,13 +361,16 @@ async fn with_a_watch_namespace_the_operator_may_act_in_that_namespace_only() {
         }
         let name = doc["metadata"]["name"].as_str().unwrap_or_default();
         assert!(
-            name.ends_with(":jobtemplates"),
+            name.ends_with(":cluster-scoped"),
             "namespaced mode renders no other cluster-wide RBAC: {doc}"
         );
         if kind == "ClusterRole" {
             assert_eq!(
                 doc["rules"],
-                serde_json::json!([{"apiGroups": ["crmconnect.io"], "resources": ["jobtemplates"], "verbs": ["get", "list", "watch"]}]),
+                serde_json::json!([
+                    {"apiGroups": ["crmconnect.io"], "resources": ["jobtemplates"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": ["crmconnect.io"], "resources": ["orgclaims"], "verbs": ["get", "create", "update"]},
+                ]),
                 "{doc}"
             );
         }

@@ -13,7 +13,7 @@ fn crd_command_prints_the_committed_crds() {
     let committed = |stem: &str| {
         std::fs::read_to_string(format!("{}/crds/{stem}.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap()
     };
-    let stems = ["connection", "orgsettings", "jobrun", "jobtemplate"];
+    let stems = ["connection", "orgsettings", "jobrun", "jobtemplate", "orgclaim"];
     for stem in stems {
         let out = bin().args(["crd", stem]).output().unwrap();
         assert!(out.status.success());

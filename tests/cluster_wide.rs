@@ -108,27 +108,18 @@ async fn a_cluster_wide_operator_serves_connections_in_every_namespace_and_keeps
     wait(a.name().into(), "first", State::Active).await;
     // The same org from another namespace and team: a Conflict across namespaces.
     apply(b.name(), "second", "marketing");
-    // The claim goes to the older connection: by creationTimestamp (whole seconds), then namespace,
-    // then name. Created within the same second, the random namespace names decide, so the test
-    // computes the holder by that rule instead of assuming `first` (that assumption was the
-    // flake: it failed whenever both fell in one second and b's name sorted first).
-    let key = |ns: &str, name: &'static str| {
-        let api: Api<Connection> = Api::namespaced(client.clone(), ns);
-        let ns = ns.to_string();
-        async move {
-            let c = api.get(name).await.unwrap();
-            (c.metadata.creation_timestamp.map(|t| t.0), ns, name)
-        }
-    };
-    let (first, second) = (key(a.name(), "first").await, key(b.name(), "second").await);
-    let (holder, loser) = if first <= second {
-        (first, second)
-    } else {
-        (second, first)
-    };
-    wait(loser.1.clone(), loser.2, State::Conflict).await;
-    let held = status(holder.1.clone(), holder.2).await.and_then(|s| s.state);
-    assert_eq!(held, Some(State::Active), "{} holds the org", holder.2);
+    // The first connection whose tokens proved valid holds the org (its OrgClaim, cluster-wide).
+    wait(b.name().into(), "second", State::Conflict).await;
+    let held = status(a.name().into(), "first").await.and_then(|s| s.state);
+    assert_eq!(held, Some(State::Active), "first holds the org");
+    let holder = kubectl_ok(&[
+        "get",
+        "orgclaim",
+        &format!("sf-{}", org.to_lowercase()),
+        "-o",
+        "jsonpath={.spec.holder.namespace}/{.spec.holder.name}",
+    ]);
+    assert_eq!(holder, format!("{}/first", a.name()));
 
     operator.stop().await;
 }

@@ -45,12 +45,17 @@ fn seed(env: &Env, remote: &str, types: &[&str]) -> Vec<String> {
     ids
 }
 
-/// Runs the retriever once for `connection` and checks that it claimed something.
+/// Runs the retriever once for `connection` (with the org's default settings).
 async fn claim(env: &Env, connection: &str, key: &str) {
+    claim_with(env, connection, key, &[]).await;
+}
+
+/// Runs the retriever once for `connection` with extra flags (the org's settings).
+async fn claim_with(env: &Env, connection: &str, key: &str, flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = env.retriever_kubeconfig(dir.path(), &format!("{connection}-retriever"));
     let session = env.session_dir(connection, dir.path()).await;
-    let out = retrieve_once(&kubeconfig, &session, env.ns(), connection, key, &[]).await;
+    let out = retrieve_once(&kubeconfig, &session, env.ns(), connection, key, flags).await;
     assert!(out.status.success(), "{}", text(&out));
 }
 
@@ -64,11 +69,26 @@ async fn crm_job(env: &Env, remote: &str, id: &str, status: JobStatus) -> FakeJo
 async fn run_phase(env: &Env, key: &str, id: &str, phase: JobPhase) -> JobRun {
     let api: Api<JobRun> = Api::namespaced(env.client.clone(), env.ns());
     let name = jobrun_name(key, id);
-    eventually(&format!("JobRun {name} {phase:?}"), WAIT, || async {
-        let run = api.get_opt(&name).await.ok()??;
-        (run.status.as_ref()?.phase == Some(phase)).then_some(run)
+    let reached = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Some(run)) = api.get_opt(&name).await
+                && run.status.as_ref().and_then(|s| s.phase) == Some(phase)
+            {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     })
-    .await
+    .await;
+    reached.unwrap_or_else(|_| {
+        // Say why: the run, its Job and pods, and the CRM record.
+        let dump = kubectl_ok(&["get", "jobruns,jobs,pods", "-n", env.ns(), "-o", "yaml"]);
+        panic!(
+            "JobRun {name} never {phase:?} in {WAIT:?}; CRM record: {:?}\n{dump}",
+            env.fake
+                .job(if key.starts_with("sf-") { SF_ORG } else { D365_ENV }, id)
+        )
+    })
 }
 
 async fn history(env: &Env, key: &str) -> connection_operator::api::OrgSettingsStatus {
@@ -332,7 +352,8 @@ async fn an_inactive_connection_starts_nothing_keeps_outcomes_and_re_authorizing
     ensure_crds();
     let env = Env::on_node(ip).await;
     env.connect("acme", false).await;
-    env.fake.set_count_delay(Duration::from_secs(30));
+    // The worker's count takes 20 s (within its 30 s timeout): it is running when the tokens go.
+    env.fake.set_count_delay(Duration::from_secs(20));
     let (later, running) = (job_type(&env, "later"), job_type(&env, "running"));
     let templates = JobTemplates::apply(&[(
         &running,
@@ -366,7 +387,7 @@ async fn an_inactive_connection_starts_nothing_keeps_outcomes_and_re_authorizing
         "an event names the missing template"
     );
 
-    // The second runs; while its worker counts (30 s), the tokens are revoked.
+    // The second runs; while its worker counts, the tokens are revoked.
     let queries = env.fake.stats().job_queries;
     crm_job(&env, SF_ORG, &ids[1], JobStatus::Running).await;
     eventually("the worker's count request", WAIT, || async {
@@ -465,14 +486,6 @@ async fn pausing_releases_runs_not_started_reports_the_running_one_and_activatin
     ensure_crds();
     let env = Env::on_node(ip).await;
     env.connect("acme", false).await;
-    Api::<OrgSettings>::namespaced(env.client.clone(), env.ns())
-        .patch(
-            SF_KEY,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"spec": {"maxConcurrentJobs": 3}})),
-        )
-        .await
-        .unwrap();
     env.fake.set_count_delay(Duration::from_secs(20));
     let (running, waiting) = (job_type(&env, "running"), job_type(&env, "waiting"));
     let templates = JobTemplates::apply(&[(
@@ -481,7 +494,9 @@ async fn pausing_releases_runs_not_started_reports_the_running_one_and_activatin
     )]);
     // One runs; two are claimed but cannot start yet (no template for their type).
     let ids = seed(&env, SF_ORG, &[&running, &waiting, &waiting]);
-    claim(&env, "acme", SF_KEY).await;
+    // Room for three (the org's maxConcurrentJobs, which the retriever gets as a flag).
+    let three = ["--max-concurrent-jobs", "3"];
+    claim_with(&env, "acme", SF_KEY, &three).await;
     let queries = env.fake.stats().job_queries;
     crm_job(&env, SF_ORG, &ids[0], JobStatus::Running).await;
     eventually("the worker's count request", WAIT, || async {

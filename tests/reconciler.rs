@@ -600,6 +600,192 @@ async fn two_teams_same_org_one_active_one_conflict_and_the_loser_takes_over() {
     op.stop().await;
 }
 
+/// Every state each Connection of `ns` was seen in, from a watch started now.
+fn record_states(client: &Client, ns: &str) -> std::sync::Arc<std::sync::Mutex<Vec<(String, State)>>> {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let api: Api<Connection> = Api::namespaced(client.clone(), ns);
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let mut events = kube::runtime::watcher(api, Default::default())
+            .applied_objects()
+            .boxed();
+        while let Some(Ok(c)) = events.next().await {
+            if let Some(state) = c.status.as_ref().and_then(|s| s.state) {
+                log.lock().unwrap().push((c.name_any(), state));
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn two_connections_validated_at_once_never_both_hold_the_org_20_times_in_a_row() {
+    let env = Env::new().await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    let seen = record_states(&env.client, env.ns());
+    for i in 0..20 {
+        let org = format!("00D0000000000{i:02}RAC");
+        env.fake
+            .add_salesforce_org(SalesforceOrg::new(&org, ORG_USER, "race@x", CLIENT_ID));
+        let (a, b) = (format!("a{i}"), format!("b{i}"));
+        env.put_credentials(&format!("{a}-creds"), &org).await;
+        env.put_credentials(&format!("{b}-creds"), &org).await;
+        // Both in one request: the operator validates them side by side.
+        let items: Vec<serde_json::Value> = [(&a, "sales"), (&b, "marketing")]
+            .iter()
+            .map(|(name, team)| {
+                json!({
+                    "apiVersion": "crmconnect.io/v1alpha1", "kind": "Connection",
+                    "metadata": {"name": name, "namespace": env.ns()},
+                    "spec": {"team": team, "provider": "SalesforceProduction",
+                             "salesforce": {"loginUrl": env.fake.salesforce_login_url()},
+                             "credentialsSecretRef": {"name": format!("{name}-creds")}},
+                })
+            })
+            .collect();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        run_ok(kubectl().args(["apply", "-f", "-"]), Some(&list.to_string()));
+        let (winner, loser) = eventually(&format!("round {i} settled"), WAIT, || async {
+            let (ca, cb) = (env.get(&a).await, env.get(&b).await);
+            match (state_of(&ca), state_of(&cb)) {
+                (Some(State::Active), Some(State::Conflict)) => Some((a.clone(), b.clone())),
+                (Some(State::Conflict), Some(State::Active)) => Some((b.clone(), a.clone())),
+                _ => None,
+            }
+        })
+        .await;
+        env.wait_replicas(&winner, 1).await;
+        // The loser's retriever was created with 0 replicas and never scaled (generation 1).
+        let deployment = env
+            .deployments()
+            .get(&format!("{loser}-retriever"))
+            .await
+            .unwrap();
+        assert_eq!(deployment.spec.replicas, Some(0), "round {i}");
+        assert_eq!(
+            deployment.metadata.generation,
+            Some(1),
+            "round {i}: never given a replica"
+        );
+        assert!(
+            !env.event_reasons(&loser).await.contains(&"Activated".to_string()),
+            "round {i}: no Activated event for the loser"
+        );
+        let claim: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
+            "get",
+            "orgclaim",
+            &format!("{}.sf-{}", env.ns(), org.to_lowercase()),
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        assert_eq!(claim["spec"]["holder"]["name"], winner.as_str());
+        assert_eq!(claim["spec"]["held"], true);
+    }
+    let seen = seen.lock().unwrap().clone();
+    for i in 0..20 {
+        let active: std::collections::BTreeSet<&str> = seen
+            .iter()
+            .filter(|(name, state)| *state == State::Active && name[1..] == i.to_string())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(active.len(), 1, "round {i}: Active ever seen on {active:?}");
+    }
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_forged_status_does_not_move_the_org_and_the_holder_keeps_it_against_older_connections() {
+    let env = Env::new().await;
+    env.put_credentials("first-creds", ORG).await;
+    env.put_credentials("second-creds", ORG).await;
+    // The oldest connection has tokens that do not work.
+    let revoked = env.put_credentials("old-creds", ORG).await;
+    env.fake.revoke(&revoked);
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("old", "ops", "old-creds").await;
+    env.wait_state("old", State::Inactive).await;
+    env.create_salesforce("first", "sales", "first-creds").await;
+    env.wait_state("first", State::Active).await;
+    env.create_salesforce("second", "marketing", "second-creds").await;
+    env.wait_state("second", State::Conflict).await;
+
+    // Someone with connections/status rights makes the oldest look like an Active holder of the org
+    // (under "oldest wins" it would have taken the org from first).
+    let forged = json!({"status": {
+        "state": "Active", "remoteId": ORG, "orgId": ORG, "reason": "Connected",
+        "message": "forged", "observedGeneration": 1,
+    }});
+    run_ok(
+        kubectl().args([
+            "patch",
+            "conn",
+            "old",
+            "-n",
+            env.ns(),
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &forged.to_string(),
+        ]),
+        None,
+    );
+    // A change of first's tokens is re-decided too: the claim stays.
+    run_ok(
+        kubectl().args([
+            "annotate",
+            "conn",
+            "first",
+            "-n",
+            env.ns(),
+            "crmconnect.io/revalidate=after-forgery",
+        ]),
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(state_of(&env.get("first").await), Some(State::Active));
+    assert_eq!(state_of(&env.get("second").await), Some(State::Conflict));
+    assert_ne!(
+        state_of(&env.get("old").await),
+        Some(State::Active),
+        "the forged connection does not get the org"
+    );
+    let holder = kubectl_ok(&[
+        "get",
+        "orgclaim",
+        &format!("{}.sf-{}", env.ns(), ORG.to_lowercase()),
+        "-o",
+        "jsonpath={.spec.holder.name}",
+    ]);
+    assert_eq!(holder, "first");
+
+    // Its tokens refused, the holder releases the org; the waiting connection takes it.
+    let live = env.secret_value("first-token", "refresh_token").await.unwrap();
+    env.fake.revoke(live.trim());
+    run_ok(
+        kubectl().args([
+            "annotate",
+            "conn",
+            "first",
+            "-n",
+            env.ns(),
+            "crmconnect.io/revalidate=revoked",
+            "--overwrite",
+        ]),
+        None,
+    );
+    env.wait_state("first", State::Inactive).await;
+    env.wait_state("second", State::Active).await;
+    env.wait_replicas("second", 1).await;
+    let reasons = env.event_reasons("second").await;
+    assert!(reasons.contains(&"OrgClaimTakenOver".to_string()), "{reasons:?}");
+    let reasons = env.event_reasons("first").await;
+    assert!(reasons.contains(&"OrgClaimReleased".to_string()), "{reasons:?}");
+    op.stop().await;
+}
+
 #[tokio::test]
 async fn missing_secret_is_inactive_and_creating_it_recovers() {
     let env = Env::new().await;

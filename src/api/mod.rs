@@ -1,4 +1,5 @@
-//! The API types: the `Connection`, `OrgSettings` and `JobRun` custom resources.
+//! The API types: the `Connection`, `OrgSettings`, `JobRun`, `JobTemplate` and `OrgClaim` custom
+//! resources.
 
 pub mod conditions;
 // kube-derive repeats `type_ = ...` across printcolumn(...) groups, which this lint misreads as duplicates.
@@ -9,11 +10,14 @@ mod jobrun;
 #[allow(clippy::duplicated_attributes)]
 mod jobtemplate;
 #[allow(clippy::duplicated_attributes)]
+mod orgclaim;
+#[allow(clippy::duplicated_attributes)]
 mod orgsettings;
 
 pub use connection::*;
 pub use jobrun::*;
 pub use jobtemplate::*;
+pub use orgclaim::*;
 pub use orgsettings::*;
 
 use kube::CustomResourceExt;
@@ -37,6 +41,7 @@ pub fn crds() -> Vec<(
         ("orgsettings", OrgSettings::crd()),
         ("jobrun", JobRun::crd()),
         ("jobtemplate", JobTemplate::crd()),
+        ("orgclaim", OrgClaim::crd()),
     ]
     .into_iter()
     .map(|(stem, crd)| {

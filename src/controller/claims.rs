@@ -1,14 +1,33 @@
-//! One org or environment belongs to one connection at a time: pure claim resolution.
+//! One org or environment belongs to one connection at a time: the pure rules of its `OrgClaim`.
 //!
-//! Every connection whose tokens are valid for an org (state Active, Paused or Conflict with that
-//! `remoteId`) is a claimant. The oldest claimant wins — by creationTimestamp, then namespace, then
-//! name, so the answer is the same whichever connection asks. Inactive and Pending connections do not
-//! claim, so when the winner is deleted or goes inactive the next-oldest takes over.
+//! The claim is an object only the operator writes (`OrgClaim`, cluster-scoped, named by the org
+//! key), so it cannot be forged through a Connection's status. The first connection whose tokens
+//! prove valid for the org creates it; the API server lets exactly one create succeed. The holder
+//! keeps it while it is Active or Paused, also against older connections. It passes on when the
+//! holder is deleted, or when its tokens are refused (the holder then marks it released): the
+//! oldest connection waiting for the org (in Conflict, with valid tokens) takes it, with a write
+//! conditional on the version read, so two takers never both win. There is no grace period: a
+//! connection whose tokens were refused has to be re-authorized anyway, and a waiting team should
+//! not wait on it.
+//!
+//! The claim's scope is the operator's: across the cluster for an operator watching all namespaces
+//! (one team per org in the cluster), one namespace for an operator installed for one namespace
+//! (whose claims are named `<namespace>.<org key>`, so installs for different namespaces never
+//! decide for each other).
 
-use crate::api::{Connection, State};
+use crate::api::{ClaimHolder, Connection, OrgClaimSpec, State};
 use k8s_openapi::jiff::Timestamp;
 
-/// What claim resolution needs to know about one connection.
+/// The name of the OrgClaim of the org `key` for an operator watching `namespace` (all when
+/// `None`).
+pub fn claim_name(namespace: Option<&str>, key: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}.{key}"),
+        None => key.to_string(),
+    }
+}
+
+/// A connection competing for an org, as messages and the waiting order need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claimant {
     pub namespace: String,
@@ -28,26 +47,32 @@ impl Claimant {
     pub fn describe(&self) -> String {
         format!("{}/{} (team {})", self.namespace, self.name, self.team)
     }
+
+    /// The holder recorded in an OrgClaim, as a claimant of `remote_id`.
+    pub fn of_holder(holder: &ClaimHolder, remote_id: &str) -> Self {
+        Claimant {
+            namespace: holder.namespace.clone(),
+            name: holder.name.clone(),
+            team: holder.team.clone(),
+            created: None,
+            remote_id: remote_id.to_string(),
+        }
+    }
 }
 
-/// The outcome of claim resolution for one connection.
+/// The outcome for one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
     /// This connection holds the org.
     Won,
-    /// Another, older claimant holds it.
+    /// Another connection holds it.
     Lost { winner: Claimant },
 }
 
-/// The claimant a peer connection represents, if any: it must have validated tokens for an org
-/// (a `remoteId` in status) and be in a state that holds a claim.
-pub fn claimant_of(conn: &Connection) -> Option<Claimant> {
+/// A connection waiting for an org: in Conflict with a known org.
+pub fn waiting_claimant(conn: &Connection) -> Option<Claimant> {
     let status = conn.status.as_ref()?;
-    let holds = matches!(
-        status.state,
-        Some(State::Active | State::Paused | State::Conflict)
-    );
-    if !holds {
+    if status.state != Some(State::Conflict) {
         return None;
     }
     Some(Claimant {
@@ -59,135 +84,161 @@ pub fn claimant_of(conn: &Connection) -> Option<Claimant> {
     })
 }
 
-/// Resolves `me`'s claim on `me.remote_id` against `peers` (other connections' claimants, in any
-/// order; entries for `me` itself or for other orgs are ignored).
-pub fn resolve<'a>(me: &Claimant, peers: impl IntoIterator<Item = &'a Claimant>) -> Claim {
-    let winner = peers
-        .into_iter()
-        .filter(|p| p.remote_id == me.remote_id)
-        .filter(|p| !(p.namespace == me.namespace && p.name == me.name))
-        .min_by(|a, b| a.order_key().cmp(&b.order_key()));
-    match winner {
-        Some(w) if w.order_key() < me.order_key() => Claim::Lost { winner: w.clone() },
-        _ => Claim::Won,
+/// True when a connection older than `me` waits for the same org (it goes first).
+pub fn older_waiting<'a>(me: &Claimant, waiting: impl IntoIterator<Item = &'a Claimant>) -> bool {
+    waiting.into_iter().any(|w| {
+        w.remote_id == me.remote_id
+            && !(w.namespace == me.namespace && w.name == me.name)
+            && w.order_key() < me.order_key()
+    })
+}
+
+/// What a connection with valid tokens for the org does about its OrgClaim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// None exists: create it (if another create wins meanwhile, read it and decide again).
+    Create,
+    /// Ours and held.
+    Keep,
+    /// Ours but released (our tokens were refused, and are valid again): hold it again.
+    Reassert,
+    /// Its holder is gone or released it, and no older connection waits: take it.
+    Take,
+    /// Another connection holds it (or goes first).
+    Wait(ClaimHolder),
+}
+
+/// What is known when deciding: the OrgClaim read (if any), whether the connection it names
+/// still exists (the same UID), and whether an older connection waits for the org.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen<'a> {
+    pub claim: Option<&'a OrgClaimSpec>,
+    pub holder_exists: bool,
+    pub older_waiting: bool,
+}
+
+pub fn next(me: &ClaimHolder, seen: Seen<'_>) -> Step {
+    let Some(claim) = seen.claim else {
+        return Step::Create;
+    };
+    if claim.holder.uid == me.uid {
+        return if claim.held { Step::Keep } else { Step::Reassert };
     }
+    if (claim.held && seen.holder_exists) || seen.older_waiting {
+        return Step::Wait(claim.holder.clone());
+    }
+    Step::Take
+}
+
+/// True when a connection now Inactive releases the org: it holds the OrgClaim and still marks it
+/// held.
+pub fn releases(me_uid: &str, claim: Option<&OrgClaimSpec>) -> bool {
+    claim.is_some_and(|c| c.held && c.holder.uid == me_uid)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ConnectionSpec, ConnectionStatus, Provider};
 
-    fn at(secs: i64) -> Option<Timestamp> {
-        Some(Timestamp::from_second(secs).unwrap())
+    fn holder(name: &str, uid: &str) -> ClaimHolder {
+        ClaimHolder {
+            namespace: "ns".into(),
+            name: name.into(),
+            uid: uid.into(),
+            team: "t".into(),
+        }
     }
 
-    fn claimant(ns: &str, name: &str, team: &str, created: i64, org: &str) -> Claimant {
+    fn claim(name: &str, uid: &str, held: bool) -> OrgClaimSpec {
+        OrgClaimSpec {
+            holder: holder(name, uid),
+            held,
+        }
+    }
+
+    fn seen(claim: Option<&OrgClaimSpec>, holder_exists: bool, older_waiting: bool) -> Seen<'_> {
+        Seen {
+            claim,
+            holder_exists,
+            older_waiting,
+        }
+    }
+
+    #[test]
+    fn the_first_valid_connection_creates_the_claim_and_keeps_it() {
+        let me = holder("a", "u1");
+        assert_eq!(next(&me, seen(None, false, false)), Step::Create);
+        let mine = claim("a", "u1", true);
+        assert_eq!(next(&me, seen(Some(&mine), true, false)), Step::Keep);
+        // Even an older connection waiting does not take a held claim.
+        assert_eq!(next(&me, seen(Some(&mine), true, true)), Step::Keep);
+        let released = claim("a", "u1", false);
+        assert_eq!(next(&me, seen(Some(&released), true, false)), Step::Reassert);
+    }
+
+    #[test]
+    fn a_held_claim_of_an_existing_holder_is_never_taken() {
+        let me = holder("b", "u2");
+        let theirs = claim("a", "u1", true);
+        assert_eq!(
+            next(&me, seen(Some(&theirs), true, false)),
+            Step::Wait(theirs.holder.clone())
+        );
+    }
+
+    #[test]
+    fn a_deleted_or_released_holder_passes_the_claim_to_the_oldest_waiting() {
+        let me = holder("b", "u2");
+        let deleted = claim("a", "u1", true);
+        assert_eq!(next(&me, seen(Some(&deleted), false, false)), Step::Take);
+        let released = claim("a", "u1", false);
+        assert_eq!(next(&me, seen(Some(&released), true, false)), Step::Take);
+        assert_eq!(
+            next(&me, seen(Some(&released), true, true)),
+            Step::Wait(released.holder.clone()),
+            "an older waiting connection goes first"
+        );
+        // A holder deleted and created again under the same name is another connection.
+        let recreated = holder("a", "u3");
+        assert_eq!(next(&recreated, seen(Some(&deleted), false, false)), Step::Take);
+    }
+
+    #[test]
+    fn a_namespaced_operators_claims_are_its_namespaces() {
+        assert_eq!(claim_name(None, "sf-00d000000000001aaa"), "sf-00d000000000001aaa");
+        assert_eq!(
+            claim_name(Some("sales"), "sf-00d000000000001aaa"),
+            "sales.sf-00d000000000001aaa"
+        );
+    }
+
+    #[test]
+    fn only_the_holder_releases_and_only_once() {
+        assert!(releases("u1", Some(&claim("a", "u1", true))));
+        assert!(!releases("u1", Some(&claim("a", "u1", false))));
+        assert!(!releases("u2", Some(&claim("a", "u1", true))));
+        assert!(!releases("u1", None));
+    }
+
+    fn claimant(ns: &str, name: &str, created: i64, org: &str) -> Claimant {
         Claimant {
             namespace: ns.into(),
             name: name.into(),
-            team: team.into(),
-            created: at(created),
+            team: "t".into(),
+            created: Some(Timestamp::from_second(created).unwrap()),
             remote_id: org.into(),
         }
     }
 
     #[test]
-    fn alone_wins() {
-        let me = claimant("a", "c1", "t1", 10, "ORG");
-        assert_eq!(resolve(&me, []), Claim::Won);
-    }
-
-    #[test]
-    fn older_connection_of_another_team_wins() {
-        let me = claimant("b", "c2", "t2", 20, "ORG");
-        let older = claimant("a", "c1", "t1", 10, "ORG");
-        assert_eq!(
-            resolve(&me, [&older]),
-            Claim::Lost {
-                winner: older.clone()
-            }
-        );
-    }
-
-    #[test]
-    fn younger_peer_does_not_take_the_claim() {
-        let me = claimant("a", "c1", "t1", 10, "ORG");
-        let younger = claimant("b", "c2", "t2", 20, "ORG");
-        assert_eq!(resolve(&me, [&younger]), Claim::Won);
-    }
-
-    #[test]
-    fn older_connection_of_the_same_team_also_wins() {
-        let me = claimant("a", "c2", "t1", 20, "ORG");
-        let older = claimant("a", "c1", "t1", 10, "ORG");
-        assert!(matches!(resolve(&me, [&older]), Claim::Lost { .. }));
-    }
-
-    #[test]
-    fn other_orgs_are_ignored() {
-        let me = claimant("b", "c2", "t2", 20, "ORG");
-        let other = claimant("a", "c1", "t1", 10, "OTHER");
-        assert_eq!(resolve(&me, [&other]), Claim::Won);
-    }
-
-    #[test]
-    fn own_stale_entry_is_ignored() {
-        let me = claimant("a", "c1", "t1", 20, "ORG");
-        let stale_self = claimant("a", "c1", "t1", 10, "ORG");
-        assert_eq!(resolve(&me, [&stale_self]), Claim::Won);
-    }
-
-    #[test]
-    fn ties_on_creation_time_break_by_namespace_then_name() {
-        let a = claimant("a", "z", "t1", 10, "ORG");
-        let b = claimant("b", "a", "t2", 10, "ORG");
-        assert_eq!(resolve(&b, [&a]), Claim::Lost { winner: a.clone() });
-        assert_eq!(resolve(&a, [&b]), Claim::Won);
-        let a2 = claimant("a", "y", "t3", 10, "ORG");
-        assert_eq!(resolve(&a, [&a2]), Claim::Lost { winner: a2.clone() });
-    }
-
-    #[test]
-    fn every_claimant_agrees_on_one_winner() {
-        let all = [
-            claimant("n1", "c", "t1", 30, "ORG"),
-            claimant("n2", "c", "t2", 10, "ORG"),
-            claimant("n3", "c", "t3", 20, "ORG"),
-            claimant("n0", "c", "t0", 10, "ORG"),
-        ];
-        let winners: Vec<_> = all.iter().filter(|me| resolve(me, &all) == Claim::Won).collect();
-        assert_eq!(winners.len(), 1);
-        assert_eq!(winners[0].namespace, "n0");
-    }
-
-    fn conn(state: Option<State>, remote: Option<&str>) -> Connection {
-        let mut c = Connection::new("c", ConnectionSpec::new("t", Provider::SalesforceProduction, "s"));
-        c.metadata.namespace = Some("ns".into());
-        c.status = Some(ConnectionStatus {
-            state,
-            remote_id: remote.map(String::from),
-            ..Default::default()
-        });
-        c
-    }
-
-    #[test]
-    fn only_connections_with_valid_tokens_claim() {
-        for (state, claims) in [
-            (Some(State::Active), true),
-            (Some(State::Paused), true),
-            (Some(State::Conflict), true),
-            (Some(State::Inactive), false),
-            (Some(State::Pending), false),
-            (None, false),
-        ] {
-            assert_eq!(
-                claimant_of(&conn(state, Some("ORG"))).is_some(),
-                claims,
-                "{state:?}"
-            );
-        }
-        assert!(claimant_of(&conn(Some(State::Active), None)).is_none());
+    fn the_oldest_waiting_connection_of_the_same_org_goes_first() {
+        let me = claimant("b", "c2", 20, "ORG");
+        assert!(older_waiting(&me, [&claimant("a", "c1", 10, "ORG")]));
+        assert!(!older_waiting(&me, [&claimant("a", "c1", 30, "ORG")]));
+        assert!(!older_waiting(&me, [&claimant("a", "c1", 10, "OTHER")]));
+        assert!(!older_waiting(&me, [&me.clone()]), "not itself");
+        // Same second: namespace, then name.
+        assert!(older_waiting(&me, [&claimant("a", "c9", 20, "ORG")]));
+        assert!(!older_waiting(&me, [&claimant("c", "c0", 20, "ORG")]));
     }
 }

@@ -2,7 +2,6 @@
 
 use super::{Context, Error, children, object_ref};
 use crate::api::{Connection, OrgSettings};
-use crate::controller::claims::{self, Claimant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -75,18 +74,6 @@ pub async fn observe(ctx: &Context, conn: &Connection, ns: &str) -> Result<Obser
         service_account,
         role_binding,
     })
-}
-
-/// The connections the controller knows that claim `remote_id` (only asked when this reconcile
-/// found valid tokens for it).
-pub fn claimants_of(store: &Store<DeserializeGuard<Connection>>, remote_id: &str) -> Vec<Claimant> {
-    store
-        .state()
-        .iter()
-        .filter_map(|g| g.0.as_ref().ok())
-        .filter_map(claims::claimant_of)
-        .filter(|c| c.remote_id == remote_id)
-        .collect()
 }
 
 /// The connections in namespace `ns` for which `wanted` holds.

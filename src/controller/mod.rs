@@ -11,6 +11,7 @@ pub mod dereference;
 pub mod journal;
 pub mod leader;
 pub mod metrics;
+pub mod org_claim;
 pub mod schedule;
 pub mod server;
 pub mod state;
@@ -156,6 +157,8 @@ pub enum Step {
     Validate,
     /// Reading or creating the org's OrgSettings.
     OrgSettings,
+    /// Reading, creating or passing on the org's OrgClaim.
+    OrgClaim,
     /// Applying the session Secret, the retriever and its identity.
     ApplyChildren,
     /// Writing the status.
@@ -168,6 +171,7 @@ impl Step {
             Step::Dereference => "dereference",
             Step::Validate => "validate",
             Step::OrgSettings => "org_settings",
+            Step::OrgClaim => "org_claim",
             Step::ApplyChildren => "apply_children",
             Step::Status => "status",
         }
@@ -180,6 +184,7 @@ impl std::fmt::Display for Step {
             Step::Dereference => "reading the credentials Secret and the connection's objects",
             Step::Validate => "labelling the credentials Secret or saving the token",
             Step::OrgSettings => "reading or creating the org's OrgSettings",
+            Step::OrgClaim => "reading or writing the org's OrgClaim",
             Step::ApplyChildren => {
                 "applying the session Secret, the retriever Deployment, ServiceAccount or RoleBinding"
             }
@@ -313,22 +318,27 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
                 &children::retriever_deployment(conn, &ctx.config.retriever, jobs.as_ref(), 1),
             )
         };
+        // The org's claim is held (or its holder known) before the status can say Active and
+        // before the retriever gets a replica: asked exactly when `decide` asks.
+        let claim = match &validated.check.known {
+            state::Known::Valid(id) if !conn.spec.paused => {
+                Some(org_claim::hold(&ctx, conn, &ns, &id.remote_id).await.map_err(Error::from).at(Step::OrgClaim)?)
+            }
+            _ => None,
+        };
         let mut status = state::decide(
             conn,
             &validated.check,
-            |id| {
-                let me = claims::Claimant {
-                    namespace: ns.clone(),
-                    name: conn.name_any(),
-                    team: conn.spec.team.clone(),
-                    created: conn.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                    remote_id: id.remote_id.clone(),
-                };
-                claims::resolve(&me, &dereference::claimants_of(&ctx.store, &id.remote_id))
-            },
+            |_| claim.expect("the claim is held for valid tokens of a connection not paused"),
             &retriever,
             &Time(now),
         );
+        // Refused tokens release the org (if held) to the next connection with valid ones.
+        if status.state == Some(State::Inactive)
+            && let Some(remote_id) = conn.status.as_ref().and_then(|s| s.remote_id.as_deref())
+        {
+            org_claim::release(&ctx, conn, remote_id).await.map_err(Error::from).at(Step::OrgClaim)?;
+        }
         if let (Some(key), None, Some(State::Active)) = (&org_key, &org, status.state) {
             org = Some(apply::create_org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?);
         }

@@ -117,7 +117,13 @@ pub async fn run(
     let (by_connection, by_template) = (store.clone(), store);
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     controller
-        .owns(jobs, watcher::Config::default().labels(&managed))
+        // A Job's progress wakes its JobRun (named in the Job's annotation: the JobRun is owned by
+        // its Job, not the other way round, so `owns` would not map it).
+        .watches(jobs, watcher::Config::default().labels(&managed), |job: Job| {
+            let run = job.annotations().get(build::JOBRUN_ANNOTATION).cloned();
+            run.zip(job.namespace())
+                .map(|(run, ns)| ObjectRef::<JobRun>::new(&run).within(&ns))
+        })
         // A connection turning Active starts its runs, and those of its org left by a deleted
         // connection (which it adopts).
         .watches(connections, watcher::Config::default(), move |c: Connection| {
