@@ -148,15 +148,6 @@ spec:
   displayName: Contoso (GCC High)
   dynamics: {environmentUrl: "https://contoso.crm.microsoftdynamics.us", cloud: GCCHigh}
   credentialsSecretRef: {name: contoso-credentials}
----
-apiVersion: crmconnect.io/v1alpha1
-kind: Connection
-metadata: {name: acme-prod-marketing}
-spec:
-  team: marketing
-  provider: SalesforceProduction
-  displayName: Marketing's try at the same org
-  credentialsSecretRef: {name: acme-prod-credentials}
 YAML
 
 wait_for() { # name jsonpath-value
@@ -172,7 +163,20 @@ step "Waiting for the connections to be validated"
 wait_for acme-prod Active
 wait_for acme-uat Active
 wait_for contoso Active
+
+step "Another team connects the same org: the first valid holder keeps it (kubectl get orgclaims)"
+kubectl apply -n "$ns" -f - <<YAML
+apiVersion: crmconnect.io/v1alpha1
+kind: Connection
+metadata: {name: acme-prod-marketing}
+spec:
+  team: marketing
+  provider: SalesforceProduction
+  displayName: Marketing's try at the same org
+  credentialsSecretRef: {name: acme-prod-credentials}
+YAML
 wait_for acme-prod-marketing Conflict
+kubectl get orgclaims
 kubectl get connections -n "$ns"
 echo
 for _ in $(seq 120); do
