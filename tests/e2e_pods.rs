@@ -223,10 +223,16 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
 
     // /metrics through the API server and the kubelet (kubectl port-forward).
     let metrics = port_forward_get(&ns, &leader, 8080, "/metrics").await;
-    assert!(
-        metrics.contains("connection_operator_reconcile_duration_seconds"),
-        "the operator's metrics through port-forward:\n{metrics}"
-    );
+    for series in [
+        "connection_operator_reconcile_duration_seconds",
+        "connection_operator_jobruns{phase=\"Running\"} 0",
+        "connection_operator_job_reports_pending 0",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} in the operator's metrics through port-forward:\n{metrics}"
+        );
+    }
 
     // A Connection goes Active and its retriever pod runs, Ready, having read its session.
     let applied = Instant::now();
