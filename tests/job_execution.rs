@@ -29,6 +29,24 @@ fn image() -> String {
     format!("{repo}:{tag}")
 }
 
+/// The JobTemplate spec of the built-in worker counting Accounts (accounts on Dataverse).
+fn record_count() -> serde_json::Value {
+    JobTemplates::worker(&image(), &["worker", "record-count"])
+}
+
+/// The node's setup with the Active Salesforce connection `acme`; `None` (the test is skipped)
+/// without a node.
+async fn node_env() -> Option<Env> {
+    let Some(ip) = node_ip() else {
+        eprintln!("skipped: CLUSTER_NODE=0 (no node in the test cluster)");
+        return None;
+    };
+    ensure_crds();
+    let env = Env::on_node(ip).await;
+    env.connect("acme", false).await;
+    Some(env)
+}
+
 /// A job type of this test's own (JobTemplates are cluster-scoped).
 fn job_type(env: &Env, what: &str) -> String {
     format!("{what}-{}", &env.ns()[2..])
@@ -158,16 +176,12 @@ async fn revoke(env: &Env, connection: &str) {
 
 #[tokio::test]
 async fn outcomes_reach_the_crm_and_the_history_and_a_job_that_can_never_succeed_is_not_retried() {
-    let Some(ip) = node_ip() else {
-        eprintln!("skipped: CLUSTER_NODE=0 (no node in the test cluster)");
+    let Some(env) = node_env().await else {
         return;
     };
-    ensure_crds();
-    let env = Env::on_node(ip).await;
-    env.connect("acme", false).await;
     env.connect("dyn", true).await;
     let (count, missing) = (job_type(&env, "count"), job_type(&env, "missing"));
-    let mut count_spec = JobTemplates::worker(&image(), &["worker", "record-count"]);
+    let mut count_spec = record_count();
     count_spec["ttlSecondsAfterFinished"] = 5.into();
     let mut missing_spec = JobTemplates::worker(
         &image(),
@@ -284,13 +298,9 @@ async fn outcomes_reach_the_crm_and_the_history_and_a_job_that_can_never_succeed
 
 #[tokio::test]
 async fn a_job_aborted_in_the_crm_is_stopped_and_stays_aborted() {
-    let Some(ip) = node_ip() else {
-        eprintln!("skipped: CLUSTER_NODE=0 (no node in the test cluster)");
+    let Some(env) = node_env().await else {
         return;
     };
-    ensure_crds();
-    let env = Env::on_node(ip).await;
-    env.connect("acme", false).await;
     // The worker's count takes 10 minutes: it is still running when the CRM user aborts the job.
     env.fake.set_count_delay(Duration::from_secs(600));
     let slow = job_type(&env, "slow");
@@ -345,20 +355,13 @@ async fn a_job_aborted_in_the_crm_is_stopped_and_stays_aborted() {
 
 #[tokio::test]
 async fn an_inactive_connection_starts_nothing_keeps_outcomes_and_re_authorizing_resumes() {
-    let Some(ip) = node_ip() else {
-        eprintln!("skipped: CLUSTER_NODE=0 (no node in the test cluster)");
+    let Some(env) = node_env().await else {
         return;
     };
-    ensure_crds();
-    let env = Env::on_node(ip).await;
-    env.connect("acme", false).await;
     // The worker's count takes 20 s (within its 30 s timeout): it is running when the tokens go.
     env.fake.set_count_delay(Duration::from_secs(20));
     let (later, running) = (job_type(&env, "later"), job_type(&env, "running"));
-    let templates = JobTemplates::apply(&[(
-        &running,
-        JobTemplates::worker(&image(), &["worker", "record-count"]),
-    )]);
+    let templates = JobTemplates::apply(&[(&running, record_count())]);
     let ids = seed(&env, SF_ORG, &[&later, &running]);
     claim(&env, "acme", SF_KEY).await;
 
@@ -400,10 +403,7 @@ async fn an_inactive_connection_starts_nothing_keeps_outcomes_and_re_authorizing
     let finished = run_phase(&env, SF_KEY, &ids[1], JobPhase::Succeeded).await;
     assert_eq!(finished.status.unwrap().reported, Some(JobPhase::Running));
     // ... and the template appearing starts nothing.
-    let templates = templates.and(&[(
-        &later,
-        JobTemplates::worker(&image(), &["worker", "record-count"]),
-    )]);
+    let templates = templates.and(&[(&later, record_count())]);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let jobs: Api<Job> = Api::namespaced(env.client.clone(), env.ns());
     assert!(
@@ -425,16 +425,11 @@ async fn an_inactive_connection_starts_nothing_keeps_outcomes_and_re_authorizing
 
 #[tokio::test]
 async fn history_outlives_the_connection_and_a_new_connection_for_the_org_adopts_runs_in_flight() {
-    let Some(ip) = node_ip() else {
-        eprintln!("skipped: CLUSTER_NODE=0 (no node in the test cluster)");
+    let Some(env) = node_env().await else {
         return;
     };
-    ensure_crds();
-    let env = Env::on_node(ip).await;
-    env.connect("acme", false).await;
     let (now, later) = (job_type(&env, "now"), job_type(&env, "later"));
-    let templates =
-        JobTemplates::apply(&[(&now, JobTemplates::worker(&image(), &["worker", "record-count"]))]);
+    let templates = JobTemplates::apply(&[(&now, record_count())]);
     let ids = seed(&env, SF_ORG, &[&now, &later]);
     claim(&env, "acme", SF_KEY).await;
     crm_job(&env, SF_ORG, &ids[0], JobStatus::Completed).await;
@@ -464,10 +459,7 @@ async fn history_outlives_the_connection_and_a_new_connection_for_the_org_adopts
 
     // A new Connection for the org adopts it: it runs with the new connection's session.
     env.connect("acme-v2", false).await;
-    let templates = templates.and(&[(
-        &later,
-        JobTemplates::worker(&image(), &["worker", "record-count"]),
-    )]);
+    let templates = templates.and(&[(&later, record_count())]);
     let adopted = crm_job(&env, SF_ORG, &ids[1], JobStatus::Completed).await;
     assert_eq!(adopted.result.as_deref(), Some("Account: 42 records"));
     eventually("both runs in the history", WAIT, || async {
@@ -479,19 +471,12 @@ async fn history_outlives_the_connection_and_a_new_connection_for_the_org_adopts
 
 #[tokio::test]
 async fn pausing_releases_runs_not_started_reports_the_running_one_and_activating_runs_them() {
-    let Some(ip) = node_ip() else {
-        eprintln!("skipped: CLUSTER_NODE=0 (no node in the test cluster)");
+    let Some(env) = node_env().await else {
         return;
     };
-    ensure_crds();
-    let env = Env::on_node(ip).await;
-    env.connect("acme", false).await;
     env.fake.set_count_delay(Duration::from_secs(20));
     let (running, waiting) = (job_type(&env, "running"), job_type(&env, "waiting"));
-    let templates = JobTemplates::apply(&[(
-        &running,
-        JobTemplates::worker(&image(), &["worker", "record-count"]),
-    )]);
+    let templates = JobTemplates::apply(&[(&running, record_count())]);
     // One runs; two are claimed but cannot start yet (no template for their type).
     let ids = seed(&env, SF_ORG, &[&running, &waiting, &waiting]);
     // Room for three (the org's maxConcurrentJobs, which the retriever gets as a flag).
@@ -538,10 +523,7 @@ async fn pausing_releases_runs_not_started_reports_the_running_one_and_activatin
     env.fake.set_count_delay(Duration::ZERO);
     patch_paused(false);
     env.wait_state("acme", State::Active).await;
-    let templates = templates.and(&[(
-        &waiting,
-        JobTemplates::worker(&image(), &["worker", "record-count"]),
-    )]);
+    let templates = templates.and(&[(&waiting, record_count())]);
     claim(&env, "acme", SF_KEY).await;
     for id in &ids[1..] {
         let done = crm_job(&env, SF_ORG, id, JobStatus::Completed).await;

@@ -9,6 +9,18 @@ use fake_providers::{DynamicsEnvironment, FakeProviders, SalesforceOrg};
 const ORG: &str = "00D000000000041AAA";
 const ENV: &str = "41414141-4141-4141-4141-414141414141";
 
+/// The fake CRMs with the org `ORG` and the environment `ENV`.
+async fn fake_crms() -> FakeProviders {
+    let fake = FakeProviders::start().await;
+    fake.add_salesforce_org(SalesforceOrg::new(ORG, "005000000000041AAA", "u@x", "cid"));
+    fake.add_dynamics_environment(DynamicsEnvironment::new(
+        ENV,
+        "42424242-4242-4242-4242-424242424242",
+        "cid",
+    ));
+    fake
+}
+
 /// An access token for `remote` from the fake's token endpoint (Salesforce or Entra).
 async fn access_token(fake: &FakeProviders, remote: &str, dynamics: bool) -> String {
     let refresh = fake.issue_refresh_token(remote);
@@ -79,13 +91,7 @@ async fn worker_with(dir: &Path, log: &Path, extra: &[&str]) -> Output {
 
 #[tokio::test]
 async fn record_count_counts_on_salesforce_and_dataverse_and_writes_the_result() {
-    let fake = FakeProviders::start().await;
-    fake.add_salesforce_org(SalesforceOrg::new(ORG, "005000000000041AAA", "u@x", "cid"));
-    fake.add_dynamics_environment(DynamicsEnvironment::new(
-        ENV,
-        "42424242-4242-4242-4242-424242424242",
-        "cid",
-    ));
+    let fake = fake_crms().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("termination-log");
 
@@ -130,13 +136,7 @@ async fn a_session_the_crm_keeps_refusing_exits_75() {
 
 #[tokio::test]
 async fn an_object_the_org_does_not_have_exits_42_with_the_reason_as_its_result() {
-    let fake = FakeProviders::start().await;
-    fake.add_salesforce_org(SalesforceOrg::new(ORG, "005000000000041AAA", "u@x", "cid"));
-    fake.add_dynamics_environment(DynamicsEnvironment::new(
-        ENV,
-        "42424242-4242-4242-4242-424242424242",
-        "cid",
-    ));
+    let fake = fake_crms().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("termination-log");
 
