@@ -178,11 +178,12 @@ pub fn decide(
                 id.remote_id
             ),
         ),
+        // The full text is the status message; the condition says it in one line.
         (None, Known::Invalid { reason, message }) => Desired::new(
             conditions::AUTHORIZED,
             Status::False,
             reason.clone(),
-            message.clone(),
+            one_line(message),
         ),
         (None, Known::Unknown) => Desired::new(
             conditions::AUTHORIZED,
@@ -277,15 +278,26 @@ pub fn decide(
         status.username = Some(id.user).filter(|s| !s.is_empty());
     }
 
+    // Ready repeats the state: one line of the status message (which `kubectl get -o wide` shows).
     let ready = match state {
-        State::Active => Desired::new(conditions::READY, Status::True, reason.clone(), message.clone()),
+        State::Active => Desired::new(
+            conditions::READY,
+            Status::True,
+            reason.clone(),
+            one_line(&message),
+        ),
         State::Pending => Desired::new(
             conditions::READY,
             Status::Unknown,
             reason.clone(),
-            message.clone(),
+            one_line(&message),
         ),
-        _ => Desired::new(conditions::READY, Status::False, reason.clone(), message.clone()),
+        _ => Desired::new(
+            conditions::READY,
+            Status::False,
+            reason.clone(),
+            one_line(&message),
+        ),
     };
     let retriever_ready = match (state, retriever) {
         (State::Active, RetrieverObserved::Available) => Desired::new(
@@ -317,6 +329,29 @@ pub fn decide(
     status.reason = Some(reason);
     status.message = Some(message);
     status
+}
+
+/// The longest condition message [`one_line`] keeps.
+const ONE_LINE_MAX: usize = 160;
+
+/// A text in one line for a condition whose full text is the status message: its first sentence
+/// (up to the first ". " or "; "), at most 160 characters, pointing at `status.message` when
+/// something was left out. `kubectl describe` then shows the long text once.
+pub fn one_line(text: &str) -> String {
+    let text = text.trim();
+    let end = [". ", "; "]
+        .iter()
+        .filter_map(|sep| text.find(sep))
+        .min()
+        .unwrap_or(text.len());
+    let mut line: String = text[..end].trim_end_matches('.').to_string();
+    if line.chars().count() > ONE_LINE_MAX {
+        line = line.chars().take(ONE_LINE_MAX - 1).collect::<String>() + "…";
+    }
+    if line.len() < text.trim_end_matches('.').len() {
+        line.push_str(" (status.message has the rest)");
+    }
+    line
 }
 
 /// An event to publish for a state transition.
@@ -581,6 +616,46 @@ mod tests {
         let s = step(&mut c, revoked(), no_claim_asked, 2);
         assert_eq!(s.state, Some(State::Inactive));
         assert_eq!(cond(&s, conditions::AUTHORIZED), "False");
+    }
+
+    #[test]
+    fn conditions_repeat_the_status_message_in_one_line_only() {
+        assert_eq!(
+            one_line("connected to org 00D as u@x"),
+            "connected to org 00D as u@x"
+        );
+        assert_eq!(
+            one_line(
+                "Connection inactive: the refresh token was revoked. Re-authorize: update the Secret; or pause."
+            ),
+            "Connection inactive: the refresh token was revoked (status.message has the rest)"
+        );
+        let long = "x".repeat(300);
+        let line = one_line(&long);
+        assert_eq!(line.chars().count(), 160 + " (status.message has the rest)".len());
+        let c = conn(Provider::SalesforceProduction);
+        let check = Check {
+            last_identity: Some(id()),
+            ..Check::invalid(
+                "TokenRevoked",
+                "the refresh token was revoked. Re-authorize: put a new refresh token in the Secret.",
+            )
+        };
+        let s = decide(&c, &check, no_claim_asked, AVAILABLE, &t(1));
+        let message = s.message.clone().unwrap();
+        assert!(
+            message.contains("Re-authorize"),
+            "the status message keeps it all: {message}"
+        );
+        for type_ in [conditions::READY, conditions::AUTHORIZED] {
+            let found = conditions::find(&s.conditions, type_).unwrap();
+            assert!(!found.message.contains(". "), "{type_}: {}", found.message);
+            assert!(
+                found.message.len() < message.len(),
+                "{type_}: {} vs {message}",
+                found.message
+            );
+        }
     }
 
     #[test]
