@@ -36,6 +36,9 @@ use crate::crm::{self, ClaimOutcome, JobQueue, JobStatus, Report, Target};
 
 /// Condition type on a JobRun: its type's JobTemplate exists (and allows its provider).
 pub const TEMPLATE_FOUND: &str = "TemplateFound";
+/// Reason and event reason: no usable JobTemplate for the run's type.
+pub const TEMPLATE_MISSING: &str = "TemplateMissing";
+
 /// Settings of the JobRun controller.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -53,8 +56,6 @@ impl Default for Settings {
         }
     }
 }
-/// Reason and event reason: no usable JobTemplate for the run's type.
-pub const TEMPLATE_MISSING: &str = "TemplateMissing";
 
 struct Ctx {
     client: Client,
