@@ -82,6 +82,22 @@ impl Env {
         self.ns.name()
     }
 
+    /// Asks for one validation of `name` now (the `crmconnect.io/revalidate` annotation).
+    fn revalidate(&self, name: &str, value: &str) {
+        run_ok(
+            kubectl().args([
+                "annotate",
+                "conn",
+                name,
+                "-n",
+                self.ns(),
+                &format!("crmconnect.io/revalidate={value}"),
+                "--overwrite",
+            ]),
+            None,
+        );
+    }
+
     fn connections(&self) -> Api<Connection> {
         Api::namespaced(self.client.clone(), self.ns())
     }
@@ -732,18 +748,8 @@ async fn a_forged_status_does_not_move_the_org_and_the_holder_keeps_it_against_o
         ]),
         None,
     );
-    // A change of first's tokens is re-decided too: the claim stays.
-    run_ok(
-        kubectl().args([
-            "annotate",
-            "conn",
-            "first",
-            "-n",
-            env.ns(),
-            "crmconnect.io/revalidate=after-forgery",
-        ]),
-        None,
-    );
+    // A check of first's tokens now re-decides its claim too: it stays.
+    env.revalidate("first", "after-forgery");
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(state_of(&env.get("first").await), Some(State::Active));
     assert_eq!(state_of(&env.get("second").await), Some(State::Conflict));
@@ -764,18 +770,7 @@ async fn a_forged_status_does_not_move_the_org_and_the_holder_keeps_it_against_o
     // Its tokens refused, the holder releases the org; the waiting connection takes it.
     let live = env.secret_value("first-token", "refresh_token").await.unwrap();
     env.fake.revoke(live.trim());
-    run_ok(
-        kubectl().args([
-            "annotate",
-            "conn",
-            "first",
-            "-n",
-            env.ns(),
-            "crmconnect.io/revalidate=revoked",
-            "--overwrite",
-        ]),
-        None,
-    );
+    env.revalidate("first", "revoked");
     env.wait_state("first", State::Inactive).await;
     env.wait_state("second", State::Active).await;
     env.wait_replicas("second", 1).await;
@@ -1179,20 +1174,7 @@ async fn the_revalidate_annotation_forces_exactly_one_validation() {
     // Settled: nothing is due for an hour.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = env.fake.token_requests();
-    let annotate = |value: &str| {
-        run_ok(
-            kubectl().args([
-                "annotate",
-                "conn",
-                "acme",
-                "-n",
-                env.ns(),
-                &format!("crmconnect.io/revalidate={value}"),
-                "--overwrite",
-            ]),
-            None,
-        )
-    };
+    let annotate = |value: &str| env.revalidate("acme", value);
     annotate("1");
     eventually("one validation", WAIT, || async {
         (env.fake.token_requests() == before + 1).then_some(())
