@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
     version = "v1alpha1",
     kind = "OrgClaim",
     plural = "orgclaims",
-    category = "crm",
     derive = "PartialEq",
     doc = "Which connection holds an org or environment (one team per org), named by the org key (by <namespace>.<org key> for an operator installed for one namespace). Written only by the operator: created by the first connection whose tokens prove valid for the org, kept while it is Active or Paused, passed on when it is deleted or its tokens are refused.",
     printcolumn(
