@@ -203,6 +203,12 @@ fn runs_where(store: &Store<JobRun>, wanted: impl Fn(&JobRun) -> bool) -> Vec<Ob
 }
 
 fn error_policy(run: Arc<JobRun>, error: &Error, _ctx: Arc<Ctx>) -> Action {
+    if let Error::Kube(kube::Error::Api(e)) = error
+        && e.code == 409
+    {
+        // A status write on a version already changed: again at once, from the fresh object.
+        return Action::requeue(Duration::from_millis(500));
+    }
     warn!(jobrun = %run.name_any(), %error, "jobrun reconcile failed; retrying in 15s");
     Action::requeue(Duration::from_secs(15))
 }
@@ -647,9 +653,16 @@ async fn write_report(
             && ours.is_some()
             && record.claimed_by.as_deref() == ours;
         if !held {
+            let ours_already = ours.is_some() && record.claimed_by.as_deref() == ours;
             return match (phase, record.status) {
                 // Nothing to give back: it is in the queue already.
                 (JobPhase::Holding, JobStatus::Holding | JobStatus::Waiting) => Reported::Done(None),
+                // Written before (the JobRun's status write after it did not land): done.
+                (JobPhase::Succeeded, JobStatus::Completed) | (JobPhase::Failed, JobStatus::Failed)
+                    if ours_already =>
+                {
+                    Reported::Done(result)
+                }
                 _ => Reported::Aborted,
             };
         }
@@ -741,9 +754,13 @@ async fn write_status(ctx: &Ctx, run: &JobRun, old: &JobRunStatus, new: JobRunSt
     }
     let (ns, name) = (run.namespace().unwrap_or_default(), run.name_any());
     let finished_now = new.reported.is_some_and(JobPhase::is_terminal) && old.reported != new.reported;
+    // Conditional on the version this reconcile read: a reconcile that started from a cache not yet
+    // showing this controller's previous write must not apply an older status over it (seen under
+    // load: `reported` went back to none). It gets 409 and runs again on the fresh object.
     let patch = serde_json::json!({
         "apiVersion": JobRun::api_version(&()),
         "kind": JobRun::kind(&()),
+        "metadata": {"resourceVersion": run.resource_version()},
         "status": new,
     });
     Api::<JobRun>::namespaced(ctx.client.clone(), &ns)
