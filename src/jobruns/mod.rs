@@ -22,6 +22,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -82,7 +83,7 @@ pub async fn run(
     instance: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), reqwest::Error> {
-    let scoped = |client: &Client| -> (Api<JobRun>, Api<Job>, Api<Connection>) {
+    let scoped = |client: &Client| -> (Api<JobRun>, Api<Job>, Api<DeserializeGuard<Connection>>) {
         match &namespace {
             Some(ns) => (
                 Api::namespaced(client.clone(), ns),
@@ -127,14 +128,20 @@ pub async fn run(
         })
         // A connection turning Active starts its runs, and those of its org left by a deleted
         // connection (which it adopts).
-        .watches(connections, watcher::Config::default(), move |c: Connection| {
-            let org = org_of(&c);
-            runs_where(&by_connection, |r| {
-                r.namespace() == c.namespace()
-                    && (r.spec.connection == c.name_any()
-                        || (org.is_some() && r.labels().get(crate::api::labels::ORG) == org.as_ref()))
-            })
-        })
+        // (A Connection that does not match the schema wakes nothing and stops nothing.)
+        .watches(
+            connections,
+            watcher::Config::default(),
+            move |guard: DeserializeGuard<Connection>| {
+                let Ok(c) = guard.0 else { return vec![] };
+                let org = org_of(&c);
+                runs_where(&by_connection, |r| {
+                    r.namespace() == c.namespace()
+                        && (r.spec.connection == c.name_any()
+                            || (org.is_some() && r.labels().get(crate::api::labels::ORG) == org.as_ref()))
+                })
+            },
+        )
         // A template appearing starts the runs waiting for it.
         .watches(templates, watcher::Config::default(), move |t: JobTemplate| {
             runs_where(&by_template, |r| template_name(&r.spec.job_type) == t.name_any())
