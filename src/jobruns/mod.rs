@@ -523,7 +523,6 @@ enum Reported {
     Later(String),
 }
 
-/// Writes `phase` into the CRM job record: read it, then a conditional write on that version.
 /// The connection's CRM session: its API base URL and current access token (from its
 /// `<name>-session` Secret), if the provider-host policy allows sending the token there.
 async fn crm_session(ctx: &Ctx, connection: &str, ns: &str) -> Result<(url::Url, SecretString), String> {
@@ -563,13 +562,17 @@ enum Ownership {
     Lost(String),
 }
 
-/// Reads the job record and compares its claim with the run's.
-async fn ownership(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership, String> {
-    let ours = run
-        .status
+/// The claimant the run's claim names in the CRM (`ClaimedBy`), once the retriever wrote it.
+fn claimed_by(run: &JobRun) -> Option<&str> {
+    run.status
         .as_ref()
         .and_then(|s| s.claim.as_ref())
-        .map(|c| c.by.as_str());
+        .map(|c| c.by.as_str())
+}
+
+/// Reads the job record and compares its claim with the run's.
+async fn ownership(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership, String> {
+    let ours = claimed_by(run);
     let read = ctx
         .queue
         .read(target, &run.spec.crm_job_id)
@@ -651,11 +654,7 @@ async fn write_report(
             Some(r) => r,
         };
         // Only a record this run still holds is written.
-        let ours = run
-            .status
-            .as_ref()
-            .and_then(|s| s.claim.as_ref())
-            .map(|c| c.by.as_str());
+        let ours = claimed_by(run);
         let held = matches!(record.status, JobStatus::Claimed | JobStatus::Running)
             && ours.is_some()
             && record.claimed_by.as_deref() == ours;
