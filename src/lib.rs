@@ -6,6 +6,7 @@ mod check_credentials;
 pub mod cli;
 pub mod controller;
 pub mod crm;
+pub mod events;
 pub mod jobruns;
 pub mod providers;
 pub mod retriever;

@@ -290,7 +290,7 @@ fn operator_identity_gets_exactly_the_chart_permissions() {
     assert!(can("watch", "connections.crmconnect.io"));
     assert!(can("patch", "connections.crmconnect.io/status"));
     assert!(can("patch", "secrets"));
-    assert!(can("create", "events.events.k8s.io"));
+    assert!(can("create", "events"));
     assert!(
         !can("update", "connections.crmconnect.io"),
         "the operator never writes a spec"
@@ -395,7 +395,7 @@ async fn with_a_watch_namespace_the_operator_may_act_in_that_namespace_only() {
         ],
         &["patch", "secrets", "-n", &ns],
         &["create", "deployments.apps", "-n", &ns],
-        &["create", "events.events.k8s.io", "-n", &ns],
+        &["create", "events", "-n", &ns],
         &["create", "leases.coordination.k8s.io", "-n", &ns],
     ] {
         assert!(can(allowed), "{allowed:?} should be allowed");

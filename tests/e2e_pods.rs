@@ -250,6 +250,23 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         (conn_status(&client, &ns, "acme").await["state"] == "Active").then_some(())
     })
     .await;
+    // Its event, written by the operator pod under the chart's RBAC, carries the timestamp the
+    // common sort uses.
+    let activated = eventually("an Activated event", Duration::from_secs(30), || async {
+        let out = kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            &ns,
+            "--field-selector",
+            "involvedObject.name=acme,reason=Activated",
+            "-o",
+            "jsonpath={.items[*].lastTimestamp}",
+        ]);
+        (!out.trim().is_empty()).then_some(out)
+    })
+    .await;
+    assert!(activated.contains('T'), "lastTimestamp set: {activated:?}");
     let retriever = one_ready_retriever(&client, &ns, "acme").await;
     eprintln!(
         "e2e timing: Connection applied -> retriever pod Ready: {:.1} s",

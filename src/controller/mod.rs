@@ -18,6 +18,7 @@ pub mod state;
 pub mod tokens;
 
 use crate::api::{Connection, State};
+use crate::events::Recorder;
 use crate::providers::{Validator, ValidatorConfig};
 use children::RetrieverSettings;
 use futures::StreamExt;
@@ -27,7 +28,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};

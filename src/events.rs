@@ -1,0 +1,256 @@
+//! Events that every `kubectl` view sorts correctly.
+//!
+//! kube's `Recorder` writes `events.k8s.io/v1` Events, which carry only `eventTime`: the API server
+//! refuses `deprecatedLastTimestamp` on that API, so `kubectl get events --sort-by=.lastTimestamp`
+//! (the sort most people type) put our events in no useful order. This recorder writes the same
+//! events through the core `v1` API, which takes both: `eventTime`, `reportingComponent` and
+//! `reportingInstance` as the new API sets them, and `firstTimestamp` / `lastTimestamp` / `count` as
+//! the old one does (read back as `deprecated*` through `events.k8s.io/v1`). It takes kube's
+//! [`Event`] and [`Reporter`], so call sites read as before. A repeat of the same event (same object,
+//! type, reason, action and note) within [`CACHE_TTL`] patches the count and last timestamp of the
+//! first instead of adding another object, as kube's recorder and client-go's do.
+
+use k8s_openapi::{
+    api::core::v1::{Event as CoreEvent, EventSeries, EventSource, ObjectReference},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time},
+    jiff::{SignedDuration, Timestamp},
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+    runtime::events::{Event, EventType, Reporter},
+};
+use serde_json::json;
+use std::{collections::HashMap, sync::Arc};
+use tokio::sync::Mutex;
+
+/// How long a published event is remembered for aggregation (kube's recorder uses the same).
+pub const CACHE_TTL: SignedDuration = SignedDuration::from_mins(6);
+
+/// What makes two events the same one, repeated.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct Key {
+    regarding: (Option<String>, Option<String>, Option<String>, Option<String>),
+    type_: &'static str,
+    reason: String,
+    action: String,
+    note: Option<String>,
+}
+
+fn type_name(t: EventType) -> &'static str {
+    match t {
+        EventType::Normal => "Normal",
+        EventType::Warning => "Warning",
+    }
+}
+
+fn key(ev: &Event, regarding: &ObjectReference) -> Key {
+    Key {
+        regarding: (
+            regarding.namespace.clone(),
+            regarding.kind.clone(),
+            regarding.name.clone(),
+            regarding.uid.clone(),
+        ),
+        type_: type_name(ev.type_),
+        reason: ev.reason.clone(),
+        action: ev.action.clone(),
+        note: ev.note.clone(),
+    }
+}
+
+/// The event to write at `now`: a new one, or `previous` (the same event, published before) with its
+/// count and last timestamp advanced. Pure.
+pub fn next(
+    previous: Option<&CoreEvent>,
+    ev: &Event,
+    regarding: &ObjectReference,
+    reporter: &Reporter,
+    now: Timestamp,
+) -> CoreEvent {
+    if let Some(prev) = previous {
+        let count = prev.count.unwrap_or(1) + 1;
+        return CoreEvent {
+            count: Some(count),
+            last_timestamp: Some(Time(now)),
+            series: Some(EventSeries {
+                count: Some(count),
+                last_observed_time: Some(MicroTime(now)),
+            }),
+            ..prev.clone()
+        };
+    }
+    let instance = reporter
+        .instance
+        .clone()
+        .unwrap_or_else(|| reporter.controller.clone());
+    CoreEvent {
+        metadata: ObjectMeta {
+            namespace: Some(regarding.namespace.clone().unwrap_or_else(|| "default".into())),
+            name: Some(format!(
+                "{}.{:x}",
+                regarding.name.as_deref().unwrap_or(&reporter.controller),
+                now.as_nanosecond()
+            )),
+            ..ObjectMeta::default()
+        },
+        involved_object: regarding.clone(),
+        type_: Some(type_name(ev.type_).into()),
+        reason: Some(ev.reason.clone()),
+        message: ev.note.clone(),
+        action: Some(ev.action.clone()),
+        related: ev.secondary.clone(),
+        event_time: Some(MicroTime(now)),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        count: Some(1),
+        reporting_component: Some(reporter.controller.clone()),
+        reporting_instance: Some(instance.clone()),
+        source: Some(EventSource {
+            component: Some(reporter.controller.clone()),
+            host: None,
+        }),
+        series: None,
+    }
+}
+
+/// Publishes events; cheap to clone (the aggregation cache is shared).
+#[derive(Clone)]
+pub struct Recorder {
+    client: Client,
+    reporter: Reporter,
+    cache: Arc<Mutex<HashMap<Key, CoreEvent>>>,
+}
+
+impl Recorder {
+    pub fn new(client: Client, reporter: Reporter) -> Self {
+        Self {
+            client,
+            reporter,
+            cache: Arc::default(),
+        }
+    }
+
+    /// Publishes `ev` about `regarding` (events of cluster-scoped objects go to `default`).
+    pub async fn publish(&self, ev: &Event, regarding: &ObjectReference) -> Result<(), kube::Error> {
+        let now = Timestamp::now();
+        let key = key(ev, regarding);
+        // The lock is held across the write so that two publishers of one event do not both create it.
+        let mut cache = self.cache.lock().await;
+        cache.retain(|_, e| e.last_timestamp.as_ref().is_some_and(|t| t.0 + CACHE_TTL > now));
+        let event = next(cache.get(&key), ev, regarding, &self.reporter, now);
+        let events: Api<CoreEvent> = Api::namespaced(
+            self.client.clone(),
+            event.metadata.namespace.as_deref().unwrap_or("default"),
+        );
+        let name = event.metadata.name.clone().unwrap_or_default();
+        let written = if event.count.unwrap_or(1) > 1 {
+            let patch = json!({
+                "count": event.count,
+                "lastTimestamp": event.last_timestamp,
+                "series": event.series,
+            });
+            match events
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                // Deleted meanwhile (an event's life is short): start a new one.
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    let fresh = next(None, ev, regarding, &self.reporter, now);
+                    events.create(&PostParams::default(), &fresh).await.map(|_| fresh)
+                }
+                other => other.map(|_| event),
+            }
+        } else {
+            events.create(&PostParams::default(), &event).await.map(|_| event)
+        };
+        match written {
+            Ok(event) => {
+                cache.insert(key, event);
+                Ok(())
+            }
+            Err(e) => {
+                cache.remove(&key);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reporter() -> Reporter {
+        Reporter {
+            controller: "connection-operator".into(),
+            instance: Some("pod-1".into()),
+        }
+    }
+
+    fn regarding() -> ObjectReference {
+        ObjectReference {
+            api_version: Some("crmconnect.io/v1alpha1".into()),
+            kind: Some("Connection".into()),
+            name: Some("acme".into()),
+            namespace: Some("team-a".into()),
+            uid: Some("u1".into()),
+            ..ObjectReference::default()
+        }
+    }
+
+    fn event(note: &str) -> Event {
+        Event {
+            type_: EventType::Warning,
+            reason: "Deactivated".into(),
+            note: Some(note.into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        }
+    }
+
+    #[test]
+    fn a_new_event_has_every_timestamp_the_two_apis_sort_on() {
+        let now: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
+        let e = next(None, &event("revoked"), &regarding(), &reporter(), now);
+        assert_eq!(e.event_time, Some(MicroTime(now)));
+        assert_eq!(e.first_timestamp, Some(Time(now)));
+        assert_eq!(e.last_timestamp, Some(Time(now)));
+        assert_eq!(e.count, Some(1));
+        assert_eq!(e.metadata.namespace.as_deref(), Some("team-a"));
+        assert!(e.metadata.name.as_deref().unwrap().starts_with("acme."));
+        assert_eq!(e.reporting_component.as_deref(), Some("connection-operator"));
+        assert_eq!(e.reporting_instance.as_deref(), Some("pod-1"));
+        assert_eq!(e.type_.as_deref(), Some("Warning"));
+        assert_eq!(e.message.as_deref(), Some("revoked"));
+        assert!(e.series.is_none());
+    }
+
+    #[test]
+    fn a_repeat_advances_count_and_last_timestamp_only() {
+        let t0: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-11-28T10:01:00Z".parse().unwrap();
+        let first = next(None, &event("revoked"), &regarding(), &reporter(), t0);
+        let second = next(Some(&first), &event("revoked"), &regarding(), &reporter(), t1);
+        assert_eq!(second.metadata.name, first.metadata.name);
+        assert_eq!(second.first_timestamp, Some(Time(t0)));
+        assert_eq!(second.event_time, Some(MicroTime(t0)));
+        assert_eq!(second.last_timestamp, Some(Time(t1)));
+        assert_eq!(second.count, Some(2));
+        assert_eq!(second.series.as_ref().unwrap().count, Some(2));
+    }
+
+    #[test]
+    fn another_note_is_another_event() {
+        assert_ne!(key(&event("a"), &regarding()), key(&event("b"), &regarding()));
+        assert_eq!(key(&event("a"), &regarding()), key(&event("a"), &regarding()));
+    }
+
+    #[test]
+    fn events_of_cluster_scoped_objects_go_to_default() {
+        let mut r = regarding();
+        r.namespace = None;
+        let e = next(None, &event("x"), &r, &reporter(), Timestamp::now());
+        assert_eq!(e.metadata.namespace.as_deref(), Some("default"));
+    }
+}
