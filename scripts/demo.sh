@@ -25,6 +25,15 @@ stop_fake() {
 	fi
 }
 
+# What a user's own shell sources to reach the demo's cluster and binaries (`make demo` runs this
+# script in a subshell, which cannot export them for the user): `source target/demo/env`, from any
+# directory and any shell. `scripts/demo.sh env` prints it for the running cluster.
+env_lines() { printf '%s\n' "$1" "export PATH=$root/target/debug:\$PATH"; }
+if [[ ${1:-} == env ]]; then
+	env_lines "$(tests/cluster/up.sh 2>/dev/null)"
+	exit 0
+fi
+
 if [[ ${1:-} == down ]]; then
 	stop_fake
 	tests/cluster/down.sh
@@ -44,8 +53,7 @@ exports=$(tests/cluster/up.sh)
 eval "$exports"
 export KUBECONFIG PATH
 mkdir -p "$state"
-# For your own shell (make runs this in a subshell): `source target/demo/env`, from any directory.
-printf '%s\n' "$exports" "export PATH=$root/target/debug:\$PATH" >"$state/env"
+env_lines "$exports" >"$state/env"
 echo "kubectl for your shell: source $state/env   (then kubectl get conn -A; connection-operator --help)"
 stop_fake
 scripts/image.sh --load 2>&1 | grep '^image.sh: loaded' || true

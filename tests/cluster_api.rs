@@ -11,8 +11,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    OPERATOR_USER, ensure_crds, eventually, kubectl, kubectl_ok, operator_kubeconfig_path, run, run_ok,
-    with_temp_ns,
+    OPERATOR_USER, ensure_crds, eventually, kubectl, kubectl_ok, operator_kubeconfig_path, repo_root, run,
+    run_ok, with_temp_ns,
 };
 use connection_operator::api::{Connection, HTTPS_URL_MESSAGE};
 use k8s_openapi::api::core::v1::Pod;
@@ -154,6 +154,49 @@ async fn examples_kustomization_applies() {
         assert_eq!(out.lines().count(), example_files().len(), "{out}");
     })
     .await;
+}
+
+/// `make demo` tells the user to `source target/demo/env` (make runs the demo in a subshell, which
+/// cannot export anything for them): that file, written by `scripts/demo.sh env` for the running
+/// cluster, must work in a new shell with a clean environment, from any directory.
+#[test]
+fn the_demo_env_file_reaches_the_cluster_from_a_new_shell() {
+    ensure_crds();
+    let lines = run_ok(
+        std::process::Command::new(repo_root().join("scripts/demo.sh")).arg("env"),
+        None,
+    );
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join("env");
+    std::fs::write(&file, lines).unwrap();
+    let out = run(
+        std::process::Command::new("bash")
+            .args([
+                "--noprofile",
+                "--norc",
+                "-c",
+                "source \"$1\" && kubectl get conn -A && command -v connection-operator",
+                "bash",
+            ])
+            .arg(&file)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", home.path())
+            .current_dir(home.path()),
+        None,
+    );
+    assert!(
+        out.success,
+        "source env && kubectl get conn -A:\n{}{}",
+        out.stdout, out.stderr
+    );
+    assert!(
+        out.stdout
+            .trim_end()
+            .ends_with("target/debug/connection-operator"),
+        "connection-operator on PATH: {}",
+        out.stdout
+    );
 }
 
 #[tokio::test]
