@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// How often valid tokens are re-checked with the provider (jittered ±10%).
     #[arg(long, env = "REVALIDATE_INTERVAL", default_value = "15m", value_parser = parse_duration)]
     pub revalidate_interval: std::time::Duration,
+    /// How long an access token is used for the rechecks of valid tokens (an identity call, no token
+    /// request: nothing rotates) before a recheck refreshes it; also refreshed 5 minutes before a
+    /// known expiry, and whenever the Secret or spec changes. 0: every recheck refreshes.
+    #[arg(long, env = "REFRESH_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub refresh_interval: std::time::Duration,
     /// First retry delay after a transient provider failure (doubles per attempt).
     #[arg(long, env = "RETRY_BASE", default_value = "5s", value_parser = parse_duration)]
     pub retry_base: std::time::Duration,
@@ -176,6 +181,7 @@ impl RunArgs {
             namespace: self.namespace.clone(),
             policy: Policy {
                 revalidate_every: self.revalidate_interval,
+                refresh_every: self.refresh_interval,
                 retry_base: self.retry_base,
                 retry_max: self.retry_max,
                 ..Default::default()

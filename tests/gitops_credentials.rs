@@ -54,6 +54,7 @@ impl Env {
             policy: Policy {
                 revalidate_every: revalidate,
                 refresh_margin: Duration::from_secs(1),
+                refresh_every: Duration::ZERO,
                 retry_base: Duration::from_millis(200),
                 retry_max: Duration::from_secs(1),
             },

@@ -44,6 +44,9 @@ fn start_replica(name: &str, ns: &str, lease: &str, fake: &FakeProviders) -> Rep
         .args([
             "--revalidate-interval",
             "1s",
+            // Every recheck refreshes (and so rotates): the storm this test guards against.
+            "--refresh-interval",
+            "0",
             "--metrics-addr",
             &format!("127.0.0.1:{port}"),
         ])

@@ -75,6 +75,7 @@ async fn no_token_or_client_secret_in_logs_events_or_status() {
         policy: Policy {
             revalidate_every: Duration::from_secs(1),
             refresh_margin: Duration::from_secs(1),
+            refresh_every: Duration::ZERO,
             retry_base: Duration::from_millis(200),
             retry_max: Duration::from_secs(1),
         },

@@ -28,6 +28,7 @@ fn fast() -> Policy {
     Policy {
         revalidate_every: Duration::from_secs(2),
         refresh_margin: Duration::from_secs(1),
+        refresh_every: Duration::ZERO,
         retry_base: Duration::from_millis(200),
         retry_max: Duration::from_secs(1),
     }
@@ -1206,6 +1207,84 @@ async fn the_revalidate_annotation_forces_exactly_one_validation() {
         (env.fake.token_requests() == before + 2).then_some(())
     })
     .await;
+    op.stop().await;
+}
+
+/// Rechecks of valid tokens use the access token held (an identity call) until a refresh is due:
+/// no token request, so with rotation on nothing rotates. A refused access token is not a verdict:
+/// the recheck refreshes, and only a refused refresh token makes the connection Inactive.
+#[tokio::test]
+async fn rechecks_use_the_access_token_held_and_refresh_only_when_it_is_refused() {
+    let env = Env::new().await;
+    env.fake.set_rotation(true);
+    env.put_credentials("creds", ORG).await;
+    let policy = Policy {
+        refresh_every: Duration::from_secs(3600),
+        ..fast() // a recheck every 2 s
+    };
+    let op = Operator::start(env.ns(), &env.fake, policy).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+    let identity_calls = || env.fake.stats().identity_requests;
+    let (tokens, identities) = (env.fake.token_requests(), identity_calls());
+    let live = env.secret_value("acme-token", "refresh_token").await;
+    let access = env.secret_value("acme-session", "access_token").await;
+
+    eventually("two rechecks", WAIT, || async {
+        (identity_calls() >= identities + 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.fake.token_requests(),
+        tokens,
+        "no token request while the access token is good"
+    );
+    assert_eq!(
+        env.secret_value("acme-token", "refresh_token").await,
+        live,
+        "nothing rotated"
+    );
+    assert_eq!(env.secret_value("acme-session", "access_token").await, access);
+
+    // The access token expires (the CRM's session timeout): the next recheck refreshes.
+    env.fake.expire_access_tokens();
+    eventually("a refresh after the refused access token", WAIT, || async {
+        (env.fake.token_requests() > tokens).then_some(())
+    })
+    .await;
+    eventually("a new access token in the session", WAIT, || async {
+        (env.secret_value("acme-session", "access_token").await != access).then_some(())
+    })
+    .await;
+    let c = env.get("acme").await;
+    assert_eq!(
+        state_of(&c),
+        Some(State::Active),
+        "an expired access token is not a revocation"
+    );
+    let rotated = env.secret_value("acme-token", "refresh_token").await;
+    assert_ne!(rotated, live, "the refresh rotated the token (and it was saved)");
+
+    // A new revalidate value still forces a refresh (a user asking "are my tokens good?").
+    let before = env.fake.token_requests();
+    let access = env.secret_value("acme-session", "access_token").await;
+    env.revalidate("acme", "now");
+    eventually("a forced refresh", WAIT, || async {
+        (env.fake.token_requests() > before).then_some(())
+    })
+    .await;
+    // The session is written after the rotated token is saved.
+    eventually("its access token in the session", WAIT, || async {
+        (env.secret_value("acme-session", "access_token").await != access).then_some(())
+    })
+    .await;
+
+    // Salesforce revokes the access tokens of a revoked refresh token: the recheck's identity
+    // call is refused, the refresh too, and the connection turns Inactive.
+    let live = env.secret_value("acme-token", "refresh_token").await.unwrap();
+    assert!(env.fake.revoke(&live));
+    let c = env.wait_state("acme", State::Inactive).await;
+    assert_eq!(reason(&c), "TokenRevoked");
     op.stop().await;
 }
 

@@ -138,6 +138,7 @@ async fn a_refresh_that_never_finished_is_reported_and_not_retried_until_a_perso
         policy: Policy {
             revalidate_every: Duration::from_secs(2),
             refresh_margin: Duration::from_secs(1),
+            refresh_every: Duration::ZERO,
             retry_base: Duration::from_millis(200),
             retry_max: Duration::from_secs(1),
         },

@@ -197,6 +197,48 @@ async fn validate_when_due(
     };
     let seed_hash = tokens::seed_hash(&seed);
 
+    // 2b. A scheduled recheck of unchanged, valid tokens while the access token held is good and no
+    // refresh is due: ask who that token belongs to. No token request, so nothing rotates (each
+    // rotation is a moment when a crash could cost the token). A refused access token (expired, or
+    // revoked with its refresh token, as Salesforce does) proves nothing about the refresh token:
+    // the refresh below decides.
+    if !early
+        && memo.fingerprint == fingerprint
+        && memo.outcome == schedule::Outcome::Authorized
+        && let Some(held) = held_session(observed.session.as_ref(), &fingerprint)
+        && !schedule::refresh_due(Some(held.granted_at), held.expires_at, now, policy)
+    {
+        let previous_remote = memo.check.last_identity.as_ref().map(|id| id.remote_id.as_str());
+        let checked = match ctx.validator.current(
+            &conn.spec,
+            held.access_token.into(),
+            held.expires_at,
+            &held.instance_url,
+            held.identity_url.as_deref(),
+        ) {
+            Ok(grant) => {
+                with_tenant(
+                    ns.to_string(),
+                    ctx.validator.identify(&conn.spec, &grant, previous_remote),
+                )
+                .await
+            }
+            Err(failure) => Err(failure),
+        };
+        match checked {
+            Err(failure) if failure.kind != FailureKind::Transient => {
+                info!(reason = %failure.reason, "the access token held was refused: refreshing");
+            }
+            result => {
+                let granted_by = GrantedBy {
+                    at: held.granted_at,
+                    identity_url: held.identity_url,
+                };
+                return Ok(conclude(ctx, conn, &memo, fingerprint, result, now, granted_by).await);
+            }
+        }
+    }
+
     // 3. Which token to send, or why not now.
     let (token, from_seed) = match tokens::plan(&seed, &seed_hash, live.as_ref(), &ctx.holder, now) {
         tokens::Plan::Refresh { token, from_seed } => (token, from_seed),
@@ -295,6 +337,10 @@ async fn validate_when_due(
 
     // 7. Who the token belongs to.
     let previous_remote = memo.check.last_identity.as_ref().map(|id| id.remote_id.as_str());
+    let identity_url = granted
+        .as_ref()
+        .ok()
+        .and_then(|g| g.identity_url().map(str::to_string));
     let result = match granted {
         Ok(grant) => {
             with_tenant(
@@ -314,6 +360,36 @@ async fn validate_when_due(
             Err(failure)
         }
     };
+    let granted_by = GrantedBy {
+        at: now,
+        identity_url,
+    };
+    Ok(conclude(ctx, conn, &memo, fingerprint, result, now, granted_by).await)
+}
+
+/// The memo and session after the provider answered (a refresh then an identity call, or an
+/// identity call with the access token held), remembered for the connection.
+async fn conclude(
+    ctx: &Context,
+    conn: &Connection,
+    memo: &Memo,
+    fingerprint: String,
+    result: Result<crate::providers::Session, Failure>,
+    now: Timestamp,
+    granted_by: GrantedBy,
+) -> Validated {
+    let policy = &ctx.config.policy;
+    let key = uid(conn);
+    let remember = |memo: Memo| {
+        let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
+        let check = memo.check.clone();
+        ctx.memos.lock().unwrap().insert(key.clone(), memo);
+        Validated {
+            check,
+            session: None,
+            recheck_in,
+        }
+    };
     let outcome = match &result {
         Ok(_) => "authorized",
         Err(f) if f.kind == FailureKind::Transient => "transient",
@@ -325,7 +401,7 @@ async fn validate_when_due(
         Err(failure) if failure.kind == FailureKind::Transient => {
             info!(reason = %failure.reason, "validation failed (transient): {}", failure.message);
             let mut next = policy.after_transient(
-                Some(&memo),
+                Some(memo),
                 &memo.check,
                 fingerprint,
                 now,
@@ -351,9 +427,9 @@ async fn validate_when_due(
                 let note = next.check.unavailable.clone().unwrap_or_default();
                 publish(ctx, conn, EventType::Warning, PROVIDER_UNREACHABLE, &note).await;
             }
-            Ok(remember(next))
+            remember(next)
         }
-        Err(failure) => Ok(remember(rejected(ctx, conn, &memo, fingerprint, &failure).await)),
+        Err(failure) => remember(rejected(ctx, conn, memo, fingerprint, &failure).await),
         Ok(session) => {
             let identity = Identity {
                 remote_id: session.remote_id.clone(),
@@ -373,14 +449,65 @@ async fn validate_when_due(
                     .extra_roots
                     .as_ref()
                     .map(|r| r.pem().to_vec()),
-                annotations: BTreeMap::from([
-                    (schedule::FINGERPRINT_ANNOTATION.to_string(), fingerprint),
-                    (schedule::NEXT_CHECK_ANNOTATION.to_string(), next.to_string()),
-                ]),
+                annotations: BTreeMap::from_iter(
+                    [
+                        (schedule::FINGERPRINT_ANNOTATION, Some(fingerprint)),
+                        (schedule::NEXT_CHECK_ANNOTATION, Some(next.to_string())),
+                        (schedule::GRANTED_AT_ANNOTATION, Some(granted_by.at.to_string())),
+                        (schedule::IDENTITY_URL_ANNOTATION, granted_by.identity_url),
+                    ]
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k.to_string(), v?))),
+                ),
             });
-            Ok(validated)
+            validated
         }
     }
+}
+
+/// The access token the session Secret holds, with what was kept of its grant; only when the
+/// session was validated for the current inputs (`fingerprint`) and has everything a recheck needs.
+struct HeldSession {
+    access_token: String,
+    instance_url: String,
+    expires_at: Option<Timestamp>,
+    granted_at: Timestamp,
+    identity_url: Option<String>,
+}
+
+fn held_session(session: Option<&Secret>, fingerprint: &str) -> Option<HeldSession> {
+    let session = session?;
+    let annotations = session.metadata.annotations.as_ref()?;
+    if annotations
+        .get(schedule::FINGERPRINT_ANNOTATION)
+        .map(String::as_str)
+        != Some(fingerprint)
+    {
+        return None;
+    }
+    let data = session.data.as_ref()?;
+    let text = |key: &str| {
+        data.get(key)
+            .and_then(|b| crate::providers::secret_text(&b.0).ok().flatten())
+            .map(str::to_string)
+    };
+    Some(HeldSession {
+        access_token: text(children::session_keys::ACCESS_TOKEN)?,
+        instance_url: text(children::session_keys::INSTANCE_URL)?,
+        expires_at: match text(children::session_keys::EXPIRES_AT) {
+            None => None,
+            Some(t) => Some(t.parse().ok()?),
+        },
+        granted_at: annotations.get(schedule::GRANTED_AT_ANNOTATION)?.parse().ok()?,
+        identity_url: annotations.get(schedule::IDENTITY_URL_ANNOTATION).cloned(),
+    })
+}
+
+/// When and by which grant the access token of a session was issued (kept as annotations on the
+/// session Secret, for [`schedule::refresh_due`] and [`crate::providers::Validator::current`]).
+struct GrantedBy {
+    at: Timestamp,
+    identity_url: Option<String>,
 }
 
 /// Reason when a refresh started by a process that stopped may have rotated the token.

@@ -15,6 +15,13 @@ use std::time::Duration;
 pub const FINGERPRINT_ANNOTATION: &str = "crmconnect.io/validated-fingerprint";
 /// Annotation on the session Secret: when the next validation is due (RFC 3339).
 pub const NEXT_CHECK_ANNOTATION: &str = "crmconnect.io/next-check-at";
+/// Annotation on the session Secret: when its access token was granted (RFC 3339). It changes only
+/// with a new token grant, so a recheck that needs none writes the same value.
+pub const GRANTED_AT_ANNOTATION: &str = "crmconnect.io/granted-at";
+/// Annotation on the session Secret (Salesforce): the identity URL of the grant that issued its
+/// access token (`https://<login host>/id/<org ID>/<user ID>`, not a secret), for the rechecks that
+/// ask who that token belongs to without a token request.
+pub const IDENTITY_URL_ANNOTATION: &str = "crmconnect.io/identity-url";
 
 /// The conclusion of the last validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +100,10 @@ pub struct Policy {
     pub revalidate_every: Duration,
     /// Refresh this long before a known access-token expiry.
     pub refresh_margin: Duration,
+    /// A recheck of unchanged, valid tokens asks who the current access token belongs to (no token
+    /// request, nothing rotates) until this long after its grant, or until `refresh_margin` before
+    /// its known expiry; then it refreshes. Zero: every check refreshes. See [`refresh_due`].
+    pub refresh_every: Duration,
     /// First retry delay after a transient failure; doubles per attempt.
     pub retry_base: Duration,
     /// Longest retry delay.
@@ -104,6 +115,7 @@ impl Default for Policy {
         Self {
             revalidate_every: Duration::from_secs(15 * 60),
             refresh_margin: Duration::from_secs(5 * 60),
+            refresh_every: Duration::from_secs(60 * 60),
             retry_base: Duration::from_secs(5),
             retry_max: Duration::from_secs(5 * 60),
         }
@@ -237,6 +249,28 @@ pub fn seed(
     }
 }
 
+/// Whether a due recheck of unchanged, valid tokens must use the refresh token (a token request,
+/// which may rotate it), or may ask who the access token held since `granted_at` belongs to. Due
+/// when the grant time is unknown, `refresh_every` has passed since it (so an idle refresh token
+/// does not expire under a "not used for N" policy), or its known expiry is within `refresh_margin`.
+pub fn refresh_due(
+    granted_at: Option<Timestamp>,
+    expires_at: Option<Timestamp>,
+    now: Timestamp,
+    policy: &Policy,
+) -> bool {
+    let Some(granted) = granted_at else {
+        return true;
+    };
+    if granted > now || plus(granted, policy.refresh_every) <= now {
+        return true;
+    }
+    expires_at.is_some_and(|exp| {
+        let margin = SignedDuration::try_from(policy.refresh_margin).unwrap_or(SignedDuration::ZERO);
+        exp.saturating_sub(margin).unwrap_or(exp) <= now
+    })
+}
+
 /// How long to wait before `due` from `now` (for the requeue).
 pub fn wait(due: &Due, now: Timestamp) -> Option<Duration> {
     match due {
@@ -286,6 +320,41 @@ mod tests {
         assert_ne!(first, plain);
         c.metadata.annotations = Some([(REVALIDATE_ANNOTATION.to_string(), "2".to_string())].into());
         assert_ne!(fingerprint(&c, Some("x")), first);
+    }
+
+    #[test]
+    fn a_refresh_is_due_after_refresh_every_near_expiry_or_when_the_grant_time_is_unknown() {
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        let policy = Policy::default(); // refresh every 1 h, 5 min before a known expiry
+        let granted = t("2026-11-28T10:00:00Z");
+        let due =
+            |now: &str, expires: Option<&str>| refresh_due(Some(granted), expires.map(t), t(now), &policy);
+        assert!(
+            !due("2026-11-28T10:15:00Z", None),
+            "Salesforce: no expiry known, 15 min old"
+        );
+        assert!(due("2026-11-28T11:00:00Z", None), "an hour after the grant");
+        assert!(!due("2026-11-28T10:15:00Z", Some("2026-11-28T11:05:00Z")));
+        assert!(
+            due("2026-11-28T10:15:00Z", Some("2026-11-28T10:19:00Z")),
+            "expires within the margin"
+        );
+        assert!(
+            refresh_due(None, None, t("2026-11-28T10:15:00Z"), &policy),
+            "grant time unknown"
+        );
+        assert!(
+            due("2026-11-28T09:00:00Z", None),
+            "a grant time in the future is not trusted"
+        );
+        let always = Policy {
+            refresh_every: Duration::ZERO,
+            ..Policy::default()
+        };
+        assert!(
+            refresh_due(Some(granted), None, granted, &always),
+            "zero: every check refreshes"
+        );
     }
 
     #[test]

@@ -24,6 +24,22 @@ pub(crate) struct DynamicsGrant {
     environment: url::Url,
 }
 
+impl DynamicsGrant {
+    /// The grant an earlier token request established (only the environment, from the spec): the
+    /// WhoAmI call then checks the access token still held, with no token request.
+    pub(crate) fn current(http: &Http, spec: &ConnectionSpec) -> Result<Self, Failure> {
+        let Some(dynamics) = &spec.dynamics else {
+            return Err(Failure::configuration(
+                reason::DYNAMICS_SETTINGS_MISSING,
+                "spec.dynamics (environmentUrl, cloud, tenantId) is required for a Dynamics365 connection",
+            ));
+        };
+        Ok(DynamicsGrant {
+            environment: rules::dynamics_environment_base(dynamics, &http.hosts)?,
+        })
+    }
+}
+
 /// The refresh-token grant at the cloud's Entra ID authority. Entra returns a new refresh token on
 /// every refresh: the caller keeps the newest before calling [`identify`].
 pub(crate) async fn refresh(

@@ -456,6 +456,46 @@ impl Validator {
         result.map_err(|failure| scrubbed(spec, failure, &creds.secret_values(), "refresh failed"))
     }
 
+    /// The access token an earlier grant issued, as a grant for [`Validator::identify`]: a recheck
+    /// of valid tokens that sends no token request, so nothing can rotate. `instance_url` and
+    /// `identity_url` (Salesforce: the grant's `id`, from [`Grant::identity_url`]) are what was kept
+    /// of that grant. A configuration failure when the spec's hosts are no longer allowed; the
+    /// caller then refreshes, which reports it.
+    pub fn current(
+        &self,
+        spec: &ConnectionSpec,
+        access_token: SecretString,
+        expires_at: Option<k8s_openapi::jiff::Timestamp>,
+        instance_url: &str,
+        identity_url: Option<&str>,
+    ) -> Result<Grant, Failure> {
+        let detail = match spec.provider {
+            Provider::SalesforceProduction | Provider::SalesforceSandbox => {
+                let Some(id) = identity_url else {
+                    return Err(Failure::configuration(
+                        reason::SECRET_KEY_MISSING,
+                        "no identity URL kept from the last grant",
+                    ));
+                };
+                GrantDetail::Salesforce(salesforce::SalesforceGrant::current(
+                    &self.http,
+                    spec,
+                    instance_url,
+                    id,
+                )?)
+            }
+            Provider::Dynamics365 => {
+                GrantDetail::Dynamics(dynamics::DynamicsGrant::current(&self.http, spec)?)
+            }
+        };
+        Ok(Grant {
+            access_token,
+            expires_at,
+            rotated_refresh_token: None,
+            detail,
+        })
+    }
+
     /// Step two: who the granted access token belongs to (Salesforce identity URL, Dataverse
     /// WhoAmI). `previous_remote_id` as in [`Validator::validate`].
     pub async fn identify(
@@ -510,6 +550,8 @@ fn scrubbed(spec: &ConnectionSpec, failure: Failure, secrets: &[&str], what: &st
 
 /// A successful refresh-token grant: the access token, and a rotated refresh token to save before
 /// the identity call. `Debug` redacts the tokens.
+///
+/// [`Grant::current`] stands for an earlier grant whose access token the operator still holds.
 pub struct Grant {
     pub access_token: SecretString,
     /// When the access token expires, if the provider said.
@@ -517,6 +559,17 @@ pub struct Grant {
     /// **Some when the provider returned a NEW refresh token: the one sent may already be dead.**
     pub rotated_refresh_token: Option<SecretString>,
     detail: GrantDetail,
+}
+
+impl Grant {
+    /// Salesforce's identity URL (`id`) of this grant: kept with the session (it is not a secret)
+    /// for [`Grant::current`]. `None` for Dynamics, whose WhoAmI needs only the spec.
+    pub fn identity_url(&self) -> Option<&str> {
+        match &self.detail {
+            GrantDetail::Salesforce(g) => Some(g.identity_url()),
+            GrantDetail::Dynamics(_) => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Grant {

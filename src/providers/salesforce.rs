@@ -79,6 +79,31 @@ pub(crate) struct SalesforceGrant {
     id: String,
 }
 
+impl SalesforceGrant {
+    /// The identity URL (`id`) the grant named: not a secret, kept with the session so a later
+    /// check can ask who the same access token belongs to.
+    pub(crate) fn identity_url(&self) -> &str {
+        &self.id
+    }
+
+    /// The grant an earlier token request established, from what was kept of it (the session's
+    /// `instance_url` and the identity URL): the identity call then checks the access token still
+    /// held, with no token request. The hosts are checked as for a new grant.
+    pub(crate) fn current(
+        http: &Http,
+        spec: &ConnectionSpec,
+        instance_url: &str,
+        identity_url: &str,
+    ) -> Result<Self, Failure> {
+        let login = rules::salesforce_login_base(spec, &http.hosts)?;
+        Ok(SalesforceGrant {
+            login_host: host_label(&rules::salesforce_token_url(&login)),
+            instance_url: instance_url.to_string(),
+            id: identity_url.to_string(),
+        })
+    }
+}
+
 /// The refresh-token grant, verified. The old refresh token may be dead when this returns `Ok`
 /// with a rotated token: the caller saves it before calling [`identify`].
 pub(crate) async fn refresh(

@@ -523,6 +523,12 @@ struct State {
     rotated_away: HashMap<String, String>,
     /// Live access tokens → account key.
     access_tokens: HashMap<String, String>,
+    /// Salesforce access tokens → the refresh token they were issued with (the one the client
+    /// holds after the grant): revoking it revokes them too, as Salesforce does
+    /// (https://developer.salesforce.com/docs/platform/mobile-sdk/guide/oauth-revoking-tokens.html:
+    /// "If a refresh token is included, Salesforce revokes it and any associated access tokens").
+    /// Entra access tokens outlive a revoked refresh token until they expire.
+    access_token_origin: HashMap<String, String>,
     rotation: bool,
     bad_signature: bool,
     faults: VecDeque<Fault>,
@@ -532,6 +538,22 @@ struct State {
 }
 
 impl State {
+    /// See [`FakeProviders::revoke`].
+    fn revoke(&mut self, refresh_token: &str) -> bool {
+        let live = self.refresh_tokens.remove(refresh_token).is_some();
+        let dead: Vec<String> = self
+            .access_token_origin
+            .iter()
+            .filter(|(_, origin)| origin.as_str() == refresh_token)
+            .map(|(access, _)| access.clone())
+            .collect();
+        for access in dead {
+            self.access_token_origin.remove(&access);
+            self.access_tokens.remove(&access);
+        }
+        live
+    }
+
     fn key_of(&self, remote_id: &str) -> Option<String> {
         if self.accounts.contains_key(remote_id) {
             return Some(remote_id.to_string());
@@ -730,9 +752,10 @@ impl FakeProviders {
         Some(token)
     }
 
-    /// Revokes a refresh token. True if it was live.
+    /// Revokes a refresh token, and on Salesforce the access tokens issued with it. True if it was
+    /// live.
     pub fn revoke(&self, refresh_token: &str) -> bool {
-        self.shared.lock().refresh_tokens.remove(refresh_token).is_some()
+        self.shared.lock().revoke(refresh_token)
     }
 
     /// Rotates a live refresh token as a refresh with rotation would (the old one dies; reusing it
@@ -954,7 +977,7 @@ async fn salesforce_token(AxState(shared): Shared_, Form(form): Form<BTreeMap<St
             state.stats.dead_token_requests += 1;
         }
         while let Some(token) = next {
-            state.refresh_tokens.remove(&token);
+            state.revoke(&token);
             next = state.rotated_away.get(&token).cloned();
         }
         return json_response(
@@ -1004,6 +1027,12 @@ async fn salesforce_token(AxState(shared): Shared_, Form(form): Form<BTreeMap<St
         state.refresh_tokens.insert(new.clone(), key);
         body["refresh_token"] = json!(new);
     }
+    let held = body
+        .get("refresh_token")
+        .and_then(|t| t.as_str())
+        .unwrap_or(field("refresh_token"))
+        .to_string();
+    state.access_token_origin.insert(access_token.clone(), held);
     json_response(200, body)
 }
 
@@ -1238,7 +1267,7 @@ struct Revoke {
 }
 
 async fn admin_revoke(AxState(shared): Shared_, Json(req): Json<Revoke>) -> Json<serde_json::Value> {
-    let revoked = shared.lock().refresh_tokens.remove(&req.refresh_token).is_some();
+    let revoked = shared.lock().revoke(&req.refresh_token);
     Json(json!({"revoked": revoked}))
 }
 
