@@ -179,6 +179,9 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
             "retriever.pullPolicy=Never",
             "--set",
             "revalidateInterval=15s",
+            // Every recheck refreshes (with rotation on): the upgrade below must keep rotated tokens.
+            "--set",
+            "refreshInterval=0",
             // The simulated Salesforce answers on the node's IP (a real one has its own names).
             "--set",
             &format!("providerHosts.extraDomains={{{ip}}}"),
