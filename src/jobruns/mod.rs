@@ -178,11 +178,14 @@ async fn serving_connection(ctx: &Ctx, run: &JobRun, ns: &str) -> Result<Option<
     let Some(org) = run.labels().get(crate::api::labels::ORG) else {
         return Ok(None);
     };
-    let adopter = api
+    // Listed through DeserializeGuard: one Connection that does not match the schema (applied
+    // before a CRD upgrade, say) must not stop the others' runs from being adopted.
+    let adopter = Api::<DeserializeGuard<Connection>>::namespaced(ctx.client.clone(), ns)
         .list(&ListParams::default())
         .await?
         .items
         .into_iter()
+        .filter_map(|g| g.0.ok())
         .find(|c| {
             c.status.as_ref().and_then(|s| s.state) == Some(State::Active) && org_of(c).as_ref() == Some(org)
         });
