@@ -511,3 +511,135 @@ async fn the_operator_identity_cannot_change_a_user_secret_or_write_in_kube_syst
     let _ = system_admin.delete(&victim, &Default::default()).await;
     assert!(err.to_string().contains("never writes in kube-system"), "{err}");
 }
+
+/// The admission policy also bounds the pods the operator's identity may start: a stolen operator
+/// token cannot run a pod with another ServiceAccount's token, host access or privileges through a
+/// Job or a Deployment, while the Jobs and Deployments the operator builds pass (server dry-run, as
+/// the operator's ServiceAccount).
+#[tokio::test]
+async fn the_operator_identity_cannot_start_pods_with_another_identity_or_host_access() {
+    use connection_operator::api::JobRun;
+    use connection_operator::controller::children::{RetrieverSettings, retriever_deployment};
+    use connection_operator::jobruns::build::batch_job;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::batch::v1::Job;
+
+    ensure_operator_rbac();
+    let admin = client().await;
+    let ns = TempNamespace::new(&admin).await;
+    let operator = operator_client().await;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+
+    let run: JobRun = serde_json::from_value(json!({
+        "apiVersion": "crmconnect.io/v1alpha1", "kind": "JobRun",
+        "metadata": {"name": "acme-a0001", "namespace": ns.name()},
+        "spec": {"connection": "acme", "crmJobId": "a0001", "type": "export", "provider": "SalesforceProduction"}
+    }))
+    .unwrap();
+    let template: connection_operator::api::JobTemplateSpec = serde_json::from_value(json!({
+        "type": "export",
+        "template": {"spec": {
+            "initContainers": [{"name": "prepare", "image": "busybox"}],
+            "containers": [{"name": "worker", "image": "busybox"}]
+        }}
+    }))
+    .unwrap();
+    let job = batch_job(&run, &template, "acme", "https://acme.my.salesforce.com", &[]);
+    let jobs: Api<Job> = Api::namespaced(operator.clone(), ns.name());
+    let denied = |what: &str, result: Result<Job, kube::Error>| match result {
+        // Denied by the policy (the same Job without the change is allowed).
+        Err(kube::Error::Api(s)) => assert!(s.message.contains("denied request"), "{what}: {s:?}"),
+        other => panic!("{what} was allowed: {other:?}"),
+    };
+    // The policy takes effect within moments of being created (this binary may have just made it).
+    let mut bad = job.clone();
+    bad.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .automount_service_account_token = Some(true);
+    eventually(
+        "the admission policy to deny a Job with a token",
+        WAIT,
+        || async { jobs.create(&dry_run, &bad).await.is_err().then_some(()) },
+    )
+    .await;
+    jobs.create(&dry_run, &job)
+        .await
+        .expect("the Job the operator builds for a JobRun is allowed");
+
+    denied("a ServiceAccount token", jobs.create(&dry_run, &bad).await);
+    let mut bad = job.clone();
+    bad.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .host_network = Some(true);
+    denied("hostNetwork", jobs.create(&dry_run, &bad).await);
+    let mut bad = job.clone();
+    bad.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .init_containers
+        .as_mut()
+        .unwrap()[0]
+        .security_context = None;
+    denied(
+        "an unrestricted init container",
+        jobs.create(&dry_run, &bad).await,
+    );
+    let mut bad = job.clone();
+    bad.metadata.annotations = None;
+    denied("a Job of no JobRun", jobs.create(&dry_run, &bad).await);
+
+    // A retriever Deployment runs as its own ServiceAccount only.
+    let mut conn = Connection::new(
+        "acme",
+        connection_operator::api::ConnectionSpec::new(
+            "sales",
+            connection_operator::api::Provider::SalesforceProduction,
+            "creds",
+        ),
+    );
+    conn.metadata.namespace = Some(ns.name().to_string());
+    conn.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
+    let deployment = retriever_deployment(&conn, &RetrieverSettings::default(), None, 1);
+    let deployments: Api<Deployment> = Api::namespaced(operator.clone(), ns.name());
+    deployments
+        .create(&dry_run, &deployment)
+        .await
+        .expect("the retriever Deployment the operator builds is allowed");
+    let mut bad = deployment.clone();
+    bad.spec.template.spec.as_mut().unwrap().service_account_name = Some("default".into());
+    let err = deployments.create(&dry_run, &bad).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("ServiceAccount of the Deployment's own name"),
+        "{err}"
+    );
+    let mut bad = deployment.clone();
+    let volumes = bad
+        .spec
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .volumes
+        .get_or_insert_with(Vec::new);
+    volumes.push(serde_json::from_value(json!({"name": "root", "hostPath": {"path": "/"}})).unwrap());
+    let err = deployments.create(&dry_run, &bad).await.unwrap_err();
+    assert!(err.to_string().contains("run restricted"), "{err}");
+}

@@ -75,6 +75,10 @@ pub fn batch_job(
         ("CRM_PROVIDER", run.spec.provider.as_str()),
         ("CRM_INSTANCE_URL", instance_url),
     ];
+    // Init containers of the template run restricted too (the admission policy requires it).
+    for container in pod.init_containers.iter_mut().flatten() {
+        container.security_context = Some(restricted_container_security());
+    }
     for container in &mut pod.containers {
         container.security_context = Some(restricted_container_security());
         container
