@@ -49,9 +49,10 @@ pub enum WorkerCommand {
 /// Flags of `run` (each also readable from the environment, for the Helm chart).
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (namespaced mode; repeat the flag or separate them with
+    /// commas); default: all namespaces.
+    #[arg(long, env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    pub namespace: Vec<String>,
     /// How often valid tokens are re-checked with the provider (jittered ±10%).
     #[arg(long, env = "REVALIDATE_INTERVAL", default_value = "15m", value_parser = parse_duration)]
     pub revalidate_interval: std::time::Duration,
@@ -178,7 +179,7 @@ impl RunArgs {
             ..Default::default()
         };
         Ok(Config {
-            namespace: self.namespace.clone(),
+            namespaces: self.namespace.clone(),
             policy: Policy {
                 revalidate_every: self.revalidate_interval,
                 refresh_every: self.refresh_interval,
@@ -478,7 +479,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 async fn run_operator(args: RunArgs) -> Result<(), CliError> {
     let config = args.config()?;
     let client = kube::Client::try_default().await.map_err(CliError::Connect)?;
-    ensure_crd_installed(&client, config.namespace.as_deref()).await?;
+    if config.namespaces.is_empty() {
+        ensure_crd_installed(&client, None).await?;
+    }
+    for ns in &config.namespaces {
+        ensure_crd_installed(&client, Some(ns)).await?;
+    }
     crate::controller::run(client, config, shutdown_signal())
         .await
         .map_err(|e| CliError::Config(e.to_string()))
@@ -513,4 +519,38 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["connection-operator", "run"].iter().chain(args)).unwrap();
+        match cli.command {
+            Command::Run(args) => *args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn watched_namespaces_are_a_comma_list_or_repeated_flags() {
+        let config = run_args(&["--namespace", "a,b", "--namespace", "c"])
+            .config()
+            .unwrap();
+        assert_eq!(config.namespaces, ["a", "b", "c"]);
+        assert!(
+            run_args(&[]).config().unwrap().namespaces.is_empty(),
+            "all namespaces"
+        );
+    }
+
+    #[test]
+    fn refresh_interval_defaults_to_an_hour_and_zero_means_every_recheck() {
+        let config = run_args(&[]).config().unwrap();
+        assert_eq!(config.policy.refresh_every, std::time::Duration::from_secs(3600));
+        let config = run_args(&["--refresh-interval", "0"]).config().unwrap();
+        assert_eq!(config.policy.refresh_every, std::time::Duration::ZERO);
+    }
 }

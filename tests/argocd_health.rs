@@ -47,7 +47,7 @@ async fn argo_cd_health_follows_the_connection_state() {
     apply("revoked", "sales", &revoked, false);
     apply("paused", "sales", &fake.issue_refresh_token(ORG), true);
     let op = InProcessOperator::start(Config {
-        namespace: Some(ns.name().to_string()),
+        namespaces: vec![ns.name().to_string()],
         policy: Policy {
             revalidate_every: Duration::from_secs(3600),
             ..Policy::default()

@@ -50,7 +50,7 @@ impl Env {
     /// The operator, revalidating every `revalidate` (each revalidation rotates the token).
     async fn operator(&self, revalidate: Duration) -> InProcessOperator {
         InProcessOperator::start(Config {
-            namespace: Some(self.ns().to_string()),
+            namespaces: vec![self.ns().to_string()],
             policy: Policy {
                 revalidate_every: revalidate,
                 refresh_margin: Duration::from_secs(1),

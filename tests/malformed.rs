@@ -104,7 +104,7 @@ async fn a_malformed_connection_does_not_stop_the_others() {
     run_ok(kubectl().args(["apply", "-f", "-"]), Some(&good));
 
     let operator = InProcessOperator::start(Config {
-        namespace: Some(ns.name().to_string()),
+        namespaces: vec![ns.name().to_string()],
         policy: Policy {
             revalidate_every: Duration::from_secs(3600),
             ..Default::default()

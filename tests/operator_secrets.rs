@@ -71,7 +71,7 @@ async fn no_token_or_client_secret_in_logs_events_or_status() {
     run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest));
 
     let operator = InProcessOperator::start(Config {
-        namespace: Some(ns.name().to_string()),
+        namespaces: vec![ns.name().to_string()],
         policy: Policy {
             revalidate_every: Duration::from_secs(1),
             refresh_margin: Duration::from_secs(1),

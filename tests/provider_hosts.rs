@@ -41,7 +41,7 @@ async fn the_operator_sends_no_credentials_to_a_host_outside_the_provider_domain
         );
     }
     let op = InProcessOperator::start_with_host_policy(Config {
-        namespace: Some(ns.name().to_string()),
+        namespaces: vec![ns.name().to_string()],
         ..Default::default()
     })
     .await;
@@ -66,7 +66,7 @@ async fn the_operator_sends_no_credentials_to_a_host_outside_the_provider_domain
 
     // The same operator told to allow it (as the tests' operators are) uses it.
     let op = InProcessOperator::start_with_host_policy(Config {
-        namespace: Some(ns.name().to_string()),
+        namespaces: vec![ns.name().to_string()],
         validator: connection_operator::providers::ValidatorConfig {
             hosts: HostPolicy {
                 allow_loopback: true,

@@ -48,7 +48,7 @@ struct Operator;
 impl Operator {
     async fn start(ns: &str, fake: &FakeProviders, policy: Policy) -> InProcessOperator {
         InProcessOperator::start(Config {
-            namespace: Some(ns.to_string()),
+            namespaces: vec![ns.to_string()],
             policy,
             validator: ValidatorConfig {
                 entra_authority_override: Some(fake.entra_authority()),

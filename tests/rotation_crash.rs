@@ -134,7 +134,7 @@ async fn a_refresh_that_never_finished_is_reported_and_not_retried_until_a_perso
     use connection_operator::controller::{Config, schedule::Policy, tokens};
     let (client, ns, fake, _) = acme_with_rotation().await;
     let config = || Config {
-        namespace: Some(ns.name().to_string()),
+        namespaces: vec![ns.name().to_string()],
         policy: Policy {
             revalidate_every: Duration::from_secs(2),
             refresh_margin: Duration::from_secs(1),

@@ -96,10 +96,10 @@ impl Metrics {
             .inc();
     }
 
-    /// The metrics in the Prometheus text format, with the per-state gauge taken from `store` now.
-    pub fn render(&self, store: &Store<DeserializeGuard<Connection>>) -> String {
+    /// The metrics in the Prometheus text format, with the per-state gauge taken from `stores` now.
+    pub fn render(&self, stores: &[Store<DeserializeGuard<Connection>>]) -> String {
         let mut counts = [0i64; 6];
-        for guard in store.state() {
+        for guard in stores.iter().flat_map(|s| s.state()) {
             let index = match guard
                 .0
                 .as_ref()

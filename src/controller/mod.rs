@@ -40,8 +40,9 @@ use tracing::{Instrument, info, info_span, warn};
 /// Operator settings (from CLI flags / Helm values).
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Watch only this namespace; all namespaces when `None`.
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (namespaced mode: a controller per namespace, claims per
+    /// namespace, every API call namespaced); all namespaces when empty.
+    pub namespaces: Vec<String>,
     /// Revalidation and retry policy.
     pub policy: schedule::Policy,
     /// Retriever workloads.
@@ -74,7 +75,7 @@ pub struct JournalConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            namespace: None,
+            namespaces: Vec::new(),
             policy: schedule::Policy::default(),
             retriever: RetrieverSettings::default(),
             validator: ValidatorConfig::default(),
@@ -109,8 +110,9 @@ pub struct Context {
     pub(crate) retriever_revalidations: Mutex<HashMap<String, Timestamp>>,
     /// Consecutive API errors per connection UID (error_policy backoff).
     pub(crate) failures: Mutex<HashMap<String, u32>>,
-    /// Every Connection the controller sees (for one-team-per-org claims).
-    pub(crate) store: Store<DeserializeGuard<Connection>>,
+    /// Every Connection the controllers see (for one-team-per-org claims): one cache per watched
+    /// namespace, or one for all.
+    pub(crate) stores: Vec<Store<DeserializeGuard<Connection>>>,
     /// Prometheus metrics.
     pub(crate) metrics: metrics::Metrics,
 }
@@ -445,27 +447,22 @@ pub async fn run(
         Some(journal) => journal::replay(&client, journal).await,
         None => vec![],
     };
-    let (connections, secrets, deployments, org_settings): (
-        Api<DeserializeGuard<Connection>>,
-        Api<Secret>,
-        Api<Deployment>,
-        Api<crate::api::OrgSettings>,
-    ) = match &config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
+    // One controller per watched namespace (each with its own namespaced watches), or one for
+    // the whole cluster; they share the Context (validator, limiter, memories, metrics).
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
     };
-    let controller = Controller::new(connections.clone(), watcher::Config::default().any_semantic());
-    let store = controller.store();
+    let controllers: Vec<_> = scopes
+        .iter()
+        .map(|scope| {
+            let connections: Api<DeserializeGuard<Connection>> = scoped_api(&client, scope.as_deref());
+            let controller = Controller::new(connections.clone(), watcher::Config::default().any_semantic());
+            (scope.clone(), connections, controller)
+        })
+        .collect();
+    let stores: Vec<_> = controllers.iter().map(|(_, _, c)| c.store()).collect();
     let reporter = Reporter {
         controller: "connection-operator".into(),
         instance: config.instance.clone(),
@@ -485,7 +482,7 @@ pub async fn run(
         failures: Mutex::default(),
         secret_polls: Mutex::default(),
         retriever_revalidations: Mutex::default(),
-        store: store.clone(),
+        stores,
         config: config.clone(),
         metrics: metrics::Metrics::default(),
     });
@@ -529,18 +526,15 @@ pub async fn run(
         });
     }
     let managed = format!("{}={}", children::MANAGED_BY.0, children::MANAGED_BY.1);
-    let credentials_store = store.clone();
-    let settings_store = store.clone();
-    let peers_store = store.clone();
     info!(
-        namespace = config.namespace.as_deref().unwrap_or("<all>"),
+        namespaces = %if config.namespaces.is_empty() { "<all>".to_string() } else { config.namespaces.join(",") },
         "starting controller"
     );
     tokio::spawn(forget_deleted(Arc::downgrade(&ctx)));
     // The JobRun controller runs beside it, under the same leadership and shutdown.
     let job_runs = crate::jobruns::run(
         ctx.client.clone(),
-        config.namespace.clone(),
+        config.namespaces.clone(),
         &config.validator,
         crate::jobruns::Settings {
             abort_check: config.job_abort_check,
@@ -550,43 +544,55 @@ pub async fn run(
         config.instance.clone(),
         stopped(),
     );
-    let connections_done = controller
-        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
-        // Only labelled Secrets are watched (credentials the operator has seen, and its own session
-        // Secrets): memory stays proportional to the connections, not to every Secret in the cluster.
-        .watches(
-            secrets.clone(),
-            watcher::Config::default().labels(&format!("{}=true", children::CREDENTIALS_LABEL)),
-            move |secret: Secret| dereference::connections_using_secret(&credentials_store, &secret),
-        )
-        // Its own Secrets (`<name>-session`, `<name>-token`): a hand edit, e.g. removing a stale
-        // refresh intent, is seen at once.
-        .owns(secrets, watcher::Config::default().labels(&managed))
-        .owns(deployments, watcher::Config::default().labels(&managed))
-        // An org's settings changing rolls the retrievers that use them.
-        .watches(
-            org_settings,
-            watcher::Config::default(),
-            move |settings: crate::api::OrgSettings| {
-                dereference::connections_using_org_settings(&settings_store, &settings)
-            },
-        )
-        // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its rivals.
-        .watches(
-            connections,
-            watcher::Config::default().any_semantic(),
-            move |other: DeserializeGuard<Connection>| dereference::rivals_of(&peers_store, &other),
-        )
-        .graceful_shutdown_on(stopped())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                match e {
-                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
-                    other => warn!(error = %other, "controller error"),
-                }
-            }
-        });
+    let connections_done =
+        futures::future::join_all(controllers.into_iter().map(|(scope, connections, controller)| {
+            let store = controller.store();
+            let credentials_store = store.clone();
+            let settings_store = store.clone();
+            let peers_store = store;
+            let secrets: Api<Secret> = scoped_api(&ctx.client, scope.as_deref());
+            let deployments: Api<Deployment> = scoped_api(&ctx.client, scope.as_deref());
+            let org_settings: Api<crate::api::OrgSettings> = scoped_api(&ctx.client, scope.as_deref());
+            controller
+                .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+                // Only labelled Secrets are watched (credentials the operator has seen, and its own
+                // session Secrets): memory stays proportional to the connections, not to every
+                // Secret in the cluster.
+                .watches(
+                    secrets.clone(),
+                    watcher::Config::default().labels(&format!("{}=true", children::CREDENTIALS_LABEL)),
+                    move |secret: Secret| dereference::connections_using_secret(&credentials_store, &secret),
+                )
+                // Its own Secrets (`<name>-session`, `<name>-token`): a hand edit, e.g. removing a
+                // stale refresh intent, is seen at once.
+                .owns(secrets, watcher::Config::default().labels(&managed))
+                .owns(deployments, watcher::Config::default().labels(&managed))
+                // An org's settings changing rolls the retrievers that use them.
+                .watches(
+                    org_settings,
+                    watcher::Config::default(),
+                    move |settings: crate::api::OrgSettings| {
+                        dereference::connections_using_org_settings(&settings_store, &settings)
+                    },
+                )
+                // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its
+                // rivals.
+                .watches(
+                    connections,
+                    watcher::Config::default().any_semantic(),
+                    move |other: DeserializeGuard<Connection>| dereference::rivals_of(&peers_store, &other),
+                )
+                .graceful_shutdown_on(stopped())
+                .run(reconcile, error_policy, ctx.clone())
+                .for_each(|result| async move {
+                    if let Err(e) = result {
+                        match e {
+                            kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                            other => warn!(error = %other, "controller error"),
+                        }
+                    }
+                })
+        }));
     let (_, job_runs) = futures::join!(connections_done, job_runs);
     if let Err(e) = job_runs {
         warn!(error = %e, "the JobRun controller could not start");
@@ -610,8 +616,7 @@ async fn forget_deleted(ctx: std::sync::Weak<Context>) {
         tokio::time::sleep(Duration::from_secs(300)).await;
         let Some(ctx) = ctx.upgrade() else { return };
         let live: std::collections::HashSet<String> = ctx
-            .store
-            .state()
+            .connections()
             .iter()
             .filter_map(|g| g.0.as_ref().ok())
             .map(uid)
@@ -624,6 +629,25 @@ async fn forget_deleted(ctx: std::sync::Weak<Context>) {
             .lock()
             .unwrap()
             .retain(|k, _| live.contains(k));
+    }
+}
+
+/// `Api::namespaced` in `scope`, or `Api::all`.
+fn scoped_api<K>(client: &Client, scope: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+impl Context {
+    /// Every Connection in the controllers' caches, of every watched namespace.
+    pub(crate) fn connections(&self) -> Vec<Arc<DeserializeGuard<Connection>>> {
+        self.stores.iter().flat_map(|s| s.state()).collect()
     }
 }
 

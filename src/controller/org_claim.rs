@@ -19,7 +19,11 @@ pub const ORG_RELEASED: &str = "OrgClaimReleased";
 /// The OrgClaim name of `remote_id` in this operator's scope.
 fn claim_key(ctx: &Context, conn: &Connection, remote_id: &str) -> Option<String> {
     let key = crate::api::org_key(conn.spec.provider, remote_id)?;
-    Some(claims::claim_name(ctx.config.namespace.as_deref(), &key))
+    // Namespaced mode: one claim per org and namespace (the operator may not see the others).
+    let scope = (!ctx.config.namespaces.is_empty())
+        .then(|| conn.namespace())
+        .flatten();
+    Some(claims::claim_name(scope.as_deref(), &key))
 }
 
 fn me(conn: &Connection, ns: &str) -> ClaimHolder {
@@ -65,11 +69,12 @@ pub async fn hold(ctx: &Context, conn: &Connection, ns: &str, remote_id: &str) -
             Some(c) if c.spec.holder.uid != me.uid => holder_exists(ctx, &c.spec.holder).await?,
             _ => true,
         };
+        // Namespaced mode: the claimants of this namespace only (its claims are its own).
         let waiting: Vec<Claimant> = ctx
-            .store
-            .state()
+            .connections()
             .iter()
             .filter_map(|g| g.0.as_ref().ok())
+            .filter(|c| ctx.config.namespaces.is_empty() || c.namespace().as_deref() == Some(ns))
             .filter_map(claims::waiting_claimant)
             .collect();
         let seen = Seen {

@@ -16,7 +16,9 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
     use kube::api::{Api, ListParams};
-    let api: Api<crate::api::Connection> = match &ctx.config.namespace {
+    // The first watched namespace stands for them (each has its own Role; any one answering
+    // shows the API server and the CRD are there).
+    let api: Api<crate::api::Connection> = match ctx.config.namespaces.first() {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
@@ -41,7 +43,7 @@ async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        ctx.metrics.render(&ctx.store),
+        ctx.metrics.render(&ctx.stores),
     )
 }
 

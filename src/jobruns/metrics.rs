@@ -8,7 +8,7 @@
 //!   `later`: no session, or the CRM unreachable or busy);
 //! - `connection_operator_job_run_duration_seconds{type,outcome}`: start to finish of reported runs.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use kube::runtime::reflector::Store;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -48,7 +48,8 @@ fn duration_histogram() -> Histogram {
 /// The JobRun controller's metrics; clones share them.
 #[derive(Clone)]
 pub struct JobMetrics {
-    runs: Arc<OnceLock<Store<JobRun>>>,
+    /// One cache per watched namespace (one for all namespaces in the cluster-wide mode).
+    runs: Arc<Mutex<Vec<Store<JobRun>>>>,
     by_phase: Family<PhaseLabels, Gauge>,
     pending: Gauge,
     reports: Family<ReportLabels, Counter>,
@@ -101,9 +102,9 @@ impl JobMetrics {
         }
     }
 
-    /// The cache the per-phase gauges are read from.
+    /// A cache the per-phase gauges are read from.
     pub(crate) fn watch(&self, store: Store<JobRun>) {
-        let _ = self.runs.set(store);
+        self.runs.lock().unwrap().push(store);
     }
 
     pub(crate) fn reported(&self, phase: JobPhase, outcome: ReportOutcome) {
@@ -131,8 +132,7 @@ impl JobMetrics {
 
     /// Sets the gauges from the cache (called when `/metrics` is scraped).
     pub fn refresh(&self) {
-        let Some(store) = self.runs.get() else { return };
-        let runs = store.state();
+        let runs: Vec<_> = self.runs.lock().unwrap().iter().flat_map(|s| s.state()).collect();
         let (by_phase, pending) = tally(runs.iter().map(|r| r.status.as_ref()));
         for (phase, n) in JobPhase::ALL.into_iter().zip(by_phase) {
             self.by_phase

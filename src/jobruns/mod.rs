@@ -77,15 +77,17 @@ pub enum Error {
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
-    namespace: Option<String>,
+    namespaces: Vec<String>,
     validator: &crate::providers::ValidatorConfig,
     settings: Settings,
     metrics: metrics::JobMetrics,
     instance: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), reqwest::Error> {
-    let scoped = |client: &Client| -> (Api<JobRun>, Api<Job>, Api<DeserializeGuard<Connection>>) {
-        match &namespace {
+    let scoped = |client: &Client,
+                  namespace: Option<&str>|
+     -> (Api<JobRun>, Api<Job>, Api<DeserializeGuard<Connection>>) {
+        match namespace {
             Some(ns) => (
                 Api::namespaced(client.clone(), ns),
                 Api::namespaced(client.clone(), ns),
@@ -98,8 +100,16 @@ pub async fn run(
             ),
         }
     };
-    let (runs, jobs, connections) = scoped(&client);
     let templates: Api<JobTemplate> = Api::all(client.clone());
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let apis: Vec<_> = scopes
+        .iter()
+        .map(|scope| scoped(&client, scope.as_deref()))
+        .collect();
     let ctx = Arc::new(Ctx {
         recorder: Recorder::new(
             client.clone(),
@@ -114,50 +124,58 @@ pub async fn run(
         metrics,
         client,
     });
-    let controller = Controller::new(runs, watcher::Config::default());
-    let store = controller.store();
-    ctx.metrics.watch(store.clone());
-    let (by_connection, by_template) = (store.clone(), store);
+    // One controller per watched namespace, or one for the whole cluster.
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-    controller
-        // A Job's progress wakes its JobRun (named in the Job's annotation: the JobRun is owned by
-        // its Job, not the other way round, so `owns` would not map it).
-        .watches(jobs, watcher::Config::default().labels(&managed), |job: Job| {
-            let run = job.annotations().get(build::JOBRUN_ANNOTATION).cloned();
-            run.zip(job.namespace())
-                .map(|(run, ns)| ObjectRef::<JobRun>::new(&run).within(&ns))
-        })
-        // A connection turning Active starts its runs, and those of its org left by a deleted
-        // connection (which it adopts).
-        // (A Connection that does not match the schema wakes nothing and stops nothing.)
-        .watches(
-            connections,
-            watcher::Config::default(),
-            move |guard: DeserializeGuard<Connection>| {
-                let Ok(c) = guard.0 else { return vec![] };
-                let org = org_of(&c);
-                runs_where(&by_connection, |r| {
-                    r.namespace() == c.namespace()
-                        && (r.spec.connection == c.name_any()
-                            || (org.is_some() && r.labels().get(crate::api::labels::ORG) == org.as_ref()))
-                })
-            },
-        )
-        // A template appearing starts the runs waiting for it.
-        .watches(templates, watcher::Config::default(), move |t: JobTemplate| {
-            runs_where(&by_template, |r| template_name(&r.spec.job_type) == t.name_any())
-        })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                match e {
-                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
-                    other => warn!(error = %other, "jobrun controller error"),
+    futures::future::join_all(apis.into_iter().map(|(runs, jobs, connections)| {
+        let controller = Controller::new(runs, watcher::Config::default());
+        let store = controller.store();
+        ctx.metrics.watch(store.clone());
+        let (by_connection, by_template) = (store.clone(), store);
+        controller
+            // A Job's progress wakes its JobRun (named in the Job's annotation: the JobRun is owned
+            // by its Job, not the other way round, so `owns` would not map it).
+            .watches(jobs, watcher::Config::default().labels(&managed), |job: Job| {
+                let run = job.annotations().get(build::JOBRUN_ANNOTATION).cloned();
+                run.zip(job.namespace())
+                    .map(|(run, ns)| ObjectRef::<JobRun>::new(&run).within(&ns))
+            })
+            // A connection turning Active starts its runs, and those of its org left by a deleted
+            // connection (which it adopts).
+            // (A Connection that does not match the schema wakes nothing and stops nothing.)
+            .watches(
+                connections,
+                watcher::Config::default(),
+                move |guard: DeserializeGuard<Connection>| {
+                    let Ok(c) = guard.0 else { return vec![] };
+                    let org = org_of(&c);
+                    runs_where(&by_connection, |r| {
+                        r.namespace() == c.namespace()
+                            && (r.spec.connection == c.name_any()
+                                || (org.is_some() && r.labels().get(crate::api::labels::ORG) == org.as_ref()))
+                    })
+                },
+            )
+            // A template appearing starts the runs waiting for it.
+            .watches(
+                templates.clone(),
+                watcher::Config::default(),
+                move |t: JobTemplate| {
+                    runs_where(&by_template, |r| template_name(&r.spec.job_type) == t.name_any())
+                },
+            )
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    match e {
+                        kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                        other => warn!(error = %other, "jobrun controller error"),
+                    }
                 }
-            }
-        })
-        .await;
+            })
+    }))
+    .await;
     Ok(())
 }
 

@@ -68,7 +68,7 @@ impl Env {
             CLIENT,
         ));
         let mut config = Config {
-            namespace: Some(ns.name().to_string()),
+            namespaces: vec![ns.name().to_string()],
             ..Default::default()
         };
         config.validator.entra_authority_override = Some(fake.entra_authority());

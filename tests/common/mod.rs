@@ -73,6 +73,20 @@ pub async fn client() -> Client {
     client_for(&kubeconfig_path()).await
 }
 
+/// A kube client with admin credentials impersonating `user` in `groups` (so it has exactly their
+/// rights, e.g. a ServiceAccount bound only by a chart's Roles).
+pub async fn client_as(user: &str, groups: &[&str]) -> Client {
+    let path = kubeconfig_path();
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("reading kubeconfig {}: {e}; {RUN_HINT}", path.display()));
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", path.display()));
+    config.auth_info.impersonate = Some(user.to_string());
+    config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+    Client::try_from(config).expect("kube client")
+}
+
 /// A kube client acting as the operator's ServiceAccount (`$OPERATOR_KUBECONFIG`).
 pub async fn operator_client() -> Client {
     client_for(&operator_kubeconfig_path()).await
@@ -332,10 +346,19 @@ impl InProcessOperator {
     }
 
     /// As [`InProcessOperator::start`], keeping `config.validator.hosts` as given.
-    pub async fn start_with_host_policy(mut config: connection_operator::controller::Config) -> Self {
+    pub async fn start_with_host_policy(config: connection_operator::controller::Config) -> Self {
+        Self::start_with_client(operator_client().await, config)
+    }
+
+    /// As [`InProcessOperator::start`], as the identity of `client`.
+    pub fn start_as(client: Client, mut config: connection_operator::controller::Config) -> Self {
+        config.validator.hosts.allow_loopback = true;
+        Self::start_with_client(client, config)
+    }
+
+    fn start_with_client(client: Client, mut config: connection_operator::controller::Config) -> Self {
         config.retriever.image = ABSENT_RETRIEVER_IMAGE.to_string();
         config.retriever.pull_policy = "Never".to_string();
-        let client = operator_client().await;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             connection_operator::controller::run(client, config, async move {

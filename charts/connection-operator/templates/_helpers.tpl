@@ -13,3 +13,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "connection-operator.rbacName" -}}
 crmconnect:{{ .Release.Name }}
 {{- end -}}
+
+{{- /* The watched namespaces, comma-separated (empty: all): watchNamespaces, plus the older
+single watchNamespace. */ -}}
+{{- define "connection-operator.watchNamespaces" -}}
+{{- $all := concat (.Values.watchNamespaces | default list) (compact (list .Values.watchNamespace)) | uniq -}}
+{{- join "," $all -}}
+{{- end -}}
