@@ -82,7 +82,8 @@ trap 'rm -rf "$pause_root"' EXIT
 
 echo "$stamp" >"$bin/.stamp"
 # In CI (a one-shot machine) the Go build and module caches (several GB) have served their purpose.
-if [[ "${CI:-}" == true ]]; then
+# CLUSTER_KEEP_GO_CACHE=1 keeps them (several fresh-clone CI runs in a row on one workstation).
+if [[ "${CI:-}" == true && "${CLUSTER_KEEP_GO_CACHE:-0}" != 1 ]]; then
 	go clean -cache -modcache
 fi
 "$bin/kubectl" version --client >&2
