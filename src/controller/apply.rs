@@ -130,16 +130,7 @@ async fn validate_when_due(
             )
         })
         .clone();
-    let remember = |memo: Memo| {
-        let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
-        let check = memo.check.clone();
-        ctx.memos.lock().unwrap().insert(key.clone(), memo);
-        Validated {
-            check,
-            session: None,
-            recheck_in,
-        }
-    };
+    let remember = |memo: Memo| remember(ctx, &key, memo, now);
     let unchanged = |recheck_in: Option<Duration>| Validated {
         check: memo.check.clone(),
         session: None,
@@ -380,16 +371,7 @@ async fn conclude(
 ) -> Validated {
     let policy = &ctx.config.policy;
     let key = uid(conn);
-    let remember = |memo: Memo| {
-        let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
-        let check = memo.check.clone();
-        ctx.memos.lock().unwrap().insert(key.clone(), memo);
-        Validated {
-            check,
-            session: None,
-            recheck_in,
-        }
-    };
+    let remember = |memo: Memo| remember(ctx, &key, memo, now);
     let outcome = match &result {
         Ok(_) => "authorized",
         Err(f) if f.kind == FailureKind::Transient => "transient",
@@ -501,6 +483,19 @@ fn held_session(session: Option<&Secret>, fingerprint: &str) -> Option<HeldSessi
         granted_at: annotations.get(schedule::GRANTED_AT_ANNOTATION)?.parse().ok()?,
         identity_url: annotations.get(schedule::IDENTITY_URL_ANNOTATION).cloned(),
     })
+}
+
+/// Keeps `memo` as what the operator knows of the connection `key`; the validation's conclusion
+/// with no new session, looked at again when the memo says.
+fn remember(ctx: &Context, key: &str, memo: Memo, now: Timestamp) -> Validated {
+    let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
+    let check = memo.check.clone();
+    ctx.memos.lock().unwrap().insert(key.to_string(), memo);
+    Validated {
+        check,
+        session: None,
+        recheck_in,
+    }
 }
 
 /// When and by which grant the access token of a session was issued (kept as annotations on the
