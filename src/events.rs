@@ -21,8 +21,10 @@ use kube::{
     runtime::events::{Event, EventType, Reporter},
 };
 use serde_json::json;
-use std::{collections::HashMap, sync::Arc};
-use tokio::sync::Mutex;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 /// How long a published event is remembered for aggregation (kube's recorder uses the same).
 pub const CACHE_TTL: SignedDuration = SignedDuration::from_mins(6);
@@ -135,10 +137,14 @@ impl Recorder {
     pub async fn publish(&self, ev: &Event, regarding: &ObjectReference) -> Result<(), kube::Error> {
         let now = Timestamp::now();
         let key = key(ev, regarding);
-        // The lock is held across the write so that two publishers of one event do not both create it.
-        let mut cache = self.cache.lock().await;
-        cache.retain(|_, e| e.last_timestamp.as_ref().is_some_and(|t| t.0 + CACHE_TTL > now));
-        let event = next(cache.get(&key), ev, regarding, &self.reporter, now);
+        // The cache is locked only to read and to record, never across the API call: every
+        // reconcile publishes through this one recorder. (Two publishers of the same event at the
+        // same moment may both create it: a duplicate line, as with kube's recorder.)
+        let event = {
+            let mut cache = self.cache.lock().unwrap();
+            cache.retain(|_, e| e.last_timestamp.as_ref().is_some_and(|t| t.0 + CACHE_TTL > now));
+            next(cache.get(&key), ev, regarding, &self.reporter, now)
+        };
         let events: Api<CoreEvent> = Api::namespaced(
             self.client.clone(),
             event.metadata.namespace.as_deref().unwrap_or("default"),
@@ -164,6 +170,7 @@ impl Recorder {
         } else {
             events.create(&PostParams::default(), &event).await.map(|_| event)
         };
+        let mut cache = self.cache.lock().unwrap();
         match written {
             Ok(event) => {
                 cache.insert(key, event);

@@ -293,12 +293,14 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
     // The real pod, as its own ServiceAccount (in-cluster), trusting the operator's CA (from its
     // session), claims the queued jobs in the CRM and records them as JobRuns.
     let jobruns: Api<connection_operator::api::JobRun> = Api::namespaced(client.clone(), &ns);
+    // The retriever creates a JobRun, then writes its status (a subresource: a second request), so
+    // a JobRun may be seen for a moment without one (a loaded CI run did).
     let runs = eventually(
-        "two JobRuns from the retriever pod",
+        "two JobRuns from the retriever pod, with their status",
         Duration::from_secs(90),
         || async {
             let runs = jobruns.list(&Default::default()).await.ok()?.items;
-            (runs.len() == 2).then_some(runs)
+            (runs.len() == 2 && runs.iter().all(|r| r.status.is_some())).then_some(runs)
         },
     )
     .await;
