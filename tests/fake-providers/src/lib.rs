@@ -126,6 +126,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 
 mod jobs;
+mod login;
 mod tls;
 pub use jobs::{
     CrmApi, FakeJob, JobStatus, NO_SUCH_ENTITY_SET, NO_SUCH_OBJECT, NewJob, RECORD_COUNT, SeedJob,
@@ -133,6 +134,7 @@ pub use jobs::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+pub use login::{DEVICE_INTERVAL_SECS, LoginDecision, LoginProvider, PendingDeviceCode};
 pub use tls::{ServerIdentity, TestPki};
 
 /// A Salesforce org (and the one user whose tokens the fake issues for it).
@@ -187,6 +189,9 @@ pub struct DynamicsEnvironment {
     /// The environment URL expected in the scope; default: the fake's own URL.
     #[serde(default)]
     pub environment_url: Option<String>,
+    /// The name Global Discovery shows; default "Environment N".
+    #[serde(default)]
+    pub friendly_name: Option<String>,
 }
 
 impl DynamicsEnvironment {
@@ -198,6 +203,7 @@ impl DynamicsEnvironment {
             client_secret: None,
             tenant: None,
             environment_url: None,
+            friendly_name: None,
         }
     }
 
@@ -208,6 +214,17 @@ impl DynamicsEnvironment {
 
     pub fn with_tenant(mut self, tenant: &str) -> Self {
         self.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Served at another URL (listed by Global Discovery; tokens are issued for its scope).
+    pub fn with_url(mut self, url: &str) -> Self {
+        self.environment_url = Some(url.into());
+        self
+    }
+
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.friendly_name = Some(name.into());
         self
     }
 }
@@ -535,6 +552,7 @@ struct State {
     stats: Stats,
     last_token_form: Option<BTreeMap<String, String>>,
     jobs: jobs::JobQueues,
+    logins: login::Logins,
 }
 
 impl State {
@@ -828,6 +846,21 @@ impl FakeProviders {
         self.shared.lock().last_token_form.clone()
     }
 
+    /// The device codes waiting for the user, oldest user code first.
+    pub fn device_codes(&self) -> Vec<PendingDeviceCode> {
+        self.shared.lock().logins.pending()
+    }
+
+    /// What the user does with the device code `user_code` (see [`LoginDecision`]).
+    pub fn decide_device_code(&self, user_code: &str, decision: LoginDecision) -> Result<(), String> {
+        login::decide(&mut self.shared.lock(), user_code, decision)
+    }
+
+    /// What the user does at the next sign-in page (`…/authorize`).
+    pub fn queue_authorization(&self, decision: LoginDecision) {
+        self.shared.lock().logins.queue(decision);
+    }
+
     /// Applies a seed file (jobs for an unknown remote ID are skipped).
     pub fn apply_seed(&self, seed: &Seed) {
         self.set_rotation(seed.rotation);
@@ -855,6 +888,13 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/services/oauth2/token", post(salesforce_token))
         .route("/id/{org}/{user}", get(salesforce_identity))
         .route("/{tenant}/oauth2/v2.0/token", post(entra_token))
+        .route("/{tenant}/oauth2/v2.0/devicecode", post(login::entra_device_start))
+        .route("/{tenant}/oauth2/v2.0/authorize", get(login::authorize))
+        .route("/services/oauth2/authorize", get(login::authorize))
+        .route("/api/discovery/v2.0/Instances", get(login::discovery_instances))
+        .route("/_admin/device-codes", get(login::admin_device_codes))
+        .route("/_admin/device-codes/{code}", post(login::admin_decide_device_code))
+        .route("/_admin/authorizations", post(login::admin_queue_authorization))
         .route("/api/data/v9.2/WhoAmI", get(whoami))
         .route("/services/data/v62.0/query", get(jobs::sf_query))
         .route("/services/data/v62.0/query/{locator}", get(jobs::sf_query_more))
@@ -959,11 +999,19 @@ async fn salesforce_token(AxState(shared): Shared_, Form(form): Form<BTreeMap<St
         return fault_response(fault).await;
     }
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
-    if field("grant_type") != "refresh_token" {
-        return json_response(
-            400,
-            json!({"error": "unsupported_grant_type", "error_description": "grant type not supported"}),
-        );
+    if field("response_type") == "device_code" {
+        return login::salesforce_device_start(&shared, &form);
+    }
+    match field("grant_type") {
+        "refresh_token" => {}
+        "device" => return login::salesforce_device_poll(&shared, &form),
+        "authorization_code" => return login::salesforce_code_exchange(&shared, &form),
+        _ => {
+            return json_response(
+                400,
+                json!({"error": "unsupported_grant_type", "error_description": "grant type not supported"}),
+            );
+        }
     }
     let mut state = shared.lock();
     let account = state
@@ -999,25 +1047,7 @@ async fn salesforce_token(AxState(shared): Shared_, Form(form): Form<BTreeMap<St
             json!({"error": "invalid_client", "error_description": "invalid client credentials"}),
         );
     }
-    let access_token = shared.token(&format!("{}!fake-at-", org.org_id));
-    state.access_tokens.insert(access_token.clone(), key.clone());
-    let id = format!("{}/id/{}/{}", shared.url, org.org_id, org.user_id);
-    let issued_at = now_millis().to_string();
-    let signing_key = org.client_secret.clone().unwrap_or_default();
-    let signature = if state.bad_signature {
-        salesforce_signature(&id, &issued_at, "not-the-client-secret")
-    } else {
-        salesforce_signature(&id, &issued_at, &signing_key)
-    };
-    let mut body = json!({
-        "access_token": access_token,
-        "signature": signature,
-        "scope": "refresh_token api",
-        "instance_url": shared.url,
-        "id": id,
-        "token_type": "Bearer",
-        "issued_at": issued_at,
-    });
+    let mut body = salesforce_grant(&shared, &mut state, &key, &org);
     if state.rotation {
         let new = shared.token("5Aep861.fake-rt-");
         state.refresh_tokens.remove(field("refresh_token"));
@@ -1032,8 +1062,33 @@ async fn salesforce_token(AxState(shared): Shared_, Form(form): Form<BTreeMap<St
         .and_then(|t| t.as_str())
         .unwrap_or(field("refresh_token"))
         .to_string();
-    state.access_token_origin.insert(access_token.clone(), held);
+    let access_token = body["access_token"].as_str().unwrap_or_default().to_string();
+    state.access_token_origin.insert(access_token, held);
     json_response(200, body)
+}
+
+/// A Salesforce token answer for `org` (a new access token, recorded as live), without a refresh
+/// token: the caller adds one where the grant issues it.
+fn salesforce_grant(shared: &Shared, state: &mut State, key: &str, org: &SalesforceOrg) -> serde_json::Value {
+    let access_token = shared.token(&format!("{}!fake-at-", org.org_id));
+    state.access_tokens.insert(access_token.clone(), key.to_string());
+    let id = format!("{}/id/{}/{}", shared.url, org.org_id, org.user_id);
+    let issued_at = now_millis().to_string();
+    let signing_key = org.client_secret.clone().unwrap_or_default();
+    let signature = if state.bad_signature {
+        salesforce_signature(&id, &issued_at, "not-the-client-secret")
+    } else {
+        salesforce_signature(&id, &issued_at, &signing_key)
+    };
+    json!({
+        "access_token": access_token,
+        "signature": signature,
+        "scope": "refresh_token api",
+        "instance_url": shared.url,
+        "id": id,
+        "token_type": "Bearer",
+        "issued_at": issued_at,
+    })
 }
 
 async fn salesforce_identity(
@@ -1112,6 +1167,11 @@ async fn entra_token(
         return fault_response(fault).await;
     }
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
+    match field("grant_type") {
+        "urn:ietf:params:oauth:grant-type:device_code" => return login::entra_device_poll(&shared, &form),
+        "authorization_code" => return login::entra_code_exchange(&shared, &form),
+        _ => {}
+    }
     if field("grant_type") != "refresh_token" {
         return entra_error(
             400,
@@ -1151,33 +1211,70 @@ async fn entra_token(
     {
         return entra_error(400, "invalid_request", 90002, "Tenant not found.");
     }
-    let environment_url = env.environment_url.clone().unwrap_or_else(|| shared.url.clone());
-    let resource_scope = format!("{}/user_impersonation", environment_url.trim_end_matches('/'));
-    let scopes: Vec<&str> = field("scope").split(' ').collect();
-    if !scopes.contains(&resource_scope.as_str()) || !scopes.contains(&"offline_access") {
+    // A refresh token is good for any environment of the same user (a multi-resource refresh token).
+    let Some(target) = entra_target(&shared, &state, &key, field("scope")) else {
         return entra_error(
             400,
             "invalid_scope",
             70011,
             "The provided value for the input parameter 'scope' is not valid.",
         );
+    };
+    let resource_scope = field("scope")
+        .split(' ')
+        .find(|s| s.ends_with("/user_impersonation"))
+        .unwrap_or_default()
+        .to_string();
+    json_response(200, entra_grant(&shared, &mut state, &target, &resource_scope))
+}
+
+/// The environment an Entra token for `scope` is issued for: `{url}/user_impersonation` of the
+/// environment `key`, or of another environment of the same user and client; `offline_access` is
+/// required. `None` for any other scope.
+fn entra_target(shared: &Shared, state: &State, key: &str, scope: &str) -> Option<String> {
+    let scopes: Vec<&str> = scope.split(' ').collect();
+    if !scopes.contains(&"offline_access") {
+        return None;
     }
+    let Some(Account::Dynamics(me)) = state.accounts.get(key) else {
+        return None;
+    };
+    let serves = |env: &DynamicsEnvironment| {
+        let url = env.environment_url.clone().unwrap_or_else(|| shared.url.clone());
+        scopes.contains(&format!("{}/user_impersonation", url.trim_end_matches('/')).as_str())
+    };
+    if serves(me) {
+        return Some(key.to_string());
+    }
+    let mut others: Vec<(&String, &DynamicsEnvironment)> = state
+        .accounts
+        .iter()
+        .filter_map(|(k, a)| match a {
+            Account::Dynamics(env) if env.user_id == me.user_id && env.client_id == me.client_id && serves(env) => {
+                Some((k, env))
+            }
+            _ => None,
+        })
+        .collect();
+    others.sort_by(|a, b| a.0.cmp(b.0));
+    others.first().map(|(k, _)| (*k).clone())
+}
+
+/// An Entra token answer for the account `key`: a new access token (recorded as live) and a new
+/// refresh token (Entra returns one every time; older ones stay valid).
+fn entra_grant(shared: &Shared, state: &mut State, key: &str, scope: &str) -> serde_json::Value {
     let access_token = shared.token("eyJ0eXAiOiJKV1Qi.fake-at-");
-    state.access_tokens.insert(access_token.clone(), key.clone());
-    // Entra returns a new refresh token every time; the old one stays valid.
+    state.access_tokens.insert(access_token.clone(), key.to_string());
     let new_refresh = shared.token("0.fake-rt-");
-    state.refresh_tokens.insert(new_refresh.clone(), key);
-    json_response(
-        200,
-        json!({
-            "token_type": "Bearer",
-            "scope": resource_scope,
-            "expires_in": 3599,
-            "ext_expires_in": 3599,
-            "access_token": access_token,
-            "refresh_token": new_refresh,
-        }),
-    )
+    state.refresh_tokens.insert(new_refresh.clone(), key.to_string());
+    json!({
+        "token_type": "Bearer",
+        "scope": scope,
+        "expires_in": 3599,
+        "ext_expires_in": 3599,
+        "access_token": access_token,
+        "refresh_token": new_refresh,
+    })
 }
 
 async fn whoami(AxState(shared): Shared_, headers: HeaderMap) -> Response {
