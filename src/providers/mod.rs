@@ -36,7 +36,7 @@ mod dynamics;
 mod http;
 mod limiter;
 pub mod rules;
-mod salesforce;
+pub(crate) mod salesforce;
 pub mod trust;
 
 use std::collections::BTreeMap;

@@ -18,19 +18,19 @@ use crate::api::ConnectionSpec;
 /// The Salesforce-specific fields of the token response (there is no `expires_in`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SalesforceTokenFields {
-    instance_url: String,
+    pub(crate) instance_url: String,
     /// `https://<host>/id/<orgId>/<userId>`.
-    id: String,
+    pub(crate) id: String,
     /// Epoch milliseconds, as a string.
-    issued_at: String,
+    pub(crate) issued_at: String,
     /// Base64 HMAC-SHA256 of `id` + `issued_at`, keyed with the client secret.
     #[serde(default)]
-    signature: Option<String>,
+    pub(crate) signature: Option<String>,
 }
 
 impl ExtraTokenFields for SalesforceTokenFields {}
 
-type SalesforceTokenResponse = StandardTokenResponse<SalesforceTokenFields, BasicTokenType>;
+pub(crate) type SalesforceTokenResponse = StandardTokenResponse<SalesforceTokenFields, BasicTokenType>;
 
 type SalesforceClient = Client<
     BasicErrorResponse,

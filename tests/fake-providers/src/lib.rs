@@ -132,9 +132,9 @@ pub use jobs::{
     CrmApi, FakeJob, JobStatus, NO_SUCH_ENTITY_SET, NO_SUCH_OBJECT, NewJob, RECORD_COUNT, SeedJob,
     format_http_date, iso_datetime, parse_http_date,
 };
+pub use login::{DEVICE_INTERVAL_SECS, LoginDecision, LoginProvider, PendingDeviceCode};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-pub use login::{DEVICE_INTERVAL_SECS, LoginDecision, LoginProvider, PendingDeviceCode};
 pub use tls::{ServerIdentity, TestPki};
 
 /// A Salesforce org (and the one user whose tokens the fake issues for it).
@@ -454,6 +454,8 @@ pub struct Stats {
     pub job_patches: u64,
     /// Job PATCHes answered 412 (If-Unmodified-Since / If-Match).
     pub job_patch_conflicts: u64,
+    /// Device-code polls answered `slow_down` (scripted, or faster than the interval).
+    pub device_slow_downs: u64,
     /// Data API answers 429 or 403 REQUEST_LIMIT_EXCEEDED (throttling, the API limit, or a
     /// scripted fault with that status).
     pub job_api_throttled: u64,
@@ -888,12 +890,18 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/services/oauth2/token", post(salesforce_token))
         .route("/id/{org}/{user}", get(salesforce_identity))
         .route("/{tenant}/oauth2/v2.0/token", post(entra_token))
-        .route("/{tenant}/oauth2/v2.0/devicecode", post(login::entra_device_start))
+        .route(
+            "/{tenant}/oauth2/v2.0/devicecode",
+            post(login::entra_device_start),
+        )
         .route("/{tenant}/oauth2/v2.0/authorize", get(login::authorize))
         .route("/services/oauth2/authorize", get(login::authorize))
         .route("/api/discovery/v2.0/Instances", get(login::discovery_instances))
         .route("/_admin/device-codes", get(login::admin_device_codes))
-        .route("/_admin/device-codes/{code}", post(login::admin_decide_device_code))
+        .route(
+            "/_admin/device-codes/{code}",
+            post(login::admin_decide_device_code),
+        )
         .route("/_admin/authorizations", post(login::admin_queue_authorization))
         .route("/api/data/v9.2/WhoAmI", get(whoami))
         .route("/services/data/v62.0/query", get(jobs::sf_query))
@@ -1250,7 +1258,9 @@ fn entra_target(shared: &Shared, state: &State, key: &str, scope: &str) -> Optio
         .accounts
         .iter()
         .filter_map(|(k, a)| match a {
-            Account::Dynamics(env) if env.user_id == me.user_id && env.client_id == me.client_id && serves(env) => {
+            Account::Dynamics(env)
+                if env.user_id == me.user_id && env.client_id == me.client_id && serves(env) =>
+            {
                 Some((k, env))
             }
             _ => None,

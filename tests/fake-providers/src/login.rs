@@ -28,15 +28,17 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use axum::Json;
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Account, Shared, Shared_, State, bearer, entra_error, entra_grant, json_response, salesforce_grant};
+use super::{
+    Account, Shared, Shared_, State, bearer, entra_error, entra_grant, json_response, salesforce_grant,
+};
 
 /// The polling interval the fake announces for device codes, in seconds.
 pub const DEVICE_INTERVAL_SECS: u64 = 1;
@@ -229,6 +231,7 @@ enum Poll {
 }
 
 fn poll_device(state: &mut State, device_code: &str, client_id: &str) -> Poll {
+    let slow_downs = &mut state.stats.device_slow_downs;
     let Some(device) = state.logins.devices.get_mut(device_code) else {
         return Poll::Unknown;
     };
@@ -240,11 +243,14 @@ fn poll_device(state: &mut State, device_code: &str, client_id: &str) -> Poll {
         device.state = DeviceState::Expired;
     }
     // RFC 8628 §3.5: polling faster than the interval gets slow_down, and the interval grows by 5 s.
-    let too_soon = device.last_poll.is_some_and(|last| now.duration_since(last) < device.interval);
+    let too_soon = device
+        .last_poll
+        .is_some_and(|last| now.duration_since(last) < device.interval);
     device.last_poll = Some(now);
     if device.slow_down_next || too_soon {
         device.slow_down_next = false;
         device.interval += Duration::from_secs(5);
+        *slow_downs += 1;
         return Poll::SlowDown;
     }
     match device.state.clone() {
@@ -320,7 +326,12 @@ pub(crate) async fn entra_device_start(
     let client_id = form.get("client_id").map(String::as_str).unwrap_or_default();
     let scope = form.get("scope").map(String::as_str).unwrap_or_default();
     match start_device(&shared, LoginProvider::Entra, client_id, scope) {
-        None => entra_error(400, "unauthorized_client", 700016, "Application was not found in the directory."),
+        None => entra_error(
+            400,
+            "unauthorized_client",
+            700016,
+            "Application was not found in the directory.",
+        ),
         Some((device_code, user_code)) => {
             let verification_uri = format!("{}/devicelogin", shared.url);
             json_response(
@@ -343,12 +354,37 @@ pub(crate) fn entra_device_poll(shared: &Shared, form: &BTreeMap<String, String>
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
     let mut state = shared.lock();
     match poll_device(&mut state, field("device_code"), field("client_id")) {
-        Poll::Unknown => entra_error(400, "bad_verification_code", 70000, "The device code is not valid."),
-        Poll::WrongClient => entra_error(400, "unauthorized_client", 700016, "Application was not found in the directory."),
-        Poll::Pending => entra_error(400, "authorization_pending", 70016, "OAuth 2.0 device flow error. Authorization is pending."),
+        Poll::Unknown => entra_error(
+            400,
+            "bad_verification_code",
+            70000,
+            "The device code is not valid.",
+        ),
+        Poll::WrongClient => entra_error(
+            400,
+            "unauthorized_client",
+            700016,
+            "Application was not found in the directory.",
+        ),
+        Poll::Pending => entra_error(
+            400,
+            "authorization_pending",
+            70016,
+            "OAuth 2.0 device flow error. Authorization is pending.",
+        ),
         Poll::SlowDown => entra_error(400, "slow_down", 70016, "Polling too quickly."),
-        Poll::Denied => entra_error(400, "authorization_declined", 70015, "The user declined the request."),
-        Poll::Expired => entra_error(400, "expired_token", 70020, "The provided device code has expired."),
+        Poll::Denied => entra_error(
+            400,
+            "authorization_declined",
+            70015,
+            "The user declined the request.",
+        ),
+        Poll::Expired => entra_error(
+            400,
+            "expired_token",
+            70020,
+            "The provided device code has expired.",
+        ),
         Poll::Approved { key, scope } => entra_login_tokens(shared, &mut state, &key, &scope),
     }
 }
@@ -396,7 +432,11 @@ pub(crate) async fn authorize(
         return (StatusCode::BAD_REQUEST, "redirect_uri is not a URL").into_response();
     };
     if field("code_challenge_method") != "S256" || field("code_challenge").len() < 43 {
-        return (StatusCode::BAD_REQUEST, "PKCE with code_challenge_method=S256 is required").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "PKCE with code_challenge_method=S256 is required",
+        )
+            .into_response();
     }
     let Some(decision) = state.logins.next_authorizations.pop_front() else {
         return (
@@ -442,7 +482,11 @@ pub(crate) async fn authorize(
 
 /// The code exchange (`grant_type=authorization_code`) of either provider: `None` when the code,
 /// client, redirect URI or verifier do not match (an `invalid_grant`).
-fn redeem(state: &mut State, form: &BTreeMap<String, String>, provider: LoginProvider) -> Option<AuthorizationCode> {
+fn redeem(
+    state: &mut State,
+    form: &BTreeMap<String, String>,
+    provider: LoginProvider,
+) -> Option<AuthorizationCode> {
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
     // A code is single-use, also when the exchange fails.
     let code = state.logins.codes.remove(field("code"))?;
@@ -468,7 +512,12 @@ pub(crate) fn salesforce_code_exchange(shared: &Shared, form: &BTreeMap<String, 
 pub(crate) fn entra_code_exchange(shared: &Shared, form: &BTreeMap<String, String>) -> Response {
     let mut state = shared.lock();
     match redeem(&mut state, form, LoginProvider::Entra) {
-        None => entra_error(400, "invalid_grant", 70008, "The provided authorization code or refresh token has expired or is invalid."),
+        None => entra_error(
+            400,
+            "invalid_grant",
+            70008,
+            "The provided authorization code or refresh token has expired or is invalid.",
+        ),
         Some(code) => {
             let requested = form.get("scope").cloned().unwrap_or(code.scope);
             entra_login_tokens(shared, &mut state, &code.key, &requested)
@@ -484,14 +533,20 @@ pub(crate) async fn discovery_instances(AxState(shared): Shared_, headers: Heade
         .and_then(|token| state.access_tokens.get(&token).cloned())
         .and_then(|key| state.accounts.get(&key).cloned())
     else {
-        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"")], "")
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"")],
+            "",
+        )
             .into_response();
     };
     let mut environments: Vec<_> = state
         .accounts
         .values()
         .filter_map(|a| match a {
-            Account::Dynamics(env) if env.user_id == me.user_id && env.client_id == me.client_id => Some(env.clone()),
+            Account::Dynamics(env) if env.user_id == me.user_id && env.client_id == me.client_id => {
+                Some(env.clone())
+            }
             _ => None,
         })
         .collect();
