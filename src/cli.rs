@@ -106,6 +106,17 @@ pub struct RunArgs {
     /// deleted in the CRM (one read per running job per interval).
     #[arg(long, env = "JOB_ABORT_CHECK", default_value = "60s", value_parser = parse_duration)]
     pub job_abort_check: std::time::Duration,
+    /// Require every connection to accept this version of a data processing agreement
+    /// (spec.agreement.version) before its tokens are used; until then it stays Pending
+    /// (AgreementNotAccepted). Off when empty.
+    #[arg(long, env = "AGREEMENT_VERSION", default_value = "")]
+    pub agreement_version: String,
+    /// The required agreement's name.
+    #[arg(long, env = "AGREEMENT_NAME", default_value = "Data Processing Agreement")]
+    pub agreement_name: String,
+    /// Where users read the required agreement (required with --agreement-version).
+    #[arg(long, env = "AGREEMENT_URL", default_value = "")]
+    pub agreement_url: String,
     /// Reconcile only while holding a Lease, so that of several replicas exactly one reconciles
     /// (and refreshes tokens); the others wait as standbys.
     #[arg(long, env = "LEADER_ELECT")]
@@ -222,7 +233,27 @@ impl RunArgs {
                         .unwrap_or_else(|| dir.with_extension("key")),
                 }),
             job_abort_check: self.job_abort_check,
+            agreement: self.agreement()?,
         })
+    }
+
+    /// The required agreement of `--agreement-version`, `--agreement-name`, `--agreement-url`.
+    fn agreement(&self) -> Result<Option<crate::api::RequiredAgreement>, CliError> {
+        let version = self.agreement_version.trim();
+        if version.is_empty() {
+            return Ok(None);
+        }
+        let url = self.agreement_url.trim();
+        if url.is_empty() || url::Url::parse(url).is_err() {
+            return Err(CliError::Config(format!(
+                "--agreement-url (AGREEMENT_URL) must be the URL where users read the agreement; got {url:?}"
+            )));
+        }
+        Ok(Some(crate::api::RequiredAgreement {
+            name: self.agreement_name.trim().to_string(),
+            version: version.to_string(),
+            url: url.to_string(),
+        }))
     }
 }
 
@@ -552,5 +583,25 @@ mod tests {
         assert_eq!(config.policy.refresh_every, std::time::Duration::from_secs(3600));
         let config = run_args(&["--refresh-interval", "0"]).config().unwrap();
         assert_eq!(config.policy.refresh_every, std::time::Duration::ZERO);
+    }
+
+    #[test]
+    fn an_agreement_is_required_only_with_a_version_and_needs_its_url() {
+        assert!(run_args(&[]).config().unwrap().agreement.is_none());
+        let config = run_args(&[
+            "--agreement-version",
+            "2026-01",
+            "--agreement-url",
+            "https://example.com/dpa",
+        ])
+        .config()
+        .unwrap();
+        let agreement = config.agreement.unwrap();
+        assert_eq!(agreement.version, "2026-01");
+        assert_eq!(agreement.name, "Data Processing Agreement");
+        let err = run_args(&["--agreement-version", "2026-01"])
+            .config()
+            .unwrap_err();
+        assert!(err.to_string().contains("--agreement-url"), "{err}");
     }
 }

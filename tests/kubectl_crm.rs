@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use connection_operator::api::{Connection, State};
+use connection_operator::api::{Connection, RequiredAgreement, State};
 use connection_operator::controller::{Config, schedule::Policy};
 use connection_operator::providers::ValidatorConfig;
 use fake_providers::{DynamicsEnvironment, FakeProviders, LoginDecision, SalesforceOrg};
@@ -46,6 +46,10 @@ struct World {
 
 impl World {
     async fn new() -> World {
+        World::with_agreement(None).await
+    }
+
+    async fn with_agreement(agreement: Option<RequiredAgreement>) -> World {
         ensure_operator_rbac();
         let client = client().await;
         let ns = TempNamespace::new(&client).await;
@@ -78,6 +82,7 @@ impl World {
                 ..Default::default()
             },
             concurrency: 4,
+            agreement,
             ..Default::default()
         })
         .await;
@@ -120,9 +125,19 @@ impl World {
         cmd
     }
 
-    /// Runs the plugin while `user` answers its device code (the first that shows up).
+    /// Runs the plugin while the user answers its device code (the first that shows up).
     async fn with_device_code(&self, args: &[&str], decisions: &[LoginDecision]) -> Run {
-        let child = self.plugin(args).spawn().expect("kubectl-crm starts");
+        self.with_device_code_and_input(args, decisions, "").await
+    }
+
+    /// As [`World::with_device_code`], then types `input` (the answers to its questions).
+    async fn with_device_code_and_input(
+        &self,
+        args: &[&str],
+        decisions: &[LoginDecision],
+        input: &str,
+    ) -> Run {
+        let mut child = self.plugin(args).spawn().expect("kubectl-crm starts");
         let code = eventually("a device code", Duration::from_secs(30), || async {
             self.fake.device_codes().into_iter().next()
         })
@@ -132,6 +147,9 @@ impl World {
                 .decide_device_code(&code.user_code, decision.clone())
                 .expect("the device code is pending");
         }
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).await.unwrap();
+        drop(stdin);
         let run = finished(child).await;
         assert!(
             run.stderr.contains(&code.user_code),
@@ -664,4 +682,144 @@ fn kubectl_plugin_list_finds_it() {
         out.stdout,
         out.stderr
     );
+}
+
+#[tokio::test]
+async fn with_an_agreement_required_connections_stay_pending_until_it_is_accepted() {
+    const THIRD_ORG: &str = "00D000000000003AAA";
+    let dpa = RequiredAgreement {
+        name: "Data Processing Agreement".into(),
+        version: "2026-01".into(),
+        url: "https://example.com/dpa/2026-01".into(),
+    };
+    let w = World::with_agreement(Some(dpa)).await;
+    w.fake.add_salesforce_org(SalesforceOrg::new(
+        THIRD_ORG,
+        "005000000000003AAA",
+        "ops@third.example",
+        CLIENT_ID,
+    ));
+    let login_url = w.fake.salesforce_login_url();
+
+    // Applied without the plugin: Pending, with the agreement to accept; the tokens are not used.
+    let token = w.fake.issue_refresh_token(THIRD_ORG);
+    run_ok(
+        kubectl().args(["apply", "-f", "-"]),
+        Some(&salesforce_manifest(
+            w.ns(),
+            "manual",
+            "sales",
+            &login_url,
+            &format!("client_id: {CLIENT_ID}, refresh_token: {token}"),
+        )),
+    );
+    w.wait_state("manual", State::Pending).await;
+    let manual = eventually("the agreement in the status", Duration::from_secs(30), || async {
+        let c = w.connections().get("manual").await.unwrap();
+        c.status
+            .clone()
+            .filter(|s| s.required_agreement.is_some())
+            .map(|_| c)
+    })
+    .await;
+    let status = manual.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("AgreementNotAccepted"));
+    assert!(
+        status
+            .message
+            .unwrap()
+            .contains("https://example.com/dpa/2026-01")
+    );
+    assert_eq!(status.required_agreement.unwrap().version, "2026-01");
+    assert_eq!(
+        w.fake.token_requests(),
+        0,
+        "no provider call before the agreement is accepted"
+    );
+
+    // `connect` shows the agreement and asks; "y" records the acceptance by the kubeconfig's user.
+    let run = w
+        .with_device_code_and_input(
+            &[
+                "connect",
+                "acme",
+                "--team",
+                "sales",
+                "--provider",
+                "SalesforceProduction",
+                "--login-url",
+                &login_url,
+            ],
+            &[approve(ORG)],
+            "y\n",
+        )
+        .await;
+    assert!(run.success, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("Data Processing Agreement version 2026-01")
+            && run.stderr.contains("https://example.com/dpa/2026-01"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stdout.contains("agreement 2026-01 accepted") && run.stdout.contains("connection acme is Active"),
+        "{}",
+        run.stdout
+    );
+    let accepted = w
+        .connections()
+        .get("acme")
+        .await
+        .unwrap()
+        .spec
+        .agreement
+        .expect("recorded");
+    assert_eq!(accepted.version, "2026-01");
+    assert!(
+        accepted.accepted_by.is_some_and(|u| !u.is_empty()),
+        "the user is recorded"
+    );
+    assert!(accepted.accepted_at.is_some());
+
+    // Declined: the connection stays Pending, and the error says how to accept later.
+    let declined = w
+        .with_device_code_and_input(
+            &[
+                "connect",
+                "other",
+                "--team",
+                "sales",
+                "--provider",
+                "SalesforceProduction",
+                "--login-url",
+                &login_url,
+            ],
+            &[approve(OTHER_ORG)],
+            "n\n",
+        )
+        .await;
+    assert!(!declined.success);
+    assert!(
+        declined.stderr.contains("stays Pending") && declined.stderr.contains("--accept-agreement 2026-01"),
+        "{}",
+        declined.stderr
+    );
+    assert_eq!(w.state("other").await, Some(State::Pending));
+
+    // Scripts accept with the flag, here on the connections already made.
+    for name in ["other", "manual"] {
+        let run = finished(
+            w.plugin(&["activate", name, "--accept-agreement", "2026-01"])
+                .spawn()
+                .unwrap(),
+        )
+        .await;
+        assert!(run.success, "{}", run.stderr);
+        assert!(
+            run.stdout.contains(&format!("connection {name} is Active")),
+            "{}",
+            run.stdout
+        );
+    }
+    w.stop().await;
 }

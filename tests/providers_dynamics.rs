@@ -47,6 +47,7 @@ fn spec(environment_url: &str, cloud: Cloud, tenant: &str) -> ConnectionSpec {
         display_name: None,
         description: None,
         paused: false,
+        agreement: None,
     }
 }
 

@@ -41,6 +41,7 @@ fn spec(provider: Provider, url: &str) -> ConnectionSpec {
         display_name: None,
         description: None,
         paused: false,
+        agreement: None,
     }
 }
 

@@ -46,6 +46,7 @@ fn spec(login_url: &str) -> ConnectionSpec {
         display_name: None,
         description: None,
         paused: false,
+        agreement: None,
     }
 }
 

@@ -124,6 +124,41 @@ pub struct ConnectionSpec {
     /// Set back to false to activate it again. Job history is kept either way.
     #[serde(default)]
     pub paused: bool,
+
+    /// Acceptance of the data processing agreement the cluster administrator requires (operator
+    /// flag `--agreement-version`, chart value `agreement`). While one is required and this does not
+    /// name its version, the connection stays Pending (reason AgreementNotAccepted) and its tokens
+    /// are not used. `kubectl crm connect` shows the agreement and fills this in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<AgreementAcceptance>,
+}
+
+/// Who accepted which version of the data processing agreement, and when.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgreementAcceptance {
+    /// The version accepted, e.g. 2026-01.
+    #[schemars(length(min = 1, max = 64))]
+    pub version: String,
+    /// The Kubernetes user who accepted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub accepted_by: Option<String>,
+    /// When it was accepted (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+/// The data processing agreement a connection must accept, as the status shows it while it has not.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequiredAgreement {
+    /// The agreement's name, e.g. "Data Processing Agreement".
+    pub name: String,
+    /// The version to accept (spec.agreement.version).
+    pub version: String,
+    /// Where to read it.
+    pub url: String,
 }
 
 impl ConnectionSpec {
@@ -141,6 +176,7 @@ impl ConnectionSpec {
             display_name: None,
             description: None,
             paused: false,
+            agreement: None,
         }
     }
 }
@@ -303,6 +339,11 @@ pub struct ConnectionStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+
+    /// The data processing agreement to accept (set while the state is Pending with reason
+    /// AgreementNotAccepted): put its version in spec.agreement.version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_agreement: Option<RequiredAgreement>,
 }
 
 /// The state of a connection, as shown in `kubectl get connections`.

@@ -61,6 +61,8 @@ pub struct Config {
     pub journal: Option<JournalConfig>,
     /// How often a running job's CRM record is read for an abort.
     pub job_abort_check: std::time::Duration,
+    /// The data processing agreement every connection must accept first; none when `None`.
+    pub agreement: Option<crate::api::RequiredAgreement>,
 }
 
 /// Where the journal of rotated refresh tokens lives (see [`journal`]).
@@ -84,6 +86,7 @@ impl Default for Config {
             leader_election: None,
             metrics_addr: None,
             job_abort_check: crate::jobruns::Settings::default().abort_check,
+            agreement: None,
             journal: None,
         }
     }
@@ -278,7 +281,15 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         if early {
             ctx.retriever_revalidations.lock().unwrap().insert(uid(conn), now);
         }
-        let mut validated = if foreign.is_empty() {
+        // A connection that has not accepted the required agreement waits: its tokens are not used.
+        let waiting = state::agreement_check(conn, ctx.config.agreement.as_ref());
+        let mut validated = if let Some(check) = waiting.clone() {
+            apply::Validated {
+                check,
+                session: None,
+                recheck_in: None,
+            }
+        } else if foreign.is_empty() {
             apply::validate(&ctx, conn, &ns, &observed, now, early)
                 .await
                 .at(Step::Validate)?
@@ -347,6 +358,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         }
         if status.state != Some(State::Conflict) {
             status.org_settings = org.as_ref().map(|o| o.name_any());
+        }
+        if waiting.is_some() {
+            status.required_agreement = ctx.config.agreement.clone();
         }
         let replicas = i32::from(status.state == Some(State::Active));
         let jobs = org_key.as_deref().map(|key| children::OrgJobs {

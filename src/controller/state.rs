@@ -8,7 +8,7 @@
 use super::children::RetrieverObserved;
 use super::claims::Claim;
 use crate::api::conditions::{self, Desired, Status};
-use crate::api::{Connection, ConnectionStatus, Provider, State};
+use crate::api::{Connection, ConnectionStatus, Provider, RequiredAgreement, State};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// Who the tokens act as, from a successful validation.
@@ -29,6 +29,9 @@ pub enum Known {
     Invalid { reason: String, message: String },
     /// Never concluded (only transient failures so far, or not checked yet).
     Unknown,
+    /// Not checked: the user must first do something else (accept the data processing
+    /// agreement). Pending with this reason; nothing is validated, claimed or run.
+    Waiting { reason: String, message: String },
 }
 
 /// What the validation step hands to [`decide`].
@@ -124,6 +127,36 @@ pub mod reasons {
     pub const HOLDING: &str = "Holding";
     /// A child object (`<name>-session`, `<name>-retriever`) exists and is not this connection's.
     pub const CHILD_CONFLICT: &str = "ChildConflict";
+    /// The administrator requires a data processing agreement this connection has not accepted.
+    pub const AGREEMENT_NOT_ACCEPTED: &str = "AgreementNotAccepted";
+}
+
+/// The check of a connection that has not accepted the required agreement, or `None` when none
+/// is required or its version is accepted (pure).
+pub fn agreement_check(conn: &Connection, required: Option<&RequiredAgreement>) -> Option<Check> {
+    let required = required?;
+    let accepted = conn.spec.agreement.as_ref().map(|a| a.version.as_str());
+    if accepted == Some(required.version.as_str()) {
+        return None;
+    }
+    let before = match accepted {
+        Some(old) => format!(
+            " (version {old} was accepted; the administrator now requires {})",
+            required.version
+        ),
+        None => String::new(),
+    };
+    Some(Check {
+        known: Known::Waiting {
+            reason: reasons::AGREEMENT_NOT_ACCEPTED.to_string(),
+            message: format!(
+                "accept the {} version {} ({}) to connect{before}: `kubectl crm connect` asks, or set spec.agreement.version: \"{}\"",
+                required.name, required.version, required.url, required.version
+            ),
+        },
+        unavailable: None,
+        last_identity: None,
+    })
 }
 
 fn what(provider: Provider) -> &'static str {
@@ -191,6 +224,12 @@ pub fn decide(
             reasons::AWAITING_VALIDATION,
             "the tokens have not been validated yet",
         ),
+        (None, Known::Waiting { reason, message }) => Desired::new(
+            conditions::AUTHORIZED,
+            Status::Unknown,
+            reason.clone(),
+            format!("the tokens are not used yet: {}", one_line(message)),
+        ),
     };
 
     let mut status = ConnectionStatus {
@@ -206,6 +245,7 @@ pub fn decide(
                 message.strip_prefix(INACTIVE_PREFIX).unwrap_or(message)
             ),
         ),
+        Known::Waiting { reason, message } => (State::Pending, reason.clone(), message.clone()),
         Known::Unknown => match &check.unavailable {
             Some(message) => (
                 State::Pending,
@@ -266,7 +306,7 @@ pub fn decide(
     let identity = match &check.known {
         Known::Valid(id) => Some(id.clone()),
         Known::Invalid { .. } => check.last_identity.clone(),
-        Known::Unknown => None,
+        Known::Unknown | Known::Waiting { .. } => None,
     };
     if let Some(id) = identity {
         match provider {
@@ -838,5 +878,55 @@ mod tests {
         assert!(d.warning);
         assert_eq!(d.reason, "Deactivated");
         assert_eq!(transition(Some(&active), &conflict).unwrap().reason, "Conflict");
+    }
+
+    fn dpa() -> RequiredAgreement {
+        RequiredAgreement {
+            name: "Data Processing Agreement".into(),
+            version: "2026-01".into(),
+            url: "https://example.com/dpa".into(),
+        }
+    }
+
+    #[test]
+    fn without_the_required_agreement_a_connection_is_pending_and_its_tokens_unused() {
+        let c = conn(Provider::SalesforceProduction);
+        assert!(
+            agreement_check(&c, None).is_none(),
+            "no agreement required: nothing to wait for"
+        );
+        let check = agreement_check(&c, Some(&dpa())).expect("not accepted");
+        let status = decide(&c, &check, no_claim_asked, AVAILABLE, &t(10));
+        assert_eq!(status.state, Some(State::Pending));
+        assert_eq!(status.reason.as_deref(), Some(reasons::AGREEMENT_NOT_ACCEPTED));
+        let message = status.message.unwrap();
+        assert!(
+            message.contains("version 2026-01") && message.contains("https://example.com/dpa"),
+            "{message}"
+        );
+        assert!(status.remote_id.is_none());
+        let retriever = status
+            .conditions
+            .iter()
+            .find(|k| k.type_ == conditions::RETRIEVER_READY)
+            .unwrap();
+        assert_eq!(retriever.status, "False");
+
+        let mut accepted = c.clone();
+        accepted.spec.agreement = Some(crate::api::AgreementAcceptance {
+            version: "2026-01".into(),
+            accepted_by: Some("alice".into()),
+            accepted_at: None,
+        });
+        assert!(agreement_check(&accepted, Some(&dpa())).is_none());
+        // A new version must be accepted again, and the message says which was.
+        let newer = RequiredAgreement {
+            version: "2027-01".into(),
+            ..dpa()
+        };
+        let Known::Waiting { message, .. } = agreement_check(&accepted, Some(&newer)).unwrap().known else {
+            panic!("waiting")
+        };
+        assert!(message.contains("version 2026-01 was accepted"), "{message}");
     }
 }

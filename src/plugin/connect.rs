@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::login::{self, Method, Target, Tokens, discovery};
-use super::manage::{Want, wait_for};
+use super::manage::{Want, finish, whoami};
 use super::{Ctx, Failed, Output, parse_cloud, parse_duration, parse_provider};
 use crate::api::{Cloud, Connection, ConnectionSpec, DynamicsSpec, Provider, SalesforceSpec};
 use crate::controller::children::CREDENTIALS_LABEL;
@@ -31,6 +31,10 @@ pub struct LoginArgs {
     /// How long to wait for the connection's new state after writing (0: do not wait).
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Accept this version of the data processing agreement the cluster requires (for scripts;
+    /// otherwise you are shown it and asked).
+    #[arg(long, value_name = "VERSION")]
+    pub accept_agreement: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -391,6 +395,22 @@ pub async fn connect(ctx: &Ctx, args: ConnectArgs) -> Result<(), Failed> {
         rules::display_text(&session.user)
     );
 
+    let mut spec = spec;
+    if let Some(version) = &args.login.accept_agreement {
+        // Scripts accept up front; if the cluster requires another version, the wait says so.
+        spec.agreement = Some(crate::api::AgreementAcceptance {
+            version: version.clone(),
+            accepted_by: if args.dry_run {
+                None
+            } else {
+                whoami(&ctx.client).await
+            },
+            accepted_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second())
+                    .expect("now is a valid time"),
+            )),
+        });
+    }
     let mut connection = Connection::new(&args.name, spec);
     connection.metadata.namespace = Some(ctx.namespace.clone());
     let secret = credentials_secret(
@@ -427,7 +447,15 @@ pub async fn connect(ctx: &Ctx, args: ConnectArgs) -> Result<(), Failed> {
     }
     println!("secret/{secret_name} created");
     println!("connection.crmconnect.io/{} created", args.name);
-    finish(&connections, &args.name, Want::Settled, args.login.timeout).await
+    finish(
+        &ctx.client,
+        &connections,
+        &args.name,
+        Want::Settled,
+        args.login.timeout,
+        args.login.accept_agreement.as_deref(),
+    )
+    .await
 }
 
 /// Parameters of the plugin's patches.
@@ -553,22 +581,15 @@ pub async fn reauthorize(ctx: &Ctx, args: ReauthorizeArgs) -> Result<(), Failed>
         .patch(&secret_name, &patch_params(), &Patch::Merge(&patch))
         .await?;
     println!("secret/{secret_name} updated");
-    finish(&connections, &args.name, Want::Active, args.login.timeout).await
-}
-
-/// Waits (unless `timeout` is 0) and reports the connection's state; an error unless Active.
-pub(super) async fn finish(
-    connections: &Api<Connection>,
-    name: &str,
-    want: Want,
-    timeout: Duration,
-) -> Result<(), Failed> {
-    if timeout.is_zero() {
-        return Ok(());
-    }
-    wait_for(connections, name, want, timeout)
-        .await
-        .map(|line| println!("{line}"))
+    finish(
+        &ctx.client,
+        &connections,
+        &args.name,
+        Want::Active,
+        args.login.timeout,
+        args.login.accept_agreement.as_deref(),
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -4,9 +4,13 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch};
 
-use super::connect::{finish, patch_params};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::connect::patch_params;
 use super::{Ctx, Failed, parse_duration};
+use crate::api::{AgreementAcceptance, RequiredAgreement};
 use crate::api::{Connection, State};
+use crate::controller::state::reasons::AGREEMENT_NOT_ACCEPTED;
 
 #[derive(clap::Args, Debug)]
 pub struct WaitArgs {
@@ -15,6 +19,10 @@ pub struct WaitArgs {
     /// How long to wait for the new state (0: do not wait).
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Accept this version of the data processing agreement the cluster requires, if it asks
+    /// (for scripts; otherwise you are asked).
+    #[arg(long, value_name = "VERSION")]
+    pub accept_agreement: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -74,19 +82,46 @@ pub fn conclude(connection: &Connection, want: Want) -> Option<Result<String, St
     }
 }
 
-/// Polls the connection until [`conclude`] says so, or `timeout` passes (then the last status).
+/// How a wait ended without the wanted state.
+#[derive(Debug)]
+pub enum WaitEnd {
+    /// The connection says why not (or the wait timed out).
+    Failed(String),
+    /// The connection waits for this agreement to be accepted.
+    Agreement(RequiredAgreement),
+}
+
+/// The agreement a connection of the current generation waits for (pure).
+pub fn awaited_agreement(connection: &Connection) -> Option<RequiredAgreement> {
+    let status = connection.status.as_ref()?;
+    (status.observed_generation == connection.metadata.generation
+        && status.state == Some(State::Pending)
+        && status.reason.as_deref() == Some(AGREEMENT_NOT_ACCEPTED))
+    .then(|| status.required_agreement.clone())
+    .flatten()
+}
+
+/// Polls the connection until [`conclude`] says so, or it waits for an agreement, or `timeout`
+/// passes (then the last status).
 pub async fn wait_for(
     connections: &Api<Connection>,
     name: &str,
     want: Want,
     timeout: Duration,
-) -> Result<String, Failed> {
+) -> Result<String, WaitEnd> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
-        if let Some(connection) = connections.get_opt(name).await? {
+        let found = connections
+            .get_opt(name)
+            .await
+            .map_err(|e| WaitEnd::Failed(e.to_string()))?;
+        if let Some(connection) = found {
             if let Some(done) = conclude(&connection, want) {
-                return done.map_err(Failed);
+                return done.map_err(WaitEnd::Failed);
+            }
+            if let Some(agreement) = awaited_agreement(&connection) {
+                return Err(WaitEnd::Agreement(agreement));
             }
             last = connection.status;
         }
@@ -103,12 +138,115 @@ pub async fn wait_for(
                     )
                 })
                 .unwrap_or_else(|| "without status (is the operator running?)".into());
-            return Err(Failed(format!(
+            return Err(WaitEnd::Failed(format!(
                 "connection {name} did not become {want:?} within {}s; it is {now}",
                 timeout.as_secs()
             )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The user the cluster knows this kubeconfig as (a SelfSubjectReview), for the agreement's
+/// `acceptedBy`; `None` when the cluster does not say.
+pub async fn whoami(client: &kube::Client) -> Option<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    let review = api
+        .create(&kube::api::PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .ok()?;
+    review.status?.user_info?.username
+}
+
+/// Records the acceptance of `version` in the connection's spec.
+pub async fn accept(
+    connections: &Api<Connection>,
+    name: &str,
+    version: &str,
+    user: Option<String>,
+) -> Result<(), Failed> {
+    let now = k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second())
+        .expect("now is a valid time");
+    let acceptance = AgreementAcceptance {
+        version: version.to_string(),
+        accepted_by: user,
+        accepted_at: Some(Time(now)),
+    };
+    let patch = serde_json::json!({"spec": {"agreement": acceptance}});
+    connections
+        .patch(name, &patch_params(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Asks on stderr whether the user accepts `agreement`; the answer from stdin (none: no).
+fn ask(agreement: &RequiredAgreement) -> bool {
+    use std::io::{BufRead, Write};
+    eprintln!(
+        "This cluster requires the {} version {} before a connection is used:\n  {}",
+        agreement.name, agreement.version, agreement.url
+    );
+    eprint!("Do you accept it? [y/N]: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+/// Waits for `want` (unless `timeout` is 0) and prints the outcome. When the connection waits for
+/// the agreement, it is accepted with `--accept-agreement` (if that is the version required), or
+/// the user is asked; refused or unanswered, the command fails saying how to accept later.
+pub async fn finish(
+    client: &kube::Client,
+    connections: &Api<Connection>,
+    name: &str,
+    want: Want,
+    timeout: Duration,
+    accept_version: Option<&str>,
+) -> Result<(), Failed> {
+    if timeout.is_zero() {
+        return Ok(());
+    }
+    let mut accepted = false;
+    loop {
+        match wait_for(connections, name, want, timeout).await {
+            Ok(line) => {
+                println!("{line}");
+                return Ok(());
+            }
+            Err(WaitEnd::Failed(why)) => return Err(Failed(why)),
+            Err(WaitEnd::Agreement(agreement)) => {
+                if accepted {
+                    return Err(Failed(format!(
+                        "connection {name} still waits for the {} version {}",
+                        agreement.name, agreement.version
+                    )));
+                }
+                let yes = match accept_version {
+                    Some(v) if v == agreement.version => true,
+                    Some(v) => {
+                        return Err(Failed(format!(
+                            "this cluster requires the {} version {} ({}); --accept-agreement named {v}",
+                            agreement.name, agreement.version, agreement.url
+                        )));
+                    }
+                    None => ask(&agreement),
+                };
+                if !yes {
+                    return Err(Failed(format!(
+                        "connection {name} stays Pending until the {} version {} ({}) is accepted: `kubectl crm activate {name} --accept-agreement {}`",
+                        agreement.name, agreement.version, agreement.url, agreement.version
+                    )));
+                }
+                accept(connections, name, &agreement.version, whoami(client).await).await?;
+                println!(
+                    "connection.crmconnect.io/{name} agreement {} accepted",
+                    agreement.version
+                );
+                accepted = true;
+            }
+        }
     }
 }
 
@@ -130,7 +268,15 @@ pub async fn set_paused(ctx: &Ctx, args: WaitArgs, paused: bool) -> Result<(), F
         if paused { "paused" } else { "activated" }
     );
     let want = if paused { Want::Paused } else { Want::Settled };
-    finish(&connections, &args.name, want, args.timeout).await
+    finish(
+        &ctx.client,
+        &connections,
+        &args.name,
+        want,
+        args.timeout,
+        args.accept_agreement.as_deref(),
+    )
+    .await
 }
 
 pub async fn edit(ctx: &Ctx, args: EditArgs) -> Result<(), Failed> {

@@ -511,6 +511,7 @@ mod tests {
             display_name: None,
             description: None,
             paused: false,
+            agreement: None,
         }
     }
 
