@@ -823,3 +823,62 @@ async fn with_an_agreement_required_connections_stay_pending_until_it_is_accepte
     }
     w.stop().await;
 }
+
+#[tokio::test]
+async fn check_has_the_operator_validate_now_and_keeps_rotated_tokens() {
+    let w = World::new().await;
+    let login_url = w.fake.salesforce_login_url();
+    let run = w
+        .with_device_code(
+            &[
+                "connect",
+                "acme",
+                "--team",
+                "sales",
+                "--provider",
+                "SalesforceProduction",
+                "--login-url",
+                &login_url,
+            ],
+            &[approve(ORG)],
+        )
+        .await;
+    assert!(run.success, "{}", run.stderr);
+    // Rotation on: each refresh kills the token sent. The operator keeps the new one in acme-token.
+    w.fake.set_rotation(true);
+    for _ in 0..2 {
+        w.fake.reset_stats();
+        let checked = finished(w.plugin(&["check", "acme"]).spawn().unwrap()).await;
+        assert!(checked.success, "{}", checked.stderr);
+        assert!(
+            checked.stdout.contains(&format!("credentials valid: org {ORG}")),
+            "{}",
+            checked.stdout
+        );
+        assert!(
+            w.fake.stats().salesforce_token_requests >= 1,
+            "the check refreshed the tokens"
+        );
+        assert_eq!(
+            w.fake.stats().dead_token_requests,
+            0,
+            "no rotated-away token was ever sent again"
+        );
+    }
+    let live = String::from_utf8(
+        w.secrets().get("acme-token").await.unwrap().data.unwrap()["refresh_token"]
+            .0
+            .clone(),
+    )
+    .unwrap();
+    assert!(w.fake.revoke(&live));
+    let refused = finished(w.plugin(&["check", "acme"]).spawn().unwrap()).await;
+    assert!(!refused.success);
+    assert!(
+        refused.stderr.contains("credentials NOT valid"),
+        "{}",
+        refused.stderr
+    );
+    no_token_in(&refused, &live);
+    w.stop().await;
+}

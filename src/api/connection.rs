@@ -340,6 +340,11 @@ pub struct ConnectionStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
 
+    /// The value of the `crmconnect.io/revalidate` annotation the operator last acted on (it
+    /// validated the tokens with the provider for it); `kubectl crm check` waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_revalidate: Option<String>,
+
     /// The data processing agreement to accept (set while the state is Pending with reason
     /// AgreementNotAccepted): put its version in spec.agreement.version.
     #[serde(default, skip_serializing_if = "Option::is_none")]

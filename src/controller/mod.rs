@@ -362,6 +362,11 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         if waiting.is_some() {
             status.required_agreement = ctx.config.agreement.clone();
         }
+        // The validation above was made for this value (it is an input of the fingerprint).
+        status.last_handled_revalidate = conn
+            .annotations()
+            .get(schedule::REVALIDATE_ANNOTATION)
+            .cloned();
         let replicas = i32::from(status.state == Some(State::Active));
         let jobs = org_key.as_deref().map(|key| children::OrgJobs {
             key,

@@ -26,6 +26,15 @@ pub struct WaitArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Name of the Connection.
+    pub name: String,
+    /// How long to wait for the operator's check.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct EditArgs {
     /// Name of the Connection.
     pub name: String,
@@ -277,6 +286,96 @@ pub async fn set_paused(ctx: &Ctx, args: WaitArgs, paused: bool) -> Result<(), F
         args.accept_agreement.as_deref(),
     )
     .await
+}
+
+/// What a check concluded (pure): `Ok` when the provider accepted the tokens (the Authorized
+/// condition is True), else why not.
+pub fn verdict(connection: &Connection) -> Result<String, String> {
+    let name = connection.metadata.name.clone().unwrap_or_default();
+    let status = connection.status.clone().unwrap_or_default();
+    let authorized = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crate::api::conditions::AUTHORIZED);
+    let state = status.state.map(|s| s.to_string()).unwrap_or_default();
+    match authorized {
+        Some(c) if c.status == "True" => Ok(format!(
+            "credentials valid: {} {} as {} (connection {name} is {state})",
+            if connection.spec.provider == crate::api::Provider::Dynamics365 {
+                "environment"
+            } else {
+                "org"
+            },
+            status.remote_id.unwrap_or_default(),
+            status.username.unwrap_or_default()
+        )),
+        Some(c) if c.status == "Unknown" => Err(format!(
+            "credentials not checked ({}): {} (connection {name} is {state}; nothing changed)",
+            c.reason, c.message
+        )),
+        Some(c) => Err(format!(
+            "credentials NOT valid ({}): {} (connection {name} is {state})",
+            c.reason,
+            status.message.unwrap_or_else(|| c.message.clone())
+        )),
+        None => Err(format!(
+            "connection {name} has no verdict yet (is the operator running?)"
+        )),
+    }
+}
+
+pub async fn check(ctx: &Ctx, args: CheckArgs) -> Result<(), Failed> {
+    let connections: Api<Connection> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    if connections.get_opt(&args.name).await?.is_none() {
+        return Err(Failed(format!(
+            "connection {} not found in namespace {}",
+            args.name, ctx.namespace
+        )));
+    }
+    // A new value of the annotation asks the operator for one validation now.
+    let value = format!(
+        "kubectl-crm-{}",
+        k8s_openapi::jiff::Timestamp::now().as_nanosecond()
+    );
+    let patch = serde_json::json!({"metadata": {"annotations": {crate::controller::schedule::REVALIDATE_ANNOTATION: value}}});
+    connections
+        .patch(&args.name, &patch_params(), &Patch::Merge(&patch))
+        .await?;
+    let deadline = Instant::now() + args.timeout;
+    let connection = loop {
+        let connection = connections.get(&args.name).await?;
+        if connection
+            .status
+            .as_ref()
+            .and_then(|s| s.last_handled_revalidate.as_deref())
+            == Some(value.as_str())
+        {
+            break connection;
+        }
+        if Instant::now() >= deadline {
+            return Err(Failed(format!(
+                "the operator did not check connection {} within {}s (is it running and watching namespace {}?)",
+                args.name,
+                args.timeout.as_secs(),
+                ctx.namespace
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    match ctx.output {
+        Some(super::Output::Json) => println!("{}", serde_json::to_string_pretty(&connection.status)?),
+        Some(super::Output::Yaml) => print!("{}", serde_saphyr::to_string(&connection.status)?),
+        _ => {}
+    }
+    match verdict(&connection) {
+        Ok(line) => {
+            if !matches!(ctx.output, Some(super::Output::Json | super::Output::Yaml)) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Err(why) => Err(Failed(why)),
+    }
 }
 
 pub async fn edit(ctx: &Ctx, args: EditArgs) -> Result<(), Failed> {

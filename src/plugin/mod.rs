@@ -86,6 +86,10 @@ pub enum Command {
     Activate(manage::WaitArgs),
     /// Change a connection's display name or description.
     Edit(manage::EditArgs),
+    /// Check a connection's tokens with the provider now, through the operator (which refreshes
+    /// them on its fenced path: a rotated refresh token is never lost). Exit code 0 when the
+    /// provider accepts them, 1 otherwise.
+    Check(manage::CheckArgs),
     /// The connections of the namespace, or one connection's details: type, org, state and why,
     /// the retriever, the org's settings, recent jobs and events.
     Status(status::StatusArgs),
@@ -117,6 +121,7 @@ pub async fn run(cli: Cli) -> Result<(), Failed> {
         Command::Pause(args) => manage::set_paused(&ctx, args, true).await,
         Command::Activate(args) => manage::set_paused(&ctx, args, false).await,
         Command::Edit(args) => manage::edit(&ctx, args).await,
+        Command::Check(args) => manage::check(&ctx, args).await,
         Command::Status(args) => status::status(&ctx, args).await,
     }
 }
