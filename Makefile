@@ -48,6 +48,6 @@ cluster-up:
 cluster-down:
 	tests/cluster/down.sh
 
-# connection-operator on your PATH (~/.cargo/bin): `connection-operator check-credentials`, `crd`, ...
+# connection-operator and the kubectl plugin kubectl-crm on your PATH (~/.cargo/bin): `kubectl crm connect`, ...
 install:
 	cargo install --path . --locked

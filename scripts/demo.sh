@@ -28,7 +28,10 @@ stop_fake() {
 # What a user's own shell sources to reach the demo's cluster and binaries (`make demo` runs this
 # script in a subshell, which cannot export them for the user): `source target/demo/env`, from any
 # directory and any shell. `scripts/demo.sh env` prints it for the running cluster.
-env_lines() { printf '%s\n' "$1" "export PATH=$root/target/debug:\$PATH"; }
+env_lines() {
+	printf '%s\n' "$1" "export PATH=$root/target/debug:\$PATH" \
+		"export KUBECTL_CRM_EXTRA_CA_BUNDLE=$state/pki/ca.crt KUBECTL_CRM_ALLOW_PROVIDER_DOMAINS=\${CLUSTER_NODE_IP:-}"
+}
 if [[ ${1:-} == env ]]; then
 	env_lines "$(tests/cluster/up.sh 2>/dev/null)"
 	exit 0
@@ -65,6 +68,8 @@ cat >"$state/seed.yaml" <<SEED
 salesforce:
   - {orgId: 00D5g000004ACMEAA1, userId: 0055g00000ACMEAAA1, username: ops@acme.example, clientId: demo-client, refreshTokens: [demo-prod-token]}
   - {orgId: 00D7z000000UATAAA1, userId: 0057z00000UATAAAA1, username: qa@acme.example.uat, clientId: demo-client, refreshTokens: [demo-uat-token]}
+  # Connected from the terminal with \`kubectl crm connect\` (no token yet: the user signs in).
+  - {orgId: 00D3x000000GLBXAA1, userId: 0053x00000GLBXAA1, username: support@globex.example, clientId: demo-cli}
 dynamics:
   - {organizationId: 6f1c2a9e-0000-4000-8000-00000000c0de, userId: 2b7d4e11-0000-4000-8000-0000000a11ce, clientId: demo-app, environmentUrl: "https://contoso.crm.microsoftdynamics.us", refreshTokens: [demo-dyn-token]}
 # Jobs queued for the cloud in each CRM (and one for a desktop processor, which is not ours). The
@@ -223,13 +228,43 @@ for _ in $(seq 60); do
 done
 kubectl get pods -n "$ns"
 
+step "A new connection from the terminal: kubectl crm connect, signing in with a device code"
+# kubectl finds the plugin (target/debug/kubectl-crm) on PATH. On your machine the login would go to
+# login.salesforce.com; here the simulated Salesforce answers on $fake, with the demo's CA.
+export PATH=$bin:$PATH KUBECTL_CRM_EXTRA_CA_BUNDLE=$state/pki/ca.crt KUBECTL_CRM_ALLOW_PROVIDER_DOMAINS=$CLUSTER_NODE_IP
+echo "\$ kubectl crm connect globex -n $ns --team support --provider SalesforceProduction --login-url $fake --client-id demo-cli"
+kubectl crm connect globex -n "$ns" --team support --provider SalesforceProduction --login-url "$fake" \
+	--client-id demo-cli --display-name "Globex support org" </dev/null &
+connect_pid=$!
+code=
+for _ in $(seq 100); do
+	code=$(curl -fsS --cacert "$state/pki/ca.crt" "$fake/_admin/device-codes" | grep -o '"userCode":"[^"]*"' | head -1 | cut -d'"' -f4) || true
+	[[ -n $code ]] && break
+	sleep 0.2
+done
+sleep 1
+echo "(you would now open the URL on any device, sign in to Salesforce and enter $code;"
+echo " here the simulated Salesforce is told that the user allowed access)"
+curl -fsS --cacert "$state/pki/ca.crt" -X POST "$fake/_admin/device-codes/$code" -H 'content-type: application/json' \
+	-d '{"decision":"approve","remoteId":"00D3x000000GLBXAA1"}'
+wait "$connect_pid"
+echo
+echo "\$ kubectl crm status -n $ns"
+kubectl crm status -n "$ns"
+echo
+echo "\$ kubectl crm status acme-uat -n $ns"
+kubectl crm status acme-uat -n "$ns"
+
 cat <<EOF
 
 Poke further: first point kubectl (and connection-operator) at the demo cluster in your shell
 (make ran in a subshell):
   source target/demo/env
 then:
-  kubectl get conn -n $ns -o wide                      # all connections
+  kubectl crm status -n $ns                            # all connections (kubectl get conn -n $ns -o wide)
+  kubectl crm status globex -n $ns                     # one connection's details
+  kubectl crm pause globex -n $ns; kubectl crm activate globex -n $ns
+  kubectl crm check acme-prod -n $ns                   # have the operator check the tokens now
   kubectl get orgs,jr -n $ns                           # org settings and claimed jobs
   kubectl describe conn acme-uat -n $ns                # conditions and events
   kubectl get events -n $ns                            # Activated, Deactivated, Conflict, ...

@@ -165,7 +165,7 @@ fn validator(ctx: &Ctx) -> Result<Validator, Failed> {
         entra_authority_override: flags.entra_authority_override.clone(),
         ..ValidatorConfig::default()
     };
-    config.hosts.allow_loopback = flags.allow_loopback_providers;
+    config.hosts = host_policy(ctx);
     if let Some(path) = &flags.extra_ca_bundle {
         config.extra_roots = Some(ExtraRoots::read(path)?);
     }
@@ -183,7 +183,7 @@ fn http(ctx: &Ctx) -> Result<reqwest::Client, Failed> {
 fn host_policy(ctx: &Ctx) -> rules::HostPolicy {
     rules::HostPolicy {
         allow_loopback: ctx.providers.allow_loopback_providers,
-        ..rules::HostPolicy::default()
+        extra_domains: ctx.providers.allow_provider_domains.clone(),
     }
 }
 

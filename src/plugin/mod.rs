@@ -55,6 +55,11 @@ pub struct ProviderFlags {
     /// PEM file of CA certificates trusted in addition to the web PKI roots (a TLS-inspecting proxy).
     #[arg(long, global = true, env = "KUBECTL_CRM_EXTRA_CA_BUNDLE")]
     pub extra_ca_bundle: Option<PathBuf>,
+    /// A host or domain (with every host below it) credentials may be sent to besides the
+    /// Salesforce, Entra ID and Dataverse hosts (repeatable, or comma-separated), as the operator's
+    /// --allow-provider-domain: a TLS-inspecting proxy, a cloud not built in.
+    #[arg(long = "allow-provider-domain", global = true, env = "KUBECTL_CRM_ALLOW_PROVIDER_DOMAINS", value_delimiter = ',')]
+    pub allow_provider_domains: Vec<String>,
     /// Allow provider hosts on loopback, over http too (tests and local demos only).
     #[arg(
         long,
