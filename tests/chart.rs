@@ -411,3 +411,51 @@ async fn with_a_watch_namespace_the_operator_may_act_in_that_namespace_only() {
         assert!(!can(denied), "{denied:?} should be denied");
     }
 }
+
+#[test]
+fn a_required_agreement_reaches_the_operator_and_needs_its_url() {
+    let env_of = |rendered: &str| {
+        let docs = documents(rendered);
+        let deployment = docs.iter().find(|v| v["kind"] == "Deployment").unwrap().clone();
+        deployment["spec"]["template"]["spec"]["containers"][0]["env"].clone()
+    };
+    assert!(
+        !env_of(&render()).to_string().contains("AGREEMENT_"),
+        "off by default"
+    );
+    let env = env_of(&render_with(&[
+        "--set",
+        "agreement.version=2026-01",
+        "--set",
+        "agreement.url=https://example.com/dpa",
+    ]));
+    let value = |name: &str| {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap().to_string())
+    };
+    assert_eq!(value("AGREEMENT_VERSION").as_deref(), Some("2026-01"));
+    assert_eq!(value("AGREEMENT_URL").as_deref(), Some("https://example.com/dpa"));
+    assert_eq!(
+        value("AGREEMENT_NAME").as_deref(),
+        Some("Data Processing Agreement")
+    );
+    let refused = run(
+        helm().args([
+            "template",
+            "x",
+            "charts/connection-operator",
+            "--set",
+            "agreement.version=2026-01",
+        ]),
+        None,
+    );
+    assert!(!refused.success);
+    assert!(
+        refused.stderr.contains("agreement.url is required"),
+        "{}",
+        refused.stderr
+    );
+}

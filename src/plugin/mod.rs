@@ -58,7 +58,12 @@ pub struct ProviderFlags {
     /// A host or domain (with every host below it) credentials may be sent to besides the
     /// Salesforce, Entra ID and Dataverse hosts (repeatable, or comma-separated), as the operator's
     /// --allow-provider-domain: a TLS-inspecting proxy, a cloud not built in.
-    #[arg(long = "allow-provider-domain", global = true, env = "KUBECTL_CRM_ALLOW_PROVIDER_DOMAINS", value_delimiter = ',')]
+    #[arg(
+        long = "allow-provider-domain",
+        global = true,
+        env = "KUBECTL_CRM_ALLOW_PROVIDER_DOMAINS",
+        value_delimiter = ','
+    )]
     pub allow_provider_domains: Vec<String>,
     /// Allow provider hosts on loopback, over http too (tests and local demos only).
     #[arg(
