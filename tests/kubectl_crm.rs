@@ -200,6 +200,43 @@ async fn finished(child: tokio::process::Child) -> Run {
     run
 }
 
+/// `connect NAME` of team sales to Salesforce Production at the fake's login URL.
+fn sf_connect<'a>(name: &'a str, login_url: &'a str) -> [&'a str; 8] {
+    [
+        "connect",
+        name,
+        "--team",
+        "sales",
+        "--provider",
+        "SalesforceProduction",
+        "--login-url",
+        login_url,
+    ]
+}
+
+/// Reads the plugin's prompts until the sign-in URL (a line with `marker`); returns it and what was shown.
+async fn sign_in_url(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    marker: &str,
+) -> (String, String) {
+    let mut shown = String::new();
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the plugin prints the sign-in URL");
+        shown.push_str(&line);
+        shown.push('\n');
+        if let Some(url) = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://") && w.contains(marker))
+        {
+            return (url.to_string(), shown);
+        }
+    }
+}
+
 fn approve(remote_id: &str) -> LoginDecision {
     LoginDecision::Approve {
         remote_id: remote_id.into(),
@@ -261,21 +298,7 @@ async fn connect_salesforce_by_device_code_then_pause_activate_edit_and_status()
     assert_eq!(conn.spec.display_name.as_deref(), Some("Acme"));
 
     // A second connect of the same name is refused before any login.
-    let again = finished(
-        w.plugin(&[
-            "connect",
-            "acme",
-            "--team",
-            "sales",
-            "--provider",
-            "SalesforceProduction",
-            "--login-url",
-            &login_url,
-        ])
-        .spawn()
-        .unwrap(),
-    )
-    .await;
+    let again = finished(w.plugin(&sf_connect("acme", &login_url)).spawn().unwrap()).await;
     assert!(!again.success);
     assert!(
         again.stderr.contains("already exists") && again.stderr.contains("kubectl crm reauthorize acme"),
@@ -381,23 +404,8 @@ async fn connect_dynamics_in_the_browser_with_pkce_and_pick_the_environment() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut shown = String::new();
     // The sign-in URL, as the user would open it.
-    let url = loop {
-        let line = stderr
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the plugin prints the sign-in URL");
-        shown.push_str(&line);
-        shown.push('\n');
-        if let Some(url) = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://") && w.contains("/authorize?"))
-        {
-            break url.to_string();
-        }
-    };
+    let (url, mut shown) = sign_in_url(&mut stderr, "/authorize?").await;
     let query: std::collections::BTreeMap<String, String> = url::Url::parse(&url)
         .unwrap()
         .query_pairs()
@@ -456,19 +464,7 @@ async fn reauthorize_an_inactive_connection_and_refuse_another_org() {
     let w = World::new().await;
     let login_url = w.fake.salesforce_login_url();
     let first = w
-        .with_device_code(
-            &[
-                "connect",
-                "acme",
-                "--team",
-                "sales",
-                "--provider",
-                "SalesforceProduction",
-                "--login-url",
-                &login_url,
-            ],
-            &[approve(ORG)],
-        )
+        .with_device_code(&sf_connect("acme", &login_url), &[approve(ORG)])
         .await;
     assert!(first.success, "{}", first.stderr);
     let old = w.refresh_token("acme-credentials").await;
@@ -527,16 +523,7 @@ async fn reauthorize_an_inactive_connection_and_refuse_another_org() {
 async fn a_denied_or_expired_login_writes_nothing_and_slow_down_is_honoured() {
     let w = World::new().await;
     let login_url = w.fake.salesforce_login_url();
-    let args = [
-        "connect",
-        "acme",
-        "--team",
-        "sales",
-        "--provider",
-        "SalesforceProduction",
-        "--login-url",
-        &login_url,
-    ];
+    let args = sf_connect("acme", &login_url);
 
     let denied = w.with_device_code(&args, &[LoginDecision::Deny]).await;
     assert!(!denied.success);
@@ -575,6 +562,50 @@ async fn a_denied_or_expired_login_writes_nothing_and_slow_down_is_honoured() {
         "{}",
         entra_denied.stderr
     );
+
+    let fake_url = w.fake.url();
+    let dynamics = [
+        "connect",
+        "ops",
+        "--team",
+        "ops",
+        "--provider",
+        "Dynamics365",
+        "--environment",
+        &fake_url,
+    ];
+    let entra_expired = w.with_device_code(&dynamics, &[LoginDecision::Expire]).await;
+    assert!(!entra_expired.success);
+    assert!(
+        entra_expired.stderr.contains("error: the sign-in code expired"),
+        "{}",
+        entra_expired.stderr
+    );
+
+    // In the browser: the user refuses; the redirect carries access_denied and the state.
+    w.fake.queue_authorization(LoginDecision::Deny);
+    let mut browser = args.to_vec();
+    browser.push("--browser");
+    let mut child = w.plugin(&browser).spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (url, _) = sign_in_url(&mut stderr, "/services/oauth2/authorize?").await;
+    // A forged answer with another state is refused, and the login keeps waiting for its own.
+    let query: std::collections::BTreeMap<String, String> = url::Url::parse(&url)
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect();
+    let forged = format!("{}?code=stolen&state=not-the-state", query["redirect_uri"]);
+    assert_eq!(reqwest::get(&forged).await.unwrap().status(), 400);
+    reqwest::get(&url)
+        .await
+        .expect("the sign-in page redirects to the callback");
+    let mut rest = String::new();
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        rest.push_str(&line);
+    }
+    assert!(!child.wait().await.unwrap().success());
+    assert!(rest.contains("error: the sign-in was denied"), "{rest}");
 
     assert!(
         w.connections().get_opt("acme").await.unwrap().is_none(),
@@ -739,20 +770,7 @@ async fn with_an_agreement_required_connections_stay_pending_until_it_is_accepte
 
     // `connect` shows the agreement and asks; "y" records the acceptance by the kubeconfig's user.
     let run = w
-        .with_device_code_and_input(
-            &[
-                "connect",
-                "acme",
-                "--team",
-                "sales",
-                "--provider",
-                "SalesforceProduction",
-                "--login-url",
-                &login_url,
-            ],
-            &[approve(ORG)],
-            "y\n",
-        )
+        .with_device_code_and_input(&sf_connect("acme", &login_url), &[approve(ORG)], "y\n")
         .await;
     assert!(run.success, "{}", run.stderr);
     assert!(
@@ -783,20 +801,7 @@ async fn with_an_agreement_required_connections_stay_pending_until_it_is_accepte
 
     // Declined: the connection stays Pending, and the error says how to accept later.
     let declined = w
-        .with_device_code_and_input(
-            &[
-                "connect",
-                "other",
-                "--team",
-                "sales",
-                "--provider",
-                "SalesforceProduction",
-                "--login-url",
-                &login_url,
-            ],
-            &[approve(OTHER_ORG)],
-            "n\n",
-        )
+        .with_device_code_and_input(&sf_connect("other", &login_url), &[approve(OTHER_ORG)], "n\n")
         .await;
     assert!(!declined.success);
     assert!(
@@ -829,19 +834,7 @@ async fn check_has_the_operator_validate_now_and_keeps_rotated_tokens() {
     let w = World::new().await;
     let login_url = w.fake.salesforce_login_url();
     let run = w
-        .with_device_code(
-            &[
-                "connect",
-                "acme",
-                "--team",
-                "sales",
-                "--provider",
-                "SalesforceProduction",
-                "--login-url",
-                &login_url,
-            ],
-            &[approve(ORG)],
-        )
+        .with_device_code(&sf_connect("acme", &login_url), &[approve(ORG)])
         .await;
     assert!(run.success, "{}", run.stderr);
     // Rotation on: each refresh kills the token sent. The operator keeps the new one in acme-token.
