@@ -94,7 +94,7 @@ fn connections_in(
 /// The connections (in the Secret's namespace) that reference `secret`.
 pub fn connections_using_secret(
     store: &Store<DeserializeGuard<Connection>>,
-    secret: &Secret,
+    secret: &impl ResourceExt,
 ) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
     let (Some(ns), name) = (secret.namespace(), secret.name_any()) else {
         return vec![];

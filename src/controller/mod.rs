@@ -26,11 +26,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::core::DeserializeGuard;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -477,7 +477,14 @@ pub async fn run(
         .iter()
         .map(|scope| {
             let connections: Api<DeserializeGuard<Connection>> = scoped_api(&client, scope.as_deref());
-            let controller = Controller::new(connections.clone(), watcher::Config::default().any_semantic());
+            // The cache keeps what decisions read: no managedFields, no kubectl last-applied copy.
+            let (reader, writer) = reflector::store();
+            let stream = watcher(connections.clone(), list_config())
+                .default_backoff()
+                .modify(slim)
+                .reflect(writer)
+                .touched_objects();
+            let controller = Controller::for_stream(stream, reader);
             (scope.clone(), connections, controller)
         })
         .collect();
@@ -569,27 +576,45 @@ pub async fn run(
             let credentials_store = store.clone();
             let settings_store = store.clone();
             let peers_store = store;
-            let secrets: Api<Secret> = scoped_api(&ctx.client, scope.as_deref());
-            let deployments: Api<Deployment> = scoped_api(&ctx.client, scope.as_deref());
+            // Metadata-only requests (`PartialObjectMeta`).
+            let secrets: Api<PartialObjectMeta<Secret>> = scoped_api(&ctx.client, scope.as_deref());
+            let deployments: Api<PartialObjectMeta<Deployment>> = scoped_api(&ctx.client, scope.as_deref());
             let org_settings: Api<crate::api::OrgSettings> = scoped_api(&ctx.client, scope.as_deref());
             controller
                 .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
                 // Only labelled Secrets are watched (credentials the operator has seen, and its own
                 // session Secrets): memory stays proportional to the connections, not to every
                 // Secret in the cluster.
-                .watches(
-                    secrets.clone(),
-                    watcher::Config::default().labels(&format!("{}=true", children::CREDENTIALS_LABEL)),
-                    move |secret: Secret| dereference::connections_using_secret(&credentials_store, &secret),
+                // Metadata only: which Secret changed is all a trigger needs (its data is read when
+                // reconciling), so no token is held in a cache.
+                .watches_stream(
+                    watcher(
+                        secrets.clone(),
+                        list_config().labels(&format!("{}=true", children::CREDENTIALS_LABEL)),
+                    )
+                    .default_backoff()
+                    .touched_objects(),
+                    move |secret: PartialObjectMeta<Secret>| {
+                        dereference::connections_using_secret(&credentials_store, &secret)
+                    },
                 )
                 // Its own Secrets (`<name>-session`, `<name>-token`): a hand edit, e.g. removing a
-                // stale refresh intent, is seen at once.
-                .owns(secrets, watcher::Config::default().labels(&managed))
-                .owns(deployments, watcher::Config::default().labels(&managed))
+                // stale refresh intent, is seen at once. Metadata only (owner references), as for the
+                // Deployments (no pod templates).
+                .owns_stream(
+                    watcher(secrets, list_config().labels(&managed))
+                        .default_backoff()
+                        .touched_objects(),
+                )
+                .owns_stream(
+                    watcher(deployments, list_config().labels(&managed))
+                        .default_backoff()
+                        .touched_objects(),
+                )
                 // An org's settings changing rolls the retrievers that use them.
                 .watches(
                     org_settings,
-                    watcher::Config::default(),
+                    list_config(),
                     move |settings: crate::api::OrgSettings| {
                         dereference::connections_using_org_settings(&settings_store, &settings)
                     },
@@ -598,7 +623,7 @@ pub async fn run(
                 // rivals.
                 .watches(
                     connections,
-                    watcher::Config::default().any_semantic(),
+                    list_config(),
                     move |other: DeserializeGuard<Connection>| dereference::rivals_of(&peers_store, &other),
                 )
                 .graceful_shutdown_on(stopped())
@@ -652,6 +677,26 @@ async fn forget_deleted(ctx: std::sync::Weak<Context>) {
 }
 
 /// `Api::namespaced` in `scope`, or `Api::all`.
+/// How every watch starts: a streaming list (the API server sends the current objects as watch
+/// events from its cache), so no LIST of every object is held in memory at once.
+pub(crate) fn list_config() -> watcher::Config {
+    watcher::Config::default().streaming_lists()
+}
+
+/// What the Connection cache keeps of an object: everything but its `managedFields` and kubectl's
+/// `last-applied-configuration` copy (neither is read by a decision; together they are most of an
+/// object's size).
+fn slim(connection: &mut DeserializeGuard<Connection>) {
+    let meta = kube::Resource::meta_mut(connection);
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
+}
+
+/// The annotation `kubectl apply` (client-side) keeps a full copy of the object in.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 fn scoped_api<K>(client: &Client, scope: Option<&str>) -> Api<K>
 where
     K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,

@@ -27,7 +27,6 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use secrecy::SecretString;
 use tracing::{info, warn};
@@ -128,14 +127,14 @@ pub async fn run(
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     futures::future::join_all(apis.into_iter().map(|(runs, jobs, connections)| {
-        let controller = Controller::new(runs, watcher::Config::default());
+        let controller = Controller::new(runs, crate::controller::list_config());
         let store = controller.store();
         ctx.metrics.watch(store.clone());
         let (by_connection, by_template) = (store.clone(), store);
         controller
             // A Job's progress wakes its JobRun (named in the Job's annotation: the JobRun is owned
             // by its Job, not the other way round, so `owns` would not map it).
-            .watches(jobs, watcher::Config::default().labels(&managed), |job: Job| {
+            .watches(jobs, crate::controller::list_config().labels(&managed), |job: Job| {
                 let run = job.annotations().get(build::JOBRUN_ANNOTATION).cloned();
                 run.zip(job.namespace())
                     .map(|(run, ns)| ObjectRef::<JobRun>::new(&run).within(&ns))
@@ -145,7 +144,7 @@ pub async fn run(
             // (A Connection that does not match the schema wakes nothing and stops nothing.)
             .watches(
                 connections,
-                watcher::Config::default(),
+                crate::controller::list_config(),
                 move |guard: DeserializeGuard<Connection>| {
                     let Ok(c) = guard.0 else { return vec![] };
                     let org = org_of(&c);
@@ -159,7 +158,7 @@ pub async fn run(
             // A template appearing starts the runs waiting for it.
             .watches(
                 templates.clone(),
-                watcher::Config::default(),
+                crate::controller::list_config(),
                 move |t: JobTemplate| {
                     runs_where(&by_template, |r| template_name(&r.spec.job_type) == t.name_any())
                 },
