@@ -1,5 +1,5 @@
 # The README's commands. `make test` is what CI runs (through .ci/run).
-.PHONY: demo demo-down test unit crds lint fmt image cluster-up cluster-down install
+.PHONY: demo demo-down test unit crds lint fmt image cluster-up cluster-down install bench-smoke
 
 # The local demo: control plane + fake Salesforce/Dynamics + operator + example connections.
 demo:
@@ -51,3 +51,8 @@ cluster-down:
 # connection-operator and the kubectl plugin kubectl-crm on your PATH (~/.cargo/bin): `kubectl crm connect`, ...
 install:
 	cargo install --path . --locked
+
+# The scale benchmark at a small N, so the script cannot rot (not part of `make test`; the real runs:
+# scripts/bench-scale.sh 1000 / 3000 / 10000, see BENCHMARKS.md).
+bench-smoke:
+	BENCH_STEADY=20 scripts/bench-scale.sh 200

@@ -134,11 +134,15 @@ pub async fn run(
         controller
             // A Job's progress wakes its JobRun (named in the Job's annotation: the JobRun is owned
             // by its Job, not the other way round, so `owns` would not map it).
-            .watches(jobs, crate::controller::list_config().labels(&managed), |job: Job| {
-                let run = job.annotations().get(build::JOBRUN_ANNOTATION).cloned();
-                run.zip(job.namespace())
-                    .map(|(run, ns)| ObjectRef::<JobRun>::new(&run).within(&ns))
-            })
+            .watches(
+                jobs,
+                crate::controller::list_config().labels(&managed),
+                |job: Job| {
+                    let run = job.annotations().get(build::JOBRUN_ANNOTATION).cloned();
+                    run.zip(job.namespace())
+                        .map(|(run, ns)| ObjectRef::<JobRun>::new(&run).within(&ns))
+                },
+            )
             // A connection turning Active starts its runs, and those of its org left by a deleted
             // connection (which it adopts).
             // (A Connection that does not match the schema wakes nothing and stops nothing.)
