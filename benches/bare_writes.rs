@@ -7,9 +7,10 @@
 //! exist in NAMESPACE, with no operator watching it). Prints `bare writes: S seconds, W writes`.
 //!
 //! Per connection, in the operator's order (see `controller/apply.rs`, `org_claim.rs`):
-//! 1. create `<name>-token` with a refresh intent; 2. withdraw the intent (merge patch);
-//! 3-6. apply the retriever ServiceAccount and RoleBinding, `<name>-session`, the Deployment;
-//! 7. create the OrgClaim; 8. create the OrgSettings; 9. apply the status; 10. create the event.
+//! - create `<name>-token` with a refresh intent, then withdraw the intent (merge patch);
+//! - apply the retriever ServiceAccount and RoleBinding, `<name>-session`, the Deployment;
+//! - create the OrgClaim and the OrgSettings;
+//! - apply the status, create the event.
 
 use std::time::Instant;
 
