@@ -105,6 +105,50 @@ sleep "$steady"
 snapshot "$state/steady-after"
 steady_writes=$(diff "$state/steady-before" "$state/steady-after" | grep -c '^>' || true)
 steady_calls=$(curl -fsS "$fake/_admin/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["tokenRequests"] + s["identityRequests"])')
+
+# Latency under load: K (at most 100) connections lose their tokens (revoked at the provider, and the
+# operator asked to check now), then are re-authorized at once (new tokens in their Secrets):
+# the time from the Secret update to Active, per connection, from a watch.
+k=$((n < 100 ? n : 100))
+names=$(seq -f 'c%g' 0 $((k - 1)) | tr '\n' ' ')
+for i in $(seq 0 $((k - 1))); do
+	curl -fsS -X POST "$fake/_admin/revoke" -H 'content-type: application/json' -d "{\"refreshToken\":\"rt-$i\"}" >/dev/null
+	curl -fsS -X POST "$fake/_admin/tokens" -H 'content-type: application/json' \
+		-d "{\"remoteId\":\"00D$(printf '%012d' "$i")AAA\",\"refreshToken\":\"rt2-$i\"}" >/dev/null
+done
+# shellcheck disable=SC2086
+kubectl annotate conn -n "$ns" $names crmconnect.io/revalidate=bench-revoke --overwrite >/dev/null
+inactive() { kubectl get conn -n "$ns" $names -o jsonpath='{range .items[*]}{.status.state}{"\n"}{end}' | grep -c '^Inactive$' || true; }
+until (($(inactive) == k)); do sleep 0.5; done
+python3 - "$ns" "$k" "$state" <<'PY' >"$state/reauth.txt"
+import json, subprocess, sys, time
+ns, k, state = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+names = {f"c{i}" for i in range(k)}
+watch = subprocess.Popen(["kubectl", "get", "conn", "-n", ns, "--watch", "--output-watch-events", "-o", "json"],
+                         stdout=subprocess.PIPE, text=True)
+time.sleep(2)  # the watch is established (it first lists)
+docs = "\n---\n".join(
+    f"apiVersion: v1\nkind: Secret\nmetadata: {{name: c{i}, namespace: {ns}, labels: {{crmconnect.io/credentials: 'true'}}}}\n"
+    f"stringData: {{client_id: bench, refresh_token: rt2-{i}}}" for i in range(k))
+start = time.monotonic()
+subprocess.run(["kubectl", "apply", "-f", "-"], input=docs, text=True, check=True, stdout=subprocess.DEVNULL)
+done, buf, depth = {}, "", 0
+for line in watch.stdout:
+    buf += line
+    depth += line.count("{") - line.count("}")
+    if depth == 0 and buf.strip():
+        event = json.loads(buf); buf = ""
+        obj = event["object"]; name = obj["metadata"]["name"]
+        if name in names and name not in done and obj.get("status", {}).get("state") == "Active":
+            done[name] = time.monotonic() - start
+            if len(done) == k:
+                break
+watch.kill()
+lat = sorted(done.values())
+pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+print(f"{pick(0.5):.2f} {pick(0.99):.2f} {lat[-1]:.2f}")
+PY
+read -r reauth_p50 reauth_p99 reauth_max <"$state/reauth.txt"
 kill $op; wait $op 2>/dev/null || true
 op=
 
@@ -127,6 +171,8 @@ echo "ratio cold start / bare writes: $(awk "BEGIN {printf \"%.2f\", $cold / $ba
 echo "operator peak RSS (cold start): $((peak / 1024)) MiB"
 echo "provider requests (cold start):      $calls"
 echo "steady state: writes $steady_writes, provider calls $steady_calls (over ${steady}s)"
+echo "reauthorize $k at once: p50 $reauth_p50 s, max $reauth_max s"
+echo "reauthorize p99: $reauth_p99 s"
 echo "restart: objects unchanged after 20s: $(cmp -s "$state/restart-before" "$state/restart-after" && echo yes || echo NO)"
 echo "restart: provider requests:          $rcalls"
 echo "restart: operator peak RSS:          $((rpeak / 1024)) MiB"

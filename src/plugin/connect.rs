@@ -13,10 +13,10 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::login::{self, Method, Target, Tokens, discovery};
 use super::manage::{Want, finish, whoami};
-use super::{Ctx, Failed, Output, parse_cloud, parse_duration, parse_provider};
+use super::{Ctx, Failed, Output, parse_cloud, parse_duration, parse_provider, render};
 use crate::api::{Cloud, Connection, ConnectionSpec, DynamicsSpec, Provider, SalesforceSpec};
 use crate::controller::children::CREDENTIALS_LABEL;
-use crate::providers::{Credentials, ExtraRoots, Session, Validator, ValidatorConfig, rules};
+use crate::providers::{Credentials, Session, Validator, ValidatorConfig, rules};
 
 /// Field manager of the plugin's writes.
 pub const FIELD_MANAGER: &str = "kubectl-crm";
@@ -166,18 +166,15 @@ fn validator(ctx: &Ctx) -> Result<Validator, Failed> {
         ..ValidatorConfig::default()
     };
     config.hosts = host_policy(ctx);
-    if let Some(path) = &flags.extra_ca_bundle {
-        config.extra_roots = Some(ExtraRoots::read(path)?);
-    }
+    config.extra_roots = ctx.extra_roots.clone();
     Ok(Validator::new(config)?)
 }
 
 fn http(ctx: &Ctx) -> Result<reqwest::Client, Failed> {
-    let roots = match &ctx.providers.extra_ca_bundle {
-        Some(path) => Some(ExtraRoots::read(path)?),
-        None => None,
-    };
-    Ok(login::http_client(roots.as_ref(), Duration::from_secs(30))?)
+    Ok(login::http_client(
+        ctx.extra_roots.as_ref(),
+        Duration::from_secs(30),
+    )?)
 }
 
 fn host_policy(ctx: &Ctx) -> rules::HostPolicy {
@@ -484,11 +481,8 @@ fn dry_run(
         .secret_file
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{secret_name}.secret.yaml")));
-    let text = if output == Some(Output::Json) {
-        serde_json::to_string_pretty(&secret_manifest(secret))? + "\n"
-    } else {
-        serde_saphyr::to_string(&secret_manifest(secret))?
-    };
+    let output = output.unwrap_or(Output::Yaml);
+    let text = render(&secret_manifest(secret), output)?;
     write_private(&path, &text)?;
     eprintln!(
         "The Secret (with the refresh token) was written to {} (mode 0600): seal or encrypt it before it goes to Git.",
@@ -496,11 +490,7 @@ fn dry_run(
     );
     let mut value = serde_json::to_value(connection)?;
     value.as_object_mut().map(|o| o.remove("status"));
-    if output == Some(Output::Json) {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    } else {
-        print!("{}", serde_saphyr::to_string(&value)?);
-    }
+    print!("{}", render(&value, output)?);
     Ok(())
 }
 

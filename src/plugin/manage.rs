@@ -362,10 +362,8 @@ pub async fn check(ctx: &Ctx, args: CheckArgs) -> Result<(), Failed> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    match ctx.output {
-        Some(super::Output::Json) => println!("{}", serde_json::to_string_pretty(&connection.status)?),
-        Some(super::Output::Yaml) => print!("{}", serde_saphyr::to_string(&connection.status)?),
-        _ => {}
+    if let Some(output @ (super::Output::Json | super::Output::Yaml)) = ctx.output {
+        print!("{}", super::render(&connection.status, output)?);
     }
     match verdict(&connection) {
         Ok(line) => {

@@ -119,11 +119,16 @@ impl<E: std::fmt::Display> From<E> for Failed {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<(), Failed> {
     let (client, namespace) = kube_client(&cli).await?;
+    let extra_roots = match &cli.providers.extra_ca_bundle {
+        Some(path) => Some(crate::providers::ExtraRoots::read(path)?),
+        None => None,
+    };
     let ctx = Ctx {
         client,
         namespace,
         output: cli.output,
         providers: cli.providers,
+        extra_roots,
     };
     match cli.command {
         Command::Connect(args) => connect::connect(&ctx, *args).await,
@@ -142,6 +147,16 @@ pub(crate) struct Ctx {
     pub namespace: String,
     pub output: Option<Output>,
     pub providers: ProviderFlags,
+    /// `--extra-ca-bundle`, read once.
+    pub extra_roots: Option<crate::providers::ExtraRoots>,
+}
+
+/// `value` as YAML, or as pretty JSON (with a final newline) for `-o json`.
+pub(crate) fn render(value: &impl serde::Serialize, output: Output) -> Result<String, Failed> {
+    Ok(match output {
+        Output::Json => serde_json::to_string_pretty(value)? + "\n",
+        _ => serde_saphyr::to_string(value)?,
+    })
 }
 
 async fn kube_client(cli: &Cli) -> Result<(kube::Client, String), Failed> {

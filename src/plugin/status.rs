@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 
-use super::{Ctx, Failed, Output};
+use super::{Ctx, Failed, Output, render};
 use crate::api::{Connection, JobRun, OrgSettings, Provider, labels};
 
 #[derive(clap::Args, Debug)]
@@ -19,8 +19,10 @@ pub async fn status(ctx: &Ctx, args: StatusArgs) -> Result<(), Failed> {
     let Some(name) = args.name else {
         let list = connections.list(&ListParams::default()).await?;
         return match ctx.output {
-            Some(Output::Yaml) => print_yaml(&serde_json::to_value(&list)?),
-            Some(Output::Json) => print_json(&serde_json::to_value(&list)?),
+            Some(output @ (Output::Yaml | Output::Json)) => {
+                print!("{}", render(&list, output)?);
+                Ok(())
+            }
             _ => {
                 print!("{}", table(&list.items, Timestamp::now()));
                 Ok(())
@@ -33,10 +35,9 @@ pub async fn status(ctx: &Ctx, args: StatusArgs) -> Result<(), Failed> {
             ctx.namespace
         ))
     })?;
-    match ctx.output {
-        Some(Output::Yaml) => return print_yaml(&serde_json::to_value(&connection)?),
-        Some(Output::Json) => return print_json(&serde_json::to_value(&connection)?),
-        _ => {}
+    if let Some(output @ (Output::Yaml | Output::Json)) = ctx.output {
+        print!("{}", render(&connection, output)?);
+        return Ok(());
     }
     let settings = match connection.status.as_ref().and_then(|s| s.org_settings.clone()) {
         Some(name) => {
@@ -66,16 +67,6 @@ pub async fn status(ctx: &Ctx, args: StatusArgs) -> Result<(), Failed> {
         "{}",
         details(&connection, settings.as_ref(), &runs, &events, Timestamp::now())
     );
-    Ok(())
-}
-
-fn print_yaml(value: &serde_json::Value) -> Result<(), Failed> {
-    print!("{}", serde_saphyr::to_string(value)?);
-    Ok(())
-}
-
-fn print_json(value: &serde_json::Value) -> Result<(), Failed> {
-    println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
