@@ -151,8 +151,11 @@ def read():
         buf += line
         depth += line.count("{") - line.count("}")
         if depth == 0 and buf.strip():
-            obj = json.loads(buf)["object"]; buf = ""
-            name = obj["metadata"]["name"]
+            event = json.loads(buf); buf = ""
+            obj = event.get("object", {})
+            name = obj.get("metadata", {}).get("name")
+            if event.get("type") == "ERROR":
+                print(f"watch error: {obj.get('message')}", file=sys.stderr)
             if name in started and name not in active and obj.get("status", {}).get("state") == "Active":
                 active[name] = time.monotonic()
 reader = threading.Thread(target=read, daemon=True); reader.start()
@@ -173,8 +176,8 @@ while len(active) < k and time.monotonic() < deadline:
 watch.kill()
 proxy.kill()
 lat = sorted(active[n] - started[n] for n in names if n in active)
-pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-print(f"{pick(0.5):.2f} {pick(0.99):.2f} {lat[-1]:.2f} {k - len(lat)}")
+pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+print(f"{pick(0.5):.2f} {pick(0.99):.2f} {pick(1.0):.2f} {k - len(lat)}")
 PY
 read -r reauth_p50 reauth_p99 reauth_max reauth_missing <"$state/reauth.txt"
 

@@ -479,7 +479,7 @@ pub async fn run(
             let connections: Api<DeserializeGuard<Connection>> = scoped_api(&client, scope.as_deref());
             // The cache keeps what decisions read: no managedFields, no kubectl last-applied copy.
             let (reader, writer) = reflector::store();
-            let stream = watcher(connections.clone(), list_config())
+            let stream = watcher(connections.clone(), watcher::Config::default().any_semantic())
                 .default_backoff()
                 .modify(slim)
                 .reflect(writer)
@@ -623,7 +623,7 @@ pub async fn run(
                 // rivals.
                 .watches(
                     connections,
-                    list_config(),
+                    watcher::Config::default().any_semantic(),
                     move |other: DeserializeGuard<Connection>| dereference::rivals_of(&peers_store, &other),
                 )
                 .graceful_shutdown_on(stopped())
@@ -677,10 +677,10 @@ async fn forget_deleted(ctx: std::sync::Weak<Context>) {
 }
 
 /// `Api::namespaced` in `scope`, or `Api::all`.
-/// How every watch starts: a streaming list (the API server sends the current objects as watch
-/// events from its cache), so no LIST of every object is held in memory at once.
+/// How the watches of children and related objects start: a paginated LIST (500 objects a page).
+/// (Streaming lists were tried for issue 13; see BENCHMARKS.md for why they are not used yet.)
 pub(crate) fn list_config() -> watcher::Config {
-    watcher::Config::default().streaming_lists()
+    watcher::Config::default()
 }
 
 /// What the Connection cache keeps of an object: everything but its `managedFields` and kubectl's
