@@ -350,8 +350,8 @@ pub async fn connect(ctx: &Ctx, args: ConnectArgs) -> Result<(), Failed> {
             "--dry-run prints manifests: add -o yaml or -o json".into(),
         ));
     }
-    // Refuse early what would be refused after the login.
-    connection_spec(&args, &secret_name, args.environment.as_deref())?;
+    // Refuse early what would be refused after the login (and the spec of a known environment).
+    let known = connection_spec(&args, &secret_name, args.environment.as_deref())?;
     let connections: Api<Connection> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     if !args.dry_run {
@@ -377,8 +377,7 @@ pub async fn connect(ctx: &Ctx, args: ConnectArgs) -> Result<(), Failed> {
             (Some(url), tokens)
         }
         _ => {
-            let spec = connection_spec(&args, &secret_name, args.environment.as_deref())?;
-            let target = target_for(ctx, &spec, &args.client_id, None)?;
+            let target = target_for(ctx, &known, &args.client_id, None)?;
             let tokens = login::login(&http, &target, method(&args.login), &mut std::io::stderr()).await?;
             (args.environment.clone(), tokens)
         }
