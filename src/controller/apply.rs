@@ -64,12 +64,10 @@ pub async fn validate(
         // A Secret that does not exist yet, or has no refresh_token (the operator labels only
         // credentials), carries no label, so the watch cannot see it change: look again (a GET,
         // no provider call) after 1 s, then twice as long each time, up to retry_max.
-        let attempt = {
-            let mut polls = ctx.secret_polls.lock().unwrap();
-            let n = polls.entry(key).or_insert(0);
-            *n = n.saturating_add(1);
-            *n - 1
-        };
+        let attempt = ctx.index.memory(&key, |m| {
+            m.secret_polls = m.secret_polls.saturating_add(1);
+            m.secret_polls - 1
+        });
         let poll = FIRST_SECRET_LOOK
             .saturating_mul(2u32.saturating_pow(attempt.min(16)))
             .min(ctx.config.policy.retry_max);
@@ -86,7 +84,7 @@ pub async fn validate(
             ));
         }
     } else {
-        ctx.secret_polls.lock().unwrap().remove(&key);
+        ctx.index.memory(&key, |m| m.secret_polls = 0);
     }
     Ok(validated)
 }
@@ -115,21 +113,20 @@ async fn validate_when_due(
         seed_secret = Some(ensure_credentials_label(ctx, ns, secret).await?);
     }
     // What the operator remembers (seeded from status and the session Secret after a restart).
-    let memo = ctx
-        .memos
-        .lock()
-        .unwrap()
-        .entry(key.clone())
-        .or_insert_with(|| {
-            schedule::seed(
-                conn.status.as_ref(),
-                observed
-                    .session
-                    .as_ref()
-                    .and_then(|s| s.metadata.annotations.as_ref()),
-            )
-        })
-        .clone();
+    let memo = ctx.index.memory(&key, |m| {
+        m.memo
+            .get_or_insert_with(|| {
+                schedule::seed(
+                    conn.status.as_ref(),
+                    observed
+                        .session
+                        .as_ref()
+                        .and_then(|s| s.metadata.annotations.as_ref()),
+                    policy.next_slot(now, schedule::phase(&key)),
+                )
+            })
+            .clone()
+    });
     let remember = |memo: Memo| remember(ctx, &key, memo, now);
     let unchanged = |recheck_in: Option<Duration>| Validated {
         check: memo.check.clone(),
@@ -418,7 +415,13 @@ async fn conclude(
                 instance_url: session.instance_url.clone(),
                 user: session.user.clone(),
             };
-            let memo = policy.after_success(fingerprint.clone(), now, session.expires_at, jitter(), identity);
+            let memo = policy.after_success(
+                fingerprint.clone(),
+                now,
+                session.expires_at,
+                schedule::phase(&uid(conn)),
+                identity,
+            );
             let next = memo.next_check_at.expect("success schedules a recheck");
             let mut validated = remember(memo);
             validated.session = Some(SessionData {
@@ -490,7 +493,7 @@ fn held_session(session: Option<&Secret>, fingerprint: &str) -> Option<HeldSessi
 fn remember(ctx: &Context, key: &str, memo: Memo, now: Timestamp) -> Validated {
     let recheck_in = schedule::wait(&schedule::due(Some(&memo), &memo.fingerprint, now), now);
     let check = memo.check.clone();
-    ctx.memos.lock().unwrap().insert(key.to_string(), memo);
+    ctx.index.memory(key, |m| m.memo = Some(memo));
     Validated {
         check,
         session: None,
@@ -610,14 +613,11 @@ fn remember_pending(ctx: &Context, key: &str, pending: tokens::Pending) {
     {
         warn!(error = %e, "could not journal the rotated refresh token; saving it to the Secret");
     }
-    ctx.pending_tokens
-        .lock()
-        .unwrap()
-        .insert(key.to_string(), pending);
+    ctx.index.memory(key, |m| m.pending = Some(pending));
 }
 
 fn forget_pending(ctx: &Context, key: &str) {
-    ctx.pending_tokens.lock().unwrap().remove(key);
+    ctx.index.memory(key, |m| m.pending = None);
     if let Some(journal) = &ctx.journal
         && let Err(e) = journal.remove(key)
     {
@@ -678,7 +678,7 @@ async fn save_pending(
     key: &str,
     secret: Option<&Secret>,
 ) -> Result<Option<Secret>, String> {
-    let Some(pending) = ctx.pending_tokens.lock().unwrap().get(key).cloned() else {
+    let Some(pending) = ctx.index.memory(key, |m| m.pending.clone()) else {
         return Ok(None);
     };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);

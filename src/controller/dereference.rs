@@ -1,13 +1,14 @@
 //! Step 1: read what a reconcile depends on. Reads only; no writes.
 
-use super::{Context, Error, children, object_ref};
+use super::index::Index;
+use super::{Context, Error, children};
 use crate::api::{Connection, OrgSettings};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::core::DeserializeGuard;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 /// What exists in the cluster for one connection.
@@ -76,64 +77,40 @@ pub async fn observe(ctx: &Context, conn: &Connection, ns: &str) -> Result<Obser
     })
 }
 
-/// The connections in namespace `ns` for which `wanted` holds.
-fn connections_in(
-    store: &Store<DeserializeGuard<Connection>>,
-    ns: &str,
-    wanted: impl Fn(&Connection) -> bool,
-) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
-    store
-        .state()
-        .iter()
-        .filter_map(|g| g.0.as_ref().ok())
-        .filter(|c| c.namespace().as_deref() == Some(ns) && wanted(c))
-        .map(|c| object_ref(ns, &c.name_any()))
-        .collect()
-}
-
 /// The connections (in the Secret's namespace) that reference `secret`.
 pub fn connections_using_secret(
-    store: &Store<DeserializeGuard<Connection>>,
+    index: &Index,
     secret: &impl ResourceExt,
 ) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
-    let (Some(ns), name) = (secret.namespace(), secret.name_any()) else {
-        return vec![];
-    };
-    connections_in(store, &ns, |c| c.spec.credentials_secret_ref.name == name)
+    match secret.namespace() {
+        Some(ns) => index.using_secret(&ns, &secret.name_any()),
+        None => vec![],
+    }
 }
 
 /// The connections (in its namespace) whose retriever runs with `settings`: those of its org.
 pub fn connections_using_org_settings(
-    store: &Store<DeserializeGuard<Connection>>,
+    index: &Index,
     settings: &OrgSettings,
 ) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
-    let (Some(ns), name) = (settings.namespace(), settings.name_any()) else {
-        return vec![];
-    };
-    connections_in(store, &ns, |c| {
-        c.status
-            .as_ref()
-            .and_then(|s| s.remote_id.as_deref())
-            .and_then(|id| crate::api::org_key(c.spec.provider, id))
-            .is_some_and(|key| key == name)
-    })
+    match settings.namespace() {
+        Some(ns) => index.using_org(&ns, &settings.name_any()),
+        None => vec![],
+    }
 }
 
 /// The other connections claiming the same org as `changed` (so they re-decide who holds it).
 pub fn rivals_of(
-    store: &Store<DeserializeGuard<Connection>>,
+    index: &Index,
     changed: &DeserializeGuard<Connection>,
 ) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
     let Ok(changed) = &changed.0 else { return vec![] };
-    let Some(remote) = changed.status.as_ref().and_then(|s| s.remote_id.clone()) else {
+    let Some(remote) = changed.status.as_ref().and_then(|s| s.remote_id.as_deref()) else {
         return vec![];
     };
-    store
-        .state()
-        .iter()
-        .filter_map(|g| g.0.as_ref().ok())
-        .filter(|c| c.status.as_ref().and_then(|s| s.remote_id.as_deref()) == Some(remote.as_str()))
-        .filter(|c| !(c.namespace() == changed.namespace() && c.name_any() == changed.name_any()))
-        .map(|c| object_ref(&c.namespace().unwrap_or_default(), &c.name_any()))
-        .collect()
+    index.rivals(
+        remote,
+        &changed.namespace().unwrap_or_default(),
+        &changed.name_any(),
+    )
 }

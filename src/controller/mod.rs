@@ -8,6 +8,7 @@ pub mod apply;
 pub mod children;
 pub mod claims;
 pub mod dereference;
+pub mod index;
 pub mod journal;
 pub mod leader;
 pub mod metrics;
@@ -32,8 +33,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -98,23 +98,14 @@ pub struct Context {
     pub(crate) recorder: Recorder,
     pub(crate) validator: Validator,
     pub(crate) config: Config,
-    /// Last validation per connection UID.
-    pub(crate) memos: Mutex<HashMap<String, schedule::Memo>>,
-    /// Refresh tokens received and not yet saved to `<name>-token`, per connection UID (also in
-    /// the journal, when there is one).
-    pub(crate) pending_tokens: Mutex<HashMap<String, tokens::Pending>>,
-    /// The write-ahead journal of those tokens.
+    /// What is known and remembered of every connection, by UID, with the reverse lookups of
+    /// the watches and claims.
+    pub(crate) index: Arc<index::Index>,
+    /// The write-ahead journal of rotated refresh tokens.
     pub(crate) journal: Option<journal::Journal>,
     /// This process as the holder of refresh intents (instance name and a per-process nonce).
     pub(crate) holder: String,
-    /// Consecutive looks for a credentials Secret the watch cannot see, per connection UID.
-    pub(crate) secret_polls: Mutex<HashMap<String, u32>>,
-    /// When each connection was last revalidated because its retriever was down.
-    pub(crate) retriever_revalidations: Mutex<HashMap<String, Timestamp>>,
-    /// Consecutive API errors per connection UID (error_policy backoff).
-    pub(crate) failures: Mutex<HashMap<String, u32>>,
-    /// Every Connection the controllers see (for one-team-per-org claims): one cache per watched
-    /// namespace, or one for all.
+    /// The Connection caches: one per watched namespace, or one for all (for the metrics).
     pub(crate) stores: Vec<Store<DeserializeGuard<Connection>>>,
     /// Prometheus metrics.
     pub(crate) metrics: metrics::Metrics,
@@ -272,14 +263,14 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
         let retriever_down = match conn.status.as_ref().and_then(|s| s.state) {
             Some(State::Active) => schedule::retriever_down(
                 children::retriever_down_since(observed.deployment.as_ref()),
-                ctx.retriever_revalidations.lock().unwrap().get(&uid(conn)).copied(),
+                ctx.index.memory(&uid(conn), |m| m.retriever_revalidated),
                 now,
             ),
             _ => schedule::Due::OnChange,
         };
         let early = retriever_down == schedule::Due::Now;
         if early {
-            ctx.retriever_revalidations.lock().unwrap().insert(uid(conn), now);
+            ctx.index.memory(&uid(conn), |m| m.retriever_revalidated = Some(now));
         }
         // A connection that has not accepted the required agreement waits: its tokens are not used.
         let waiting = state::agreement_check(conn, ctx.config.agreement.as_ref());
@@ -383,7 +374,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
             .at(Step::ApplyChildren)?;
         // 5. update status (skipped when nothing changed) and tell the user about transitions.
         apply::status(&ctx, conn, &ns, status).await.at(Step::Status)?;
-        ctx.failures.lock().unwrap().remove(&uid(conn));
+        ctx.index.memory(&uid(conn), |m| m.failures = 0);
         ctx.metrics.reconciled(started.elapsed().as_secs_f64());
         Ok(match validated.recheck_in {
             Some(d) => Action::requeue(d.max(Duration::from_millis(100))),
@@ -399,12 +390,10 @@ fn error_policy(guard: Arc<DeserializeGuard<Connection>>, error: &Error, ctx: Ar
         return Action::await_change();
     };
     ctx.metrics.reconcile_failed();
-    let attempt = {
-        let mut failures = ctx.failures.lock().unwrap();
-        let n = failures.entry(uid(conn)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n - 1
-    };
+    let attempt = ctx.index.memory(&uid(conn), |m| {
+        m.failures = m.failures.saturating_add(1);
+        m.failures - 1
+    });
     let delay = crate::providers::retry_delay(
         attempt,
         None,
@@ -473,15 +462,26 @@ pub async fn run(
     } else {
         config.namespaces.iter().cloned().map(Some).collect()
     };
+    // The index is fed by the same watch events, before the cache and the controller see them.
+    let index = index::Index::new(scopes.len());
+    for (uid, pending) in replayed {
+        index.memory(&uid, |m| m.pending = Some(pending));
+    }
     let controllers: Vec<_> = scopes
         .iter()
         .map(|scope| {
             let connections: Api<DeserializeGuard<Connection>> = scoped_api(&client, scope.as_deref());
             // The cache keeps what decisions read: no managedFields, no kubectl last-applied copy.
             let (reader, writer) = reflector::store();
+            let mut indexer = index.writer(scope.clone());
             let stream = watcher(connections.clone(), watcher::Config::default().any_semantic())
                 .default_backoff()
                 .modify(slim)
+                .inspect(move |event| {
+                    if let Ok(event) = event {
+                        indexer.apply(event);
+                    }
+                })
                 .reflect(writer)
                 .touched_objects();
             let controller = Controller::for_stream(stream, reader);
@@ -497,17 +497,13 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         client,
         validator,
-        memos: Mutex::default(),
-        pending_tokens: Mutex::new(replayed.into_iter().collect()),
+        index: index.clone(),
         journal,
         holder: format!(
             "{}/{:08x}",
             config.instance.as_deref().unwrap_or("connection-operator"),
             rand::random::<u32>()
         ),
-        failures: Mutex::default(),
-        secret_polls: Mutex::default(),
-        retriever_revalidations: Mutex::default(),
         stores,
         config: config.clone(),
         metrics: metrics::Metrics::default(),
@@ -556,7 +552,6 @@ pub async fn run(
         namespaces = %if config.namespaces.is_empty() { "<all>".to_string() } else { config.namespaces.join(",") },
         "starting controller"
     );
-    tokio::spawn(forget_deleted(Arc::downgrade(&ctx)));
     // The JobRun controller runs beside it, under the same leadership and shutdown.
     let job_runs = crate::jobruns::run(
         ctx.client.clone(),
@@ -572,10 +567,8 @@ pub async fn run(
     );
     let connections_done =
         futures::future::join_all(controllers.into_iter().map(|(scope, connections, controller)| {
-            let store = controller.store();
-            let credentials_store = store.clone();
-            let settings_store = store.clone();
-            let peers_store = store;
+            let (credentials_index, settings_index, peers_index) =
+                (index.clone(), index.clone(), index.clone());
             // Metadata-only requests (`PartialObjectMeta`).
             let secrets: Api<PartialObjectMeta<Secret>> = scoped_api(&ctx.client, scope.as_deref());
             let deployments: Api<PartialObjectMeta<Deployment>> = scoped_api(&ctx.client, scope.as_deref());
@@ -595,7 +588,7 @@ pub async fn run(
                     .default_backoff()
                     .touched_objects(),
                     move |secret: PartialObjectMeta<Secret>| {
-                        dereference::connections_using_secret(&credentials_store, &secret)
+                        dereference::connections_using_secret(&credentials_index, &secret)
                     },
                 )
                 // Its own Secrets (`<name>-session`, `<name>-token`): a hand edit, e.g. removing a
@@ -616,7 +609,7 @@ pub async fn run(
                     org_settings,
                     list_config(),
                     move |settings: crate::api::OrgSettings| {
-                        dereference::connections_using_org_settings(&settings_store, &settings)
+                        dereference::connections_using_org_settings(&settings_index, &settings)
                     },
                 )
                 // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its
@@ -624,7 +617,7 @@ pub async fn run(
                 .watches(
                     connections,
                     watcher::Config::default().any_semantic(),
-                    move |other: DeserializeGuard<Connection>| dereference::rivals_of(&peers_store, &other),
+                    move |other: DeserializeGuard<Connection>| dereference::rivals_of(&peers_index, &other),
                 )
                 .graceful_shutdown_on(stopped())
                 .run(reconcile, error_policy, ctx.clone())
@@ -652,28 +645,6 @@ pub async fn run(
         leadership.release().await;
     }
     Ok(())
-}
-
-/// Drops what the Context remembers of connections that no longer exist.
-async fn forget_deleted(ctx: std::sync::Weak<Context>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(300)).await;
-        let Some(ctx) = ctx.upgrade() else { return };
-        let live: std::collections::HashSet<String> = ctx
-            .connections()
-            .iter()
-            .filter_map(|g| g.0.as_ref().ok())
-            .map(uid)
-            .collect();
-        ctx.memos.lock().unwrap().retain(|k, _| live.contains(k));
-        ctx.pending_tokens.lock().unwrap().retain(|k, _| live.contains(k));
-        ctx.failures.lock().unwrap().retain(|k, _| live.contains(k));
-        ctx.secret_polls.lock().unwrap().retain(|k, _| live.contains(k));
-        ctx.retriever_revalidations
-            .lock()
-            .unwrap()
-            .retain(|k, _| live.contains(k));
-    }
 }
 
 /// `Api::namespaced` in `scope`, or `Api::all`.
@@ -705,13 +676,6 @@ where
     match scope {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
-    }
-}
-
-impl Context {
-    /// Every Connection in the controllers' caches, of every watched namespace.
-    pub(crate) fn connections(&self) -> Vec<Arc<DeserializeGuard<Connection>>> {
-        self.stores.iter().flat_map(|s| s.state()).collect()
     }
 }
 

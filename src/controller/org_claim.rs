@@ -70,17 +70,12 @@ pub async fn hold(ctx: &Context, conn: &Connection, ns: &str, remote_id: &str) -
             _ => true,
         };
         // Namespaced mode: the claimants of this namespace only (its claims are its own).
-        let waiting: Vec<Claimant> = ctx
-            .connections()
-            .iter()
-            .filter_map(|g| g.0.as_ref().ok())
-            .filter(|c| ctx.config.namespaces.is_empty() || c.namespace().as_deref() == Some(ns))
-            .filter_map(claims::waiting_claimant)
-            .collect();
+        let scope = (!ctx.config.namespaces.is_empty()).then_some(ns);
+        let older_waiting = ctx.index.older_waiting(&me_claimant, scope);
         let seen = Seen {
             claim: existing.as_ref().map(|c| &c.spec),
             holder_exists,
-            older_waiting: claims::older_waiting(&me_claimant, &waiting),
+            older_waiting,
         };
         let held = OrgClaimSpec {
             holder: me.clone(),

@@ -128,16 +128,17 @@ fn plus(now: Timestamp, d: Duration) -> Timestamp {
 }
 
 impl Policy {
-    /// Memo after a success. `expires_at` is the access token's expiry, when known; `jitter` in [0, 1).
+    /// Memo after a success. `expires_at` is the access token's expiry, when known; `phase` is the
+    /// connection's place in the interval ([`phase`]).
     pub fn after_success(
         &self,
         fingerprint: String,
         now: Timestamp,
         expires_at: Option<Timestamp>,
-        jitter: f64,
+        phase: f64,
         identity: Identity,
     ) -> Memo {
-        let mut next = plus(now, crate::providers::jittered(self.revalidate_every, jitter));
+        let mut next = self.next_slot(now, phase);
         if let Some(exp) = expires_at {
             let margin = SignedDuration::try_from(self.refresh_margin).unwrap_or(SignedDuration::ZERO);
             let early = exp.saturating_sub(margin).unwrap_or(exp);
@@ -150,6 +151,31 @@ impl Policy {
             next_check_at: Some(next),
             check: Check::valid(identity),
         }
+    }
+
+    /// The next recheck of valid tokens of a connection whose place in the interval is `phase`:
+    /// the first time at that place (counted from the Unix epoch, in whole seconds) at least a
+    /// tenth of the interval (and a second) after `now`. So rechecks of many connections spread evenly over the
+    /// interval however bunched their validations were (a cold start, a mass re-authorization);
+    /// once in step, a connection is rechecked exactly once per interval; the first recheck after
+    /// a validation comes 0.1 to 1.1 intervals after it.
+    pub fn next_slot(&self, now: Timestamp, phase: f64) -> Timestamp {
+        let period = i64::try_from(self.revalidate_every.as_secs())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let phase = if phase.is_finite() {
+            phase.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        let offset = ((phase * period as f64) as i64).clamp(0, period - 1);
+        let earliest = now.as_second().saturating_add((period / 10).max(1));
+        let k = (earliest - offset).div_euclid(period);
+        let mut slot = k.saturating_mul(period).saturating_add(offset);
+        if slot < earliest {
+            slot = slot.saturating_add(period);
+        }
+        Timestamp::from_second(slot).unwrap_or(Timestamp::MAX)
     }
 
     /// Memo after a permanent or configuration failure: wait for a change.
@@ -214,11 +240,23 @@ impl Policy {
     }
 }
 
+/// A connection's place in every revalidation interval, in [0, 1), from its UID: evenly spread
+/// over many connections, and the same in every process and after restarts.
+pub fn phase(uid: &str) -> f64 {
+    let d = ring::digest::digest(&ring::digest::SHA256, uid.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d.as_ref()[..8]);
+    (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// The memo of a connection the operator has no memory of (after a restart), from its status and
 /// the session Secret's annotations: with a still-valid session nothing is called until it is due.
+/// `latest` caps the recorded next check (the next slot under the current policy), so a shorter
+/// revalidation interval takes effect at the restart that sets it.
 pub fn seed(
     status: Option<&crate::api::ConnectionStatus>,
     session_annotations: Option<&std::collections::BTreeMap<String, String>>,
+    latest: Timestamp,
 ) -> Memo {
     let check = Check::from_status(status);
     let authorized = matches!(check.known, Known::Valid(_))
@@ -236,7 +274,7 @@ pub fn seed(
         Some((fingerprint, next)) => Memo {
             fingerprint,
             outcome: Outcome::Authorized,
-            next_check_at: Some(next),
+            next_check_at: Some(next.min(latest)),
             check,
         },
         // Unknown inputs: validate now, keeping what the status says meanwhile.
@@ -446,23 +484,52 @@ mod tests {
     }
 
     #[test]
-    fn success_is_rechecked_after_the_interval_with_jitter() {
+    fn success_is_rechecked_at_the_connections_place_in_the_interval() {
         let p = Policy::default();
-        for jitter in [0.0, 0.5, 0.999] {
-            let m = p.after_success("f".into(), at(0), None, jitter, ident());
-            let next = m.next_check_at.unwrap();
-            // ±10% around 15 minutes.
-            assert!(next >= at(810) && next <= at(990), "{next}");
-            assert_eq!(due(Some(&m), "f", at(60)), Due::At(next));
-            assert_eq!(due(Some(&m), "f", next), Due::Now);
+        for phase in [0.0, 0.5, 0.999] {
+            for validated in [0, 7, 850, 901] {
+                let m = p.after_success("f".into(), at(validated), None, phase, ident());
+                let next = m.next_check_at.unwrap();
+                // At its place in the 15-minute interval, 0.1 to 1.1 intervals after the validation.
+                assert_eq!(
+                    next.as_second().rem_euclid(900),
+                    (phase * 900.0) as i64,
+                    "{phase} {validated}"
+                );
+                assert!(next >= at(validated + 90) && next < at(validated + 990), "{next}");
+                assert_eq!(due(Some(&m), "f", at(validated + 60)), Due::At(next));
+                assert_eq!(due(Some(&m), "f", next), Due::Now);
+                // In step: the recheck after that one is exactly one interval later.
+                let again = p.after_success("f".into(), next, None, phase, ident());
+                assert_eq!(again.next_check_at, Some(at(next.as_second() + 900)));
+            }
         }
-        let low = p
-            .after_success("f".into(), at(0), None, 0.0, ident())
-            .next_check_at;
-        let high = p
-            .after_success("f".into(), at(0), None, 0.999, ident())
-            .next_check_at;
-        assert_ne!(low, high, "jitter spreads revalidations");
+    }
+
+    #[test]
+    fn a_one_second_interval_rechecks_every_second_not_at_once() {
+        let p = Policy {
+            revalidate_every: Duration::from_secs(1),
+            ..Policy::default()
+        };
+        for phase in [0.0, 0.7] {
+            assert_eq!(p.next_slot(at(10), phase), at(11));
+        }
+    }
+
+    #[test]
+    fn connections_validated_together_are_rechecked_spread_over_the_interval() {
+        let p = Policy::default();
+        // 900 connections validated in the same second: their rechecks fall in 15 one-minute
+        // buckets, none holding more than twice its share.
+        let mut buckets = [0u32; 15];
+        for i in 0..900 {
+            let m = p.after_success("f".into(), at(0), None, phase(&format!("uid-{i}")), ident());
+            let slot = m.next_check_at.unwrap().as_second().rem_euclid(900);
+            buckets[(slot / 60) as usize] += 1;
+        }
+        assert!(buckets.iter().all(|&b| (20..=120).contains(&b)), "{buckets:?}");
+        assert_eq!(phase("uid-1"), phase("uid-1"), "the same place in every process");
     }
 
     #[test]
@@ -588,18 +655,37 @@ mod tests {
             (FINGERPRINT_ANNOTATION.to_string(), "f".to_string()),
             (NEXT_CHECK_ANNOTATION.to_string(), at(600).to_string()),
         ]);
-        let active = seed(Some(&status(State::Active, Status::True)), Some(&annotations));
+        let active = seed(
+            Some(&status(State::Active, Status::True)),
+            Some(&annotations),
+            at(900),
+        );
         assert_eq!(
             due(Some(&active), "f", at(10)),
             Due::At(at(600)),
             "no provider call before it is due"
         );
+        // Restarted with a shorter interval: its next slot comes first.
+        let shortened = seed(
+            Some(&status(State::Active, Status::True)),
+            Some(&annotations),
+            at(70),
+        );
+        assert_eq!(due(Some(&shortened), "f", at(10)), Due::At(at(70)));
         assert_eq!(active.check.known, Known::Valid(ident()));
-        let outage = seed(Some(&status(State::Active, Status::Unknown)), Some(&annotations));
+        let outage = seed(
+            Some(&status(State::Active, Status::Unknown)),
+            Some(&annotations),
+            at(900),
+        );
         assert_eq!(due(Some(&outage), "f", at(10)), Due::Now);
-        let inactive = seed(Some(&status(State::Inactive, Status::False)), Some(&annotations));
+        let inactive = seed(
+            Some(&status(State::Inactive, Status::False)),
+            Some(&annotations),
+            at(900),
+        );
         assert_eq!(due(Some(&inactive), "f", at(10)), Due::Now);
         assert!(matches!(inactive.check.known, Known::Invalid { .. }));
-        assert_eq!(due(Some(&seed(None, None)), "f", at(10)), Due::Now);
+        assert_eq!(due(Some(&seed(None, None, at(900))), "f", at(10)), Due::Now);
     }
 }

@@ -1,0 +1,508 @@
+//! What the controller knows of every connection, keyed by UID, with the reverse lookups its
+//! watches need: which connections use a credentials Secret, which hold or wait for an org. Kept
+//! from the Connection watch's events (no scan of the cache per event or per reconcile), and
+//! holding each connection's memory between reconciles (its last validation, a rotated token not
+//! yet saved, failure counts): an entry goes when its connection is deleted, so nothing needs a
+//! periodic sweep. In memory only, no I/O: unit-tested below.
+
+use super::claims::{self, Claimant};
+use super::{object_ref, schedule, tokens};
+use crate::api::Connection;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// What the operator remembers of one connection between reconciles.
+#[derive(Clone, Debug, Default)]
+pub struct Memory {
+    /// Its last validation (seeded from its status and session Secret after a restart).
+    pub memo: Option<schedule::Memo>,
+    /// A rotated refresh token not yet saved to `<name>-token` (also in the journal, when there
+    /// is one).
+    pub pending: Option<tokens::Pending>,
+    /// Consecutive looks for a credentials Secret the watch cannot see.
+    pub secret_polls: u32,
+    /// When it was last revalidated because its retriever was down.
+    pub retriever_revalidated: Option<Timestamp>,
+    /// Consecutive failed reconciles (API errors), for the backoff.
+    pub failures: u32,
+}
+
+/// What the lookups need of a Connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Facts {
+    namespace: String,
+    name: String,
+    /// `spec.credentialsSecretRef.name`.
+    secret: String,
+    /// `status.remoteId`.
+    remote_id: Option<String>,
+    /// The org key of that ID (the name of its OrgSettings).
+    org_key: Option<String>,
+    /// Set when it waits for its org (in Conflict).
+    waiting: Option<Claimant>,
+}
+
+impl Facts {
+    fn of(guard: &DeserializeGuard<Connection>) -> Option<Facts> {
+        let conn = guard.0.as_ref().ok()?;
+        let remote_id = conn.status.as_ref().and_then(|s| s.remote_id.clone());
+        Some(Facts {
+            namespace: conn.namespace()?,
+            name: conn.name_any(),
+            secret: conn.spec.credentials_secret_ref.name.clone(),
+            org_key: remote_id
+                .as_deref()
+                .and_then(|id| crate::api::org_key(conn.spec.provider, id)),
+            remote_id,
+            waiting: claims::waiting_claimant(conn),
+        })
+    }
+
+    fn object_ref(&self) -> ObjectRef<DeserializeGuard<Connection>> {
+        object_ref(&self.namespace, &self.name)
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    /// `None` until the watch has seen the connection (a token replayed from the journal at
+    /// start comes first).
+    facts: Option<Facts>,
+    memory: Memory,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    /// (namespace, Secret name) → UIDs.
+    by_secret: HashMap<(String, String), BTreeSet<String>>,
+    /// Org ID → UIDs.
+    by_remote: HashMap<String, BTreeSet<String>>,
+    /// Org key → UIDs.
+    by_org_key: HashMap<String, BTreeSet<String>>,
+    /// Watches (one per scope) that have not finished their first list.
+    unlisted: usize,
+}
+
+impl Inner {
+    fn unlink(&mut self, uid: &str, facts: &Facts) {
+        let drop_from = |map: &mut HashMap<String, BTreeSet<String>>, key: &str| {
+            if let Some(set) = map.get_mut(key) {
+                set.remove(uid);
+                if set.is_empty() {
+                    map.remove(key);
+                }
+            }
+        };
+        if let Some(remote) = &facts.remote_id {
+            drop_from(&mut self.by_remote, remote);
+        }
+        if let Some(key) = &facts.org_key {
+            drop_from(&mut self.by_org_key, key);
+        }
+        let secret = (facts.namespace.clone(), facts.secret.clone());
+        if let Some(set) = self.by_secret.get_mut(&secret) {
+            set.remove(uid);
+            if set.is_empty() {
+                self.by_secret.remove(&secret);
+            }
+        }
+    }
+
+    fn link(&mut self, uid: &str, facts: &Facts) {
+        if let Some(remote) = &facts.remote_id {
+            self.by_remote
+                .entry(remote.clone())
+                .or_default()
+                .insert(uid.to_string());
+        }
+        if let Some(key) = &facts.org_key {
+            self.by_org_key
+                .entry(key.clone())
+                .or_default()
+                .insert(uid.to_string());
+        }
+        self.by_secret
+            .entry((facts.namespace.clone(), facts.secret.clone()))
+            .or_default()
+            .insert(uid.to_string());
+    }
+
+    fn upsert(&mut self, uid: &str, facts: Facts) {
+        let entry = self.entries.entry(uid.to_string()).or_default();
+        if entry.facts.as_ref() == Some(&facts) {
+            return;
+        }
+        let old = entry.facts.replace(facts.clone());
+        if let Some(old) = old {
+            self.unlink(uid, &old);
+        }
+        self.link(uid, &facts);
+    }
+
+    fn remove(&mut self, uid: &str) {
+        if let Some(Entry {
+            facts: Some(facts), ..
+        }) = self.entries.remove(uid)
+        {
+            self.unlink(uid, &facts);
+        }
+    }
+
+    fn refs<'a>(&'a self, uids: Option<&'a BTreeSet<String>>) -> impl Iterator<Item = &'a Facts> + 'a {
+        uids.into_iter()
+            .flatten()
+            .filter_map(|uid| self.entries.get(uid)?.facts.as_ref())
+    }
+}
+
+/// The index, shared by the controllers (one per watched namespace, or one for all).
+pub struct Index {
+    inner: Mutex<Inner>,
+}
+
+impl Index {
+    /// An index fed by `watches` Connection watches (see [`Index::writer`]).
+    pub fn new(watches: usize) -> Arc<Self> {
+        Arc::new(Index {
+            inner: Mutex::new(Inner {
+                unlisted: watches,
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// The writer for the Connection watch of `scope` (a namespace, or all when `None`).
+    pub fn writer(self: &Arc<Self>, scope: Option<String>) -> Writer {
+        Writer {
+            index: self.clone(),
+            scope,
+            listing: None,
+            listed_once: false,
+        }
+    }
+
+    /// Runs `f` on what is remembered of the connection `uid`. Once every watch has listed, only
+    /// a connection the watch has seen keeps what `f` writes: a reconcile that ends after its
+    /// connection was deleted leaves nothing behind.
+    pub fn memory<R>(&self, uid: &str, f: impl FnOnce(&mut Memory) -> R) -> R {
+        let mut inner = self.inner.lock().unwrap();
+        let may_add = inner.unlisted > 0;
+        match inner.entries.get_mut(uid) {
+            Some(entry) => f(&mut entry.memory),
+            None if may_add => f(&mut inner.entries.entry(uid.to_string()).or_default().memory),
+            None => f(&mut Memory::default()),
+        }
+    }
+
+    /// The connections in `namespace` whose credentials are the Secret `name`.
+    pub fn using_secret(&self, namespace: &str, name: &str) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+        let inner = self.inner.lock().unwrap();
+        let uids = inner.by_secret.get(&(namespace.to_string(), name.to_string()));
+        inner.refs(uids).map(Facts::object_ref).collect()
+    }
+
+    /// The connections in `namespace` of the org whose key is `org_key` (its OrgSettings' name).
+    pub fn using_org(&self, namespace: &str, org_key: &str) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .refs(inner.by_org_key.get(org_key))
+            .filter(|f| f.namespace == namespace)
+            .map(Facts::object_ref)
+            .collect()
+    }
+
+    /// The connections with the org ID `remote_id`, except `namespace/name`.
+    pub fn rivals(
+        &self,
+        remote_id: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .refs(inner.by_remote.get(remote_id))
+            .filter(|f| !(f.namespace == namespace && f.name == name))
+            .map(Facts::object_ref)
+            .collect()
+    }
+
+    /// True when a connection older than `me` waits for `me`'s org (in `namespace` only, when
+    /// given).
+    pub fn older_waiting(&self, me: &Claimant, namespace: Option<&str>) -> bool {
+        let inner = self.inner.lock().unwrap();
+        let waiting = inner
+            .refs(inner.by_remote.get(&me.remote_id))
+            .filter(|f| namespace.is_none_or(|ns| f.namespace == ns))
+            .filter_map(|f| f.waiting.as_ref());
+        claims::older_waiting(me, waiting)
+    }
+
+    /// How many connections are known (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Feeds the index from one Connection watch; see [`Writer::apply`].
+pub struct Writer {
+    index: Arc<Index>,
+    scope: Option<String>,
+    /// The UIDs of a list in progress.
+    listing: Option<HashSet<String>>,
+    listed_once: bool,
+}
+
+impl Writer {
+    /// Applies one watch event (before the cache and the controller see it). A (re)list replaces
+    /// what the scope held: connections deleted while the watch was down are forgotten.
+    pub fn apply(&mut self, event: &watcher::Event<DeserializeGuard<Connection>>) {
+        let mut inner = self.index.inner.lock().unwrap();
+        match event {
+            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+                let Some(uid) = obj.uid() else { return };
+                if let (watcher::Event::InitApply(_), Some(listing)) = (event, self.listing.as_mut()) {
+                    listing.insert(uid.clone());
+                }
+                match Facts::of(obj) {
+                    Some(facts) => inner.upsert(&uid, facts),
+                    // Not a valid Connection: nothing to look up, but it exists.
+                    None => {
+                        inner.entries.entry(uid).or_default();
+                    }
+                }
+            }
+            watcher::Event::Delete(obj) => {
+                if let Some(uid) = obj.uid() {
+                    inner.remove(&uid);
+                }
+            }
+            watcher::Event::Init => self.listing = Some(HashSet::new()),
+            watcher::Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                let first = !self.listed_once;
+                self.listed_once = true;
+                if first {
+                    inner.unlisted = inner.unlisted.saturating_sub(1);
+                }
+                let everyone_listed = inner.unlisted == 0;
+                let gone: Vec<String> = inner
+                    .entries
+                    .iter()
+                    .filter(|(uid, e)| match &e.facts {
+                        Some(f) => {
+                            self.scope.as_deref().is_none_or(|s| s == f.namespace) && !listed.contains(*uid)
+                        }
+                        // Remembered before any watch saw it (a replayed token): kept until every
+                        // watch has listed, then only if one listed it.
+                        None => everyone_listed && !listed.contains(*uid) && first,
+                    })
+                    .map(|(uid, _)| uid.clone())
+                    .collect();
+                for uid in gone {
+                    inner.remove(&uid);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ConnectionSpec, ConnectionStatus, State};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn conn(
+        ns: &str,
+        name: &str,
+        uid: &str,
+        secret: &str,
+        remote: Option<&str>,
+        state: Option<State>,
+    ) -> DeserializeGuard<Connection> {
+        let spec: ConnectionSpec = serde_json::from_value(serde_json::json!({
+            "team": "t", "provider": "SalesforceProduction", "credentialsSecretRef": {"name": secret}
+        }))
+        .unwrap();
+        let mut c = Connection::new(name, spec);
+        c.metadata.namespace = Some(ns.into());
+        c.metadata.uid = Some(uid.into());
+        c.metadata.creation_timestamp = Some(Time(Timestamp::from_second(uid.len() as i64 * 100).unwrap()));
+        c.status = Some(ConnectionStatus {
+            remote_id: remote.map(str::to_string),
+            state,
+            ..Default::default()
+        });
+        DeserializeGuard(Ok(c))
+    }
+
+    fn names(refs: Vec<ObjectRef<DeserializeGuard<Connection>>>) -> Vec<String> {
+        let mut v: Vec<String> = refs
+            .into_iter()
+            .map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name))
+            .collect();
+        v.sort();
+        v
+    }
+
+    const ORG: &str = "00D000000000001AAA";
+
+    #[test]
+    fn lookups_follow_applies_and_deletes() {
+        let index = Index::new(1);
+        let mut w = index.writer(None);
+        w.apply(&watcher::Event::Apply(conn(
+            "a",
+            "c1",
+            "u1",
+            "s1",
+            Some(ORG),
+            Some(State::Active),
+        )));
+        w.apply(&watcher::Event::Apply(conn("a", "c2", "u2", "s1", None, None)));
+        w.apply(&watcher::Event::Apply(conn(
+            "b",
+            "c3",
+            "u3",
+            "s1",
+            Some(ORG),
+            Some(State::Conflict),
+        )));
+        assert_eq!(names(index.using_secret("a", "s1")), ["a/c1", "a/c2"]);
+        assert_eq!(names(index.using_secret("b", "s1")), ["b/c3"]);
+        assert!(index.using_secret("a", "other").is_empty());
+        assert_eq!(names(index.rivals(ORG, "a", "c1")), ["b/c3"]);
+        let key = crate::api::org_key(crate::api::Provider::SalesforceProduction, ORG).unwrap();
+        assert_eq!(names(index.using_org("a", &key)), ["a/c1"]);
+
+        // c1 moves to another Secret and loses its org: the old keys no longer find it.
+        w.apply(&watcher::Event::Apply(conn(
+            "a",
+            "c1",
+            "u1",
+            "s2",
+            None,
+            Some(State::Inactive),
+        )));
+        assert_eq!(names(index.using_secret("a", "s1")), ["a/c2"]);
+        assert_eq!(names(index.using_secret("a", "s2")), ["a/c1"]);
+        assert!(index.using_org("a", &key).is_empty());
+        assert!(index.rivals(ORG, "b", "c3").is_empty());
+
+        w.apply(&watcher::Event::Delete(conn("a", "c2", "u2", "s1", None, None)));
+        assert!(index.using_secret("a", "s1").is_empty());
+        assert_eq!(index.len(), 2);
+    }
+
+    #[test]
+    fn older_waiting_sees_only_waiting_claimants_of_the_org_in_scope() {
+        let index = Index::new(1);
+        let mut w = index.writer(None);
+        // uid length sets the creation time: "u1" (200) is older than "u100" (400).
+        w.apply(&watcher::Event::Apply(conn(
+            "a",
+            "old",
+            "u1",
+            "s",
+            Some(ORG),
+            Some(State::Conflict),
+        )));
+        let me = Claimant {
+            namespace: "b".into(),
+            name: "me".into(),
+            team: "t".into(),
+            created: Some(Timestamp::from_second(400).unwrap()),
+            remote_id: ORG.into(),
+        };
+        assert!(index.older_waiting(&me, None));
+        assert!(
+            !index.older_waiting(&me, Some("b")),
+            "another namespace is out of scope"
+        );
+        // No longer waiting (Active): it does not go first.
+        w.apply(&watcher::Event::Apply(conn(
+            "a",
+            "old",
+            "u1",
+            "s",
+            Some(ORG),
+            Some(State::Active),
+        )));
+        assert!(!index.older_waiting(&me, None));
+    }
+
+    #[test]
+    fn memory_is_forgotten_with_the_connection() {
+        let index = Index::new(1);
+        let mut w = index.writer(None);
+        w.apply(&watcher::Event::Init);
+        w.apply(&watcher::Event::InitApply(conn("a", "c1", "u1", "s", None, None)));
+        w.apply(&watcher::Event::InitDone);
+        index.memory("u1", |m| m.failures = 3);
+        assert_eq!(index.memory("u1", |m| m.failures), 3);
+        w.apply(&watcher::Event::Delete(conn("a", "c1", "u1", "s", None, None)));
+        assert_eq!(index.memory("u1", |m| m.failures), 0);
+        // A reconcile that ends after the delete leaves nothing behind.
+        index.memory("u1", |m| m.failures = 1);
+        assert_eq!(index.len(), 0);
+    }
+
+    #[test]
+    fn a_relist_forgets_what_was_deleted_while_the_watch_was_down() {
+        let index = Index::new(1);
+        let mut w = index.writer(Some("a".into()));
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(conn("a", "c1", "u1", "s", None, None)),
+            watcher::Event::InitApply(conn("a", "c2", "u2", "s", None, None)),
+            watcher::Event::InitDone,
+        ] {
+            w.apply(&event);
+        }
+        index.memory("u2", |m| m.secret_polls = 2);
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(conn("a", "c2", "u2", "s", None, None)),
+            watcher::Event::InitDone,
+        ] {
+            w.apply(&event);
+        }
+        assert!(index.using_secret("a", "s").len() == 1);
+        assert_eq!(
+            index.memory("u2", |m| m.secret_polls),
+            2,
+            "kept across the relist"
+        );
+        assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn what_is_remembered_before_the_first_list_waits_for_every_watch() {
+        let index = Index::new(2);
+        let mut a = index.writer(Some("a".into()));
+        let mut b = index.writer(Some("b".into()));
+        // A token replayed from the journal for a connection of namespace b, and one for a
+        // connection that no longer exists.
+        index.memory("ub", |m| m.failures = 7);
+        index.memory("gone", |m| m.failures = 1);
+        a.apply(&watcher::Event::Init);
+        a.apply(&watcher::Event::InitDone);
+        assert_eq!(index.len(), 2, "b has not listed yet");
+        b.apply(&watcher::Event::Init);
+        b.apply(&watcher::Event::InitApply(conn("b", "c", "ub", "s", None, None)));
+        b.apply(&watcher::Event::InitDone);
+        assert_eq!(index.memory("ub", |m| m.failures), 7);
+        assert_eq!(index.memory("gone", |m| m.failures), 0);
+        assert_eq!(index.len(), 1);
+    }
+}
