@@ -55,4 +55,4 @@ install:
 # The scale benchmark at a small N, so the script cannot rot (not part of `make test`; the real runs:
 # scripts/bench-scale.sh 1000 / 3000 / 10000, see BENCHMARKS.md).
 bench-smoke:
-	BENCH_STEADY=20 scripts/bench-scale.sh 200
+	BENCH_STEADY=20 BENCH_WAVE=20 scripts/bench-scale.sh 200

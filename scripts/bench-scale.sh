@@ -7,7 +7,10 @@
 # - the operator's peak RSS (VmHWM), provider calls;
 # - the steady state: writes and provider calls over BENCH_STEADY seconds (default 120) once all
 #   are Active;
-# - what a restart on the unchanged cluster costs (writes, provider calls, RSS).
+# - what a restart on the unchanged cluster costs (writes, provider calls, RSS);
+# - re-authorization latency (100 at once), the revalidation wave with a short interval
+#   (BENCH_WAVE s, default 60: calls per second as a histogram) and the time until revoked tokens
+#   are seen (Inactive).
 # Usage: scripts/bench-scale.sh [N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -78,6 +81,9 @@ bare=$(cargo bench --bench bare_writes --quiet -- "$bare_ns" "$n" "$concurrency"
 rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 count_active() { kubectl get conn -n "$ns" -o jsonpath='{range .items[*]}{.status.state}{"\n"}{end}' | grep -c '^Active$' || true; }
 
+# The API server's request counters (by verb and resource), to say what each connection cost.
+requests() { kubectl get --raw /metrics | awk '/^apiserver_request_total\{/ {print}' >"$1"; }
+requests "$state/requests-before"
 start=$(date +%s.%N)
 KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=${BENCH_LOG:-warn} "$bin/connection-operator" run --namespace "$ns" \
 	--allow-loopback-providers --provider-rate 500 --provider-burst 100 --concurrency "$concurrency" >"$state/operator.log" 2>&1 &
@@ -86,6 +92,23 @@ while (($(count_active) < n)); do sleep 1; done
 end=$(date +%s.%N)
 calls=$(curl -fsS "$fake/_admin/stats")
 peak=$(rss $op)
+requests "$state/requests-after"
+per_connection=$(python3 - "$state/requests-before" "$state/requests-after" "$n" <<'PY'
+# Requests per connection during the cold start, by verb and resource (the script's own polling,
+# one LIST of Connections a second, included).
+import re, sys
+def load(path):
+    counts = {}
+    for line in open(path):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        key = (labels.get("verb"), labels.get("resource"))
+        counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+before, after, n = load(sys.argv[1]), load(sys.argv[2]), int(sys.argv[3])
+diff = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) >= n / 10}
+print(", ".join(f"{verb} {res} {v / n:.1f}" for (verb, res), v in sorted(diff.items(), key=lambda kv: -kv[1])))
+PY
+)
 
 # What the operator writes: Connections, Secrets, ServiceAccounts, RoleBindings, OrgSettings
 # (resourceVersion), Deployment specs (generation; their status belongs to the deployment
@@ -181,16 +204,91 @@ print(f"{pick(0.5):.2f} {pick(0.99):.2f} {pick(1.0):.2f} {k - len(lat)}")
 PY
 read -r reauth_p50 reauth_p99 reauth_max reauth_missing <"$state/reauth.txt"
 
+# The revalidation wave: the operator restarted with a short interval (BENCH_WAVE s, default 60), so
+# every connection is rechecked once per interval (identity calls; the tokens are not due for a
+# refresh). The fake's counters are sampled every second for two intervals, as a histogram.
+# Meanwhile R (at most 100) other connections' tokens are revoked at the provider (nothing else
+# changes): the time until each is Inactive, against the goal of the interval + 1 s.
+kill $op; wait $op 2>/dev/null || true
+op=
+wave=${BENCH_WAVE:-60}
+rk=$((n - k < 100 ? n - k : 100))
+KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=${BENCH_LOG:-warn} "$bin/connection-operator" run --namespace "$ns" \
+	--allow-loopback-providers --provider-rate 500 --provider-burst 100 --concurrency "$concurrency" \
+	--revalidate-interval "${wave}s" >"$state/operator-wave.log" 2>&1 &
+op=$!
+curl -fsS -X DELETE "$fake/_admin/stats" >/dev/null
+python3 - "$ns" "$fake" "$wave" "$k" "$rk" 500 <<'PY' >"$state/wave.txt"
+import json, subprocess, sys, threading, time, urllib.request
+ns, fake, wave, first, count, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+names = {f"c{i}": i for i in range(first, first + count)}
+inactive, revoked_at, revoked_wall = {}, [None], [0.0]
+watch = subprocess.Popen(["kubectl", "get", "conn", "-n", ns, "--watch", "--output-watch-events", "-o", "json"],
+                         stdout=subprocess.PIPE, text=True)
+def read():
+    buf, depth = "", 0
+    for line in watch.stdout:
+        buf += line
+        depth += line.count("{") - line.count("}")
+        if depth == 0 and buf.strip():
+            obj = json.loads(buf).get("object", {}); buf = ""
+            name = obj.get("metadata", {}).get("name")
+            if revoked_at[0] and name in names and name not in inactive and obj.get("status", {}).get("state") == "Inactive":
+                inactive[name] = time.monotonic()
+threading.Thread(target=read, daemon=True).start()
+def stats():
+    s = json.load(urllib.request.urlopen(f"{fake}/_admin/stats"))
+    return s["tokenRequests"], s["identityRequests"]
+def revoke():
+    time.sleep(wave / 2)
+    revoked_at[0] = time.monotonic()
+    revoked_wall[0] = time.time()
+    for name, i in names.items():
+        req = urllib.request.Request(f"{fake}/_admin/revoke", data=json.dumps({"refreshToken": f"rt-{i}"}).encode(),
+                                     headers={"content-type": "application/json"}, method="POST")
+        urllib.request.urlopen(req).read()
+threading.Thread(target=revoke, daemon=True).start()
+per_second, last, start = [], stats(), time.monotonic()
+for second in range(1, 2 * wave + 1):
+    time.sleep(max(0, start + second - time.monotonic()))
+    now = stats()
+    per_second.append((now[0] - last[0]) + (now[1] - last[1]))
+    last = now
+deadline = time.monotonic() + wave + 30
+while len(inactive) < count and time.monotonic() < deadline:
+    time.sleep(0.2)
+watch.kill()
+total = sum(per_second)
+lat = sorted(inactive[n] - revoked_at[0] for n in inactive)
+pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+buckets = [sum(per_second[i:i + 10]) for i in range(0, len(per_second), 10)]
+ordered = sorted(per_second)
+print(f"calls {total} tokens {last[0]} identity {last[1]}")
+print(f"persecond {ordered[0]} {ordered[len(ordered) // 2]} {ordered[-1]} {rate}")
+print("buckets " + " ".join(str(b) for b in buckets))
+print(f"revoke {pick(0.5):.2f} {pick(0.99):.2f} {pick(1.0):.2f} {count - len(lat)} {count}")
+print("revoke-deciles " + " ".join(f"{pick(q / 10):.1f}" for q in range(11)))
+print(f"revoked-at {revoked_wall[0]:.3f}")
+PY
+
 cold=$(awk "BEGIN {printf \"%.1f\", $end - $start}")
 echo "connections:                         $n"
 echo "time until all Active (cold start):  $cold s"
 echo "bare writes (same objects, same concurrency): $bare s"
 echo "ratio cold start / bare writes: $(awk "BEGIN {printf \"%.2f\", $cold / $bare}")"
 echo "operator peak RSS (cold start): $((peak / 1024)) MiB"
+echo "API requests per connection (cold start): $per_connection"
 echo "provider requests (cold start):      $calls"
 echo "steady state: writes $steady_writes, provider calls $steady_calls (over ${steady}s)"
 echo "reauthorize $k at once: p50 $reauth_p50 s, max $reauth_max s, not Active within 300 s: $reauth_missing"
 echo "reauthorize p99: $reauth_p99 s"
+wave_calls=$(awk '/^calls/ {print $2" (token "$4", identity "$6")"}' "$state/wave.txt")
+read -r _ ps_min ps_median ps_max ps_rate < <(grep '^persecond' "$state/wave.txt")
+read -r _ rv_p50 rv_p99 rv_max rv_missing rv_count < <(grep '^revoke' "$state/wave.txt")
+echo "revalidation wave (interval ${wave}s, over $((2 * wave))s): provider calls $wave_calls"
+echo "revalidation wave: calls per second min $ps_min, median $ps_median, max $ps_max (provider rate $ps_rate/s)"
+echo "revalidation wave: calls per 10 s: $(grep '^buckets' "$state/wave.txt" | cut -d' ' -f2-)"
+echo "revoke $rv_count (interval ${wave}s): time to Inactive p50 $rv_p50 s, p99 $rv_p99 s, max $rv_max s, not Inactive: $rv_missing"
 echo "restart: objects unchanged after 20s: $(cmp -s "$state/restart-before" "$state/restart-after" && echo yes || echo NO)"
 echo "restart: provider requests:          $rcalls"
 echo "restart: operator peak RSS:          $((rpeak / 1024)) MiB"

@@ -305,12 +305,12 @@ async fn validate_when_due(
                 crash_point("after-journal");
                 save_pending(ctx, conn, ns, &key, Some(&token_secret)).await
             } else {
-                withdraw_intent(ctx, ns, &token_secret).await;
+                withdraw_intent(ctx, conn, ns, &token_secret).await;
                 Ok(None)
             }
         }
         Err(_) => {
-            withdraw_intent(ctx, ns, &token_secret).await;
+            withdraw_intent(ctx, conn, ns, &token_secret).await;
             Ok(None)
         }
     };
@@ -649,7 +649,11 @@ async fn write_intent(
         }
     };
     match result {
-        Ok(secret) => Ok(Some(secret)),
+        Ok(secret) => {
+            ctx.index
+                .wrote(&uid(conn), secret.metadata.resource_version.as_deref());
+            Ok(Some(secret))
+        }
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -657,14 +661,19 @@ async fn write_intent(
 
 /// Removes our intent from `<name>-token` (the token did not change). Best effort: a stale intent
 /// of ours blocks no one but a future holder, which then reports it.
-async fn withdraw_intent(ctx: &Context, ns: &str, secret: &Secret) {
+async fn withdraw_intent(ctx: &Context, conn: &Connection, ns: &str, secret: &Secret) {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let patch = tokens::withdraw_patch(secret.metadata.resource_version.as_deref());
-    if let Err(e) = api
+    match api
         .patch(&secret.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
         .await
     {
-        warn!(error = %e, secret = %secret.name_any(), "could not withdraw the refresh intent");
+        Ok(written) => ctx
+            .index
+            .wrote(&uid(conn), written.metadata.resource_version.as_deref()),
+        Err(e) => {
+            warn!(error = %e, secret = %secret.name_any(), "could not withdraw the refresh intent")
+        }
     }
 }
 
@@ -714,6 +723,7 @@ async fn save_pending(
         };
         match result {
             Ok(saved) => {
+                ctx.index.wrote(key, saved.metadata.resource_version.as_deref());
                 forget_pending(ctx, key);
                 info!(secret = %name, "saved the refresh token");
                 return Ok(Some(saved));
@@ -763,8 +773,11 @@ pub async fn children(
     });
     if let Some(session) = session {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        api.patch(&session.name_any(), &params, &Patch::Apply(typed(session)))
+        let written = api
+            .patch(&session.name_any(), &params, &Patch::Apply(typed(session)))
             .await?;
+        ctx.index
+            .wrote(&uid(conn), written.metadata.resource_version.as_deref());
     }
     let up_to_date = foreign(observed.deployment.as_ref().map(|d| &d.metadata))
         || observed
@@ -774,12 +787,15 @@ pub async fn children(
     if !up_to_date {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
         let replicas = deployment.spec.replicas;
-        api.patch(
-            &deployment.name_any(),
-            &params,
-            &Patch::Apply(typed(deployment.clone())),
-        )
-        .await?;
+        let written = api
+            .patch(
+                &deployment.name_any(),
+                &params,
+                &Patch::Apply(typed(deployment.clone())),
+            )
+            .await?;
+        ctx.index
+            .wrote(&uid(conn), written.metadata.resource_version.as_deref());
         info!(deployment = %deployment.name_any(), ?replicas, "applied retriever");
     }
     Ok(())

@@ -16,6 +16,9 @@ use kube::runtime::watcher;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+/// How many of a connection's own writes are remembered (a reconcile makes at most four).
+const OWN_WRITES_KEPT: usize = 4;
+
 /// What the operator remembers of one connection between reconciles.
 #[derive(Clone, Debug, Default)]
 pub struct Memory {
@@ -30,6 +33,8 @@ pub struct Memory {
     pub retriever_revalidated: Option<Timestamp>,
     /// Consecutive failed reconciles (API errors), for the backoff.
     pub failures: u32,
+    /// The resourceVersions of its last writes of its own children (see [`Index::wrote`]).
+    own_writes: Vec<String>,
 }
 
 /// What the lookups need of a Connection.
@@ -198,6 +203,36 @@ impl Index {
             None if may_add => f(&mut inner.entries.entry(uid.to_string()).or_default().memory),
             None => f(&mut Memory::default()),
         }
+    }
+
+    /// Remembers that this process wrote a child of the connection `uid` (the session Secret,
+    /// `<name>-token`, the retriever Deployment) and got `resource_version` back: the watch event
+    /// of that write then wakes no one ([`Index::own_write`]). The last few are kept.
+    pub fn wrote(&self, uid: &str, resource_version: Option<&str>) {
+        let Some(rv) = resource_version else { return };
+        self.memory(uid, |m| {
+            if m.own_writes.len() >= OWN_WRITES_KEPT {
+                m.own_writes.remove(0);
+            }
+            m.own_writes.push(rv.to_string());
+        });
+    }
+
+    /// True when `child` (metadata from a watch) is, as seen, what this process wrote last: its
+    /// owner's reconcile that wrote it already knew everything it says. Any later change (another
+    /// writer, the Deployment's status) has a new resourceVersion and wakes the owner.
+    pub fn own_write(&self, child: &kube::api::ObjectMeta) -> bool {
+        let Some(rv) = child.resource_version.as_deref() else {
+            return false;
+        };
+        let inner = self.inner.lock().unwrap();
+        child
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|o| o.controller == Some(true) && o.kind == "Connection")
+            .filter_map(|o| inner.entries.get(&o.uid))
+            .any(|e| e.memory.own_writes.iter().any(|w| w == rv))
     }
 
     /// The connections in `namespace` whose credentials are the Secret `name`.
@@ -402,6 +437,42 @@ mod tests {
         w.apply(&watcher::Event::Delete(conn("a", "c2", "u2", "s1", None, None)));
         assert!(index.using_secret("a", "s1").is_empty());
         assert_eq!(index.len(), 2);
+    }
+
+    #[test]
+    fn the_event_of_its_own_write_is_recognised_and_no_other() {
+        let index = Index::new(1);
+        let mut w = index.writer(None);
+        w.apply(&watcher::Event::Apply(conn("a", "c1", "u1", "s", None, None)));
+        let child = |rv: &str, owner: &str| kube::api::ObjectMeta {
+            resource_version: Some(rv.into()),
+            owner_references: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "crmconnect.io/v1alpha1".into(),
+                    kind: "Connection".into(),
+                    name: "c1".into(),
+                    uid: owner.into(),
+                    controller: Some(true),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        };
+        index.wrote("u1", Some("100"));
+        assert!(index.own_write(&child("100", "u1")));
+        assert!(
+            !index.own_write(&child("101", "u1")),
+            "a later change by someone else"
+        );
+        assert!(!index.own_write(&child("100", "u2")), "another owner");
+        for rv in ["101", "102", "103", "104"] {
+            index.wrote("u1", Some(rv));
+        }
+        assert!(
+            !index.own_write(&child("100", "u1")),
+            "only the last few are kept"
+        );
+        assert!(index.own_write(&child("104", "u1")));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::api::{Connection, State};
 use crate::events::Recorder;
 use crate::providers::{Validator, ValidatorConfig};
 use children::RetrieverSettings;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -31,7 +31,7 @@ use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -483,7 +483,17 @@ pub async fn run(
                     }
                 })
                 .reflect(writer)
-                .touched_objects();
+                .touched_objects()
+                // Its own status writes do not wake a connection again (the reconcile that wrote
+                // them knew everything they say): only a new spec (generation), annotations (e.g.
+                // crmconnect.io/revalidate) or labels do. A deletion needs no reconcile of its
+                // own (the children go with their owner; rivals are woken by the watch below).
+                .predicate_filter(
+                    predicates::generation
+                        .combine(predicates::annotations)
+                        .combine(predicates::labels),
+                    PredicateConfig::default(),
+                );
             let controller = Controller::for_stream(stream, reader);
             (scope.clone(), connections, controller)
         })
@@ -569,6 +579,7 @@ pub async fn run(
         futures::future::join_all(controllers.into_iter().map(|(scope, connections, controller)| {
             let (credentials_index, settings_index, peers_index) =
                 (index.clone(), index.clone(), index.clone());
+            let (own_secrets, own_deployments) = (index.clone(), index.clone());
             // Metadata-only requests (`PartialObjectMeta`).
             let secrets: Api<PartialObjectMeta<Secret>> = scoped_api(&ctx.client, scope.as_deref());
             let deployments: Api<PartialObjectMeta<Deployment>> = scoped_api(&ctx.client, scope.as_deref());
@@ -594,15 +605,19 @@ pub async fn run(
                 // Its own Secrets (`<name>-session`, `<name>-token`): a hand edit, e.g. removing a
                 // stale refresh intent, is seen at once. Metadata only (owner references), as for the
                 // Deployments (no pod templates).
+                // The event of a write this process made itself wakes no one (the reconcile that
+                // made it knew); a Deployment's status changing (the retriever up or down) does.
                 .owns_stream(
                     watcher(secrets, list_config().labels(&managed))
                         .default_backoff()
-                        .touched_objects(),
+                        .touched_objects()
+                        .try_filter(move |s| std::future::ready(!own_secrets.own_write(&s.metadata))),
                 )
                 .owns_stream(
                     watcher(deployments, list_config().labels(&managed))
                         .default_backoff()
-                        .touched_objects(),
+                        .touched_objects()
+                        .try_filter(move |d| std::future::ready(!own_deployments.own_write(&d.metadata))),
                 )
                 // An org's settings changing rolls the retrievers that use them.
                 .watches(
