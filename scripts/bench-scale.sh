@@ -119,6 +119,8 @@ snapshot() {
 		kubectl get deploy -n "$ns" -o jsonpath='{range .items[*]}{.kind}/{.metadata.name}={.metadata.generation}{"\n"}{end}'
 		kubectl get orgclaims -o jsonpath='{range .items[*]}{.kind}/{.metadata.name}={.metadata.resourceVersion}{"\n"}{end}' | grep "^OrgClaim/$ns\." || true
 	} | sort >"$1"
+	# What the Connections said, to see what changed when something did.
+	kubectl get conn -n "$ns" -o json >"$1.json"
 }
 # Steady state: the same operator, all Active, for $steady s.
 sleep 5

@@ -214,7 +214,7 @@ async fn validate_when_due(
             Err(failure) => Err(failure),
         };
         match checked {
-            Err(failure) if failure.kind != FailureKind::Transient => {
+            Err(failure) if failure.kind != FailureKind::Transient || failure.access_token_refused => {
                 info!(reason = %failure.reason, "the access token held was refused: refreshing");
             }
             result => {

@@ -448,19 +448,23 @@ pub enum RetrieverObserved {
 /// current generation, and one updated replica is available (with the `Recreate` strategy there are
 /// never old and new pods at once).
 pub fn observe_retriever(existing: Option<&Deployment>, wanted: &Deployment) -> RetrieverObserved {
-    let not = |why: &str| RetrieverObserved::NotAvailable(why.to_string());
-    let Some(existing) = existing else {
-        return not("the retriever Deployment is being created");
+    // Absent, about to be written, or written and not yet seen by the Deployment controller: one
+    // message, so the status written before this reconcile's own apply is the one the next
+    // reconcile (which sees the written Deployment) would write; it wakes no one.
+    let starting = || {
+        RetrieverObserved::NotAvailable(
+            "the Deployment controller has not yet rolled out the retriever's current spec".into(),
+        )
     };
-    if !deployment_up_to_date(existing, wanted) {
-        return not("the retriever Deployment is being updated");
-    }
+    let Some(existing) = existing.filter(|e| deployment_up_to_date(e, wanted)) else {
+        return starting();
+    };
     let Some(status) = &existing.status else {
-        return not("the Deployment controller has not reported on the retriever yet");
+        return starting();
     };
     let observed = status.observed_generation.unwrap_or(0);
     if existing.metadata.generation.is_none_or(|g| observed < g) {
-        return not("the Deployment controller has not yet seen the retriever's current spec");
+        return starting();
     }
     let available = status.available_replicas.unwrap_or(0);
     let updated = status.updated_replicas.unwrap_or(0);
@@ -753,6 +757,25 @@ mod tests {
             ..Default::default()
         });
         d
+    }
+
+    #[test]
+    fn a_retriever_about_to_be_written_reads_as_the_one_just_written() {
+        // The status a reconcile writes before its own apply equals the one the next reconcile,
+        // seeing the written Deployment without a status yet, would write: no second write.
+        let wanted = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&org()), 1);
+        let mut written = wanted.clone();
+        written.metadata.generation = Some(1);
+        let mut stale = wanted.clone();
+        stale.spec.replicas = Some(0);
+        assert_eq!(
+            observe_retriever(None, &wanted),
+            observe_retriever(Some(&written), &wanted)
+        );
+        assert_eq!(
+            observe_retriever(Some(&stale), &wanted),
+            observe_retriever(Some(&written), &wanted)
+        );
     }
 
     #[test]

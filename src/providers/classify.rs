@@ -277,13 +277,17 @@ pub fn classify_response(
         );
     }
 
-    // 4. Anything else: not understood, so not a reason to deactivate.
+    // 4. Anything else: not understood, so not a reason to deactivate. An identity call's 401/403
+    //    (limits were handled in 1) says its access token was refused: a recheck refreshes now.
     let what = if endpoint.is_token() {
         "unexpected answer to the token grant"
     } else {
         "unexpected answer"
     };
-    Failure::transient(format!("{what}, will retry: {answered}")).with_retry_after(retry_after)
+    let mut failure =
+        Failure::transient(format!("{what}, will retry: {answered}")).with_retry_after(retry_after);
+    failure.access_token_refused = !endpoint.is_token() && matches!(status, 401 | 403);
+    failure
 }
 
 /// A 200 answer whose body could not be used (malformed JSON, HTML, missing fields).
@@ -329,6 +333,37 @@ fn answer_text(endpoint: Endpoint, host: &str, status: u16, err: &ErrorBody, jso
 mod tests {
     use super::*;
     use Endpoint::*;
+
+    #[test]
+    fn an_identity_call_refusing_its_access_token_is_marked_for_a_refresh_now() {
+        for (endpoint, status, body, refused) in [
+            (Endpoint::SalesforceIdentity, 403, "Bad_OAuth_Token", true),
+            (Endpoint::SalesforceIdentity, 401, "", true),
+            (Endpoint::DataverseWhoAmI, 401, "", true),
+            // A limit is not a refusal of the token.
+            (
+                Endpoint::SalesforceIdentity,
+                403,
+                r#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#,
+                false,
+            ),
+            (Endpoint::SalesforceIdentity, 503, "", false),
+            (Endpoint::SalesforceToken, 401, "", false),
+        ] {
+            let failure = classify(endpoint, status, body);
+            assert_eq!(
+                failure.access_token_refused, refused,
+                "{endpoint:?} {status} {body}"
+            );
+            if endpoint == Endpoint::SalesforceIdentity {
+                assert_eq!(
+                    failure.kind,
+                    FailureKind::Transient,
+                    "never a deactivation on its own"
+                );
+            }
+        }
+    }
 
     fn classify(endpoint: Endpoint, status: u16, body: &str) -> Failure {
         classify_response(endpoint, "login.example.com", status, None, body.as_bytes())

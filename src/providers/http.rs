@@ -150,6 +150,7 @@ impl Http {
                 ),
                 retry_after: Some(wait),
                 rotated_refresh_token: None,
+                access_token_refused: false,
             });
         }
         tracing::debug!(endpoint = endpoint.describe(), host = %host, "provider request");

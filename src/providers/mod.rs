@@ -150,6 +150,11 @@ pub struct Failure {
     /// may already be dead (Salesforce rotation): persist this one even though validation failed.
     /// Never set on [`reason::SIGNATURE_MISMATCH`] (an unverified response is not trusted).
     pub rotated_refresh_token: Option<SecretString>,
+    /// An identity call refused the access token it was given (HTTP 401, or 403 without a limit
+    /// code: Salesforce's identity URL answers a dead token with a plain `403 Bad_OAuth_Token`).
+    /// That alone proves nothing about the refresh token (so it stays transient), but a recheck
+    /// holding that access token refreshes at once instead of backing off: the refresh decides.
+    pub access_token_refused: bool,
 }
 
 impl Failure {
@@ -160,6 +165,7 @@ impl Failure {
             message: message.into(),
             retry_after: None,
             rotated_refresh_token: None,
+            access_token_refused: false,
         }
     }
 

@@ -53,8 +53,13 @@ impl Callback {
         let app = axum::Router::new()
             .route("/callback", axum::routing::get(callback))
             .with_state((tx, expected.clone()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            let _ = axum::serve(self.listener, app).await;
+            let _ = axum::serve(self.listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
         });
         let opened = open_in_browser(url.as_str());
         let _ = writeln!(
@@ -67,7 +72,10 @@ impl Callback {
             }
         );
         let outcome = tokio::time::timeout(BROWSER_DEADLINE, rx.recv()).await;
-        server.abort();
+        // The browser gets its page before this process goes on (and may exit): the server stops
+        // gracefully, finishing the answer in flight.
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
         let query = match outcome {
             Err(_) | Ok(None) => return Err(LoginError::Expired("5 minutes".into())),
             Ok(Some(query)) => query,
