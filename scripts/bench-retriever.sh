@@ -6,7 +6,8 @@
 # Ready its process is read from /proc for WINDOW seconds (default 300):
 # - RSS now and its peak (VmRSS, VmHWM), and the pod's cgroup memory (usage, which includes page cache);
 # - CPU time (utime + stime) over the window, per poll and per hour at the default 5m polling;
-# - the baseline, in the same run: the pod's pause container (what any pod costs, retriever or not).
+# - the baseline, in the same run: the pod's pause container and its containerd shim (what any pod
+#   costs, retriever or not).
 # The org's pollInterval is put back afterwards.
 # Usage: scripts/bench-retriever.sh [WINDOW]
 set -euo pipefail
@@ -56,6 +57,10 @@ end_cpu=$(cpu "$retriever")
 rss=$(kib "$retriever" VmRSS)
 hwm=$(kib "$retriever" VmHWM)
 pause_rss=$([[ -n $pause ]] && kib "$pause" VmRSS || echo 0)
+# The pod's containerd shim (the retriever's parent): per-pod cost outside the pod's cgroup.
+shim=$(awk '{print $4}' "/proc/$retriever/stat")
+shim_rss=$(kib "$shim" VmRSS)
+shim_name=$(tr '\0' ' ' <"/proc/$shim/cmdline" | cut -c1-40)
 usage=$(cat "$podcg/memory.usage_in_bytes" 2>/dev/null || cat "$podcg/memory.current")
 polls=$((window / 60))
 cpu_s=$(awk "BEGIN {printf \"%.3f\", ($end_cpu - $start_cpu) / $hz}")
@@ -64,5 +69,7 @@ echo "retriever pod: $ns/$pod (connection $conn, org $org, pollInterval 1m for t
 echo "retriever RSS: $((rss / 1024)) MiB now, $((hwm / 1024)) MiB peak (VmRSS/VmHWM, ${rss}/${hwm} KiB)"
 echo "baseline, the pod's pause container: $((pause_rss)) KiB RSS (ratio retriever / pause: $(awk "BEGIN {printf \"%.1f\", $rss / ($pause_rss > 0 ? $pause_rss : 1)}"))"
 echo "pod cgroup memory (incl. page cache): $((usage / 1048576)) MiB"
+echo "its shim ($shim_name...): $((shim_rss / 1024)) MiB RSS"
+echo "per retriever pod, RSS of retriever + pause + shim: $(((rss + pause_rss + shim_rss) / 1024)) MiB"
 echo "retriever CPU over ${window}s (~$polls polls): ${cpu_s} s, $(awk "BEGIN {printf \"%.1f\", 1000 * $cpu_s / ($polls > 0 ? $polls : 1)}") ms per poll"
 echo "at the default 5m polling: $(awk "BEGIN {printf \"%.2f\", 12 * 1000 * $cpu_s / ($polls > 0 ? $polls : 1) / 1000}") CPU-seconds per hour per retriever"

@@ -53,7 +53,8 @@ pub struct RunArgs {
     /// commas); default: all namespaces.
     #[arg(long, env = "WATCH_NAMESPACE", value_delimiter = ',')]
     pub namespace: Vec<String>,
-    /// How often valid tokens are re-checked with the provider (jittered ±10%).
+    /// How often valid tokens are re-checked with the provider: each connection at its own moment
+    /// of the interval (from its UID), so the checks of many connections spread evenly over it.
     #[arg(long, env = "REVALIDATE_INTERVAL", default_value = "15m", value_parser = parse_duration)]
     pub revalidate_interval: std::time::Duration,
     /// How long an access token is used for the rechecks of valid tokens (an identity call, no token

@@ -14,7 +14,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -113,6 +113,16 @@ async fn validate_when_due(
         seed_secret = Some(ensure_credentials_label(ctx, ns, secret).await?);
     }
     // What the operator remembers (seeded from status and the session Secret after a restart).
+    // When the current policy would check next: at the connection's place in the interval, or
+    // sooner if the access token held expires before (its refresh must not wait).
+    let latest = {
+        let slot = policy.next_slot(now, schedule::phase(&key));
+        let margin = SignedDuration::try_from(policy.refresh_margin).unwrap_or(SignedDuration::ZERO);
+        match session_expiry(observed.session.as_ref()) {
+            Some(expires) => slot.min(expires.saturating_sub(margin).unwrap_or(expires).max(now)),
+            None => slot,
+        }
+    };
     let memo = ctx.index.memory(&key, |m| {
         m.memo
             .get_or_insert_with(|| {
@@ -122,7 +132,8 @@ async fn validate_when_due(
                         .session
                         .as_ref()
                         .and_then(|s| s.metadata.annotations.as_ref()),
-                    policy.next_slot(now, schedule::phase(&key)),
+                    now,
+                    latest,
                 )
             })
             .clone()
@@ -458,6 +469,16 @@ struct HeldSession {
     expires_at: Option<Timestamp>,
     granted_at: Timestamp,
     identity_url: Option<String>,
+}
+
+/// When the access token the session Secret holds expires, if it says.
+fn session_expiry(session: Option<&Secret>) -> Option<Timestamp> {
+    let value = session?.data.as_ref()?.get(children::session_keys::EXPIRES_AT)?;
+    crate::providers::secret_text(&value.0)
+        .ok()
+        .flatten()?
+        .parse()
+        .ok()
 }
 
 fn held_session(session: Option<&Secret>, fingerprint: &str) -> Option<HeldSession> {

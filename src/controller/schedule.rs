@@ -96,7 +96,8 @@ pub fn due(memo: Option<&Memo>, fingerprint: &str, now: Timestamp) -> Due {
 /// Revalidation policy (operator flags).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
-    /// How often valid tokens are re-checked (default 15 minutes), before jitter.
+    /// How often valid tokens are re-checked (default 15 minutes), each connection at its own moment
+    /// of the interval ([`Policy::next_slot`]).
     pub revalidate_every: Duration,
     /// Refresh this long before a known access-token expiry.
     pub refresh_margin: Duration,
@@ -138,7 +139,7 @@ impl Policy {
         phase: f64,
         identity: Identity,
     ) -> Memo {
-        let mut next = self.next_slot(now, phase);
+        let mut next = self.next_check(now, phase);
         if let Some(exp) = expires_at {
             let margin = SignedDuration::try_from(self.refresh_margin).unwrap_or(SignedDuration::ZERO);
             let early = exp.saturating_sub(margin).unwrap_or(exp);
@@ -153,29 +154,54 @@ impl Policy {
         }
     }
 
-    /// The next recheck of valid tokens of a connection whose place in the interval is `phase`:
-    /// the first time at that place (counted from the Unix epoch, in whole seconds) at least a
-    /// tenth of the interval (and a second) after `now`. So rechecks of many connections spread evenly over the
-    /// interval however bunched their validations were (a cold start, a mass re-authorization);
-    /// once in step, a connection is rechecked exactly once per interval; the first recheck after
-    /// a validation comes 0.1 to 1.1 intervals after it.
+    /// The recheck after a successful check at `now` of a connection whose place in the interval
+    /// is `phase` ([`phase`]): one interval later, moved by at most a tenth of it towards that
+    /// place. So a connection is never rechecked sooner than 0.9 intervals after a validation (a
+    /// cold start of 10,000 makes no calls for a while), and a bunch validated together (a cold
+    /// start, a mass re-authorization) spreads out over a few intervals until each is rechecked at
+    /// its own place, exactly once per interval: evenly over the interval, deterministically.
+    pub fn next_check(&self, now: Timestamp, phase: f64) -> Timestamp {
+        let period = self.period();
+        let target = now.as_second().saturating_add(period);
+        let nearest = Self::slot_on_or_after(target - period / 2, period, phase);
+        let step = period / 10;
+        let next = target.saturating_add((nearest - target).clamp(-step, step));
+        Timestamp::from_second(next).unwrap_or(Timestamp::MAX)
+    }
+
+    /// The first time after `now` (at least a second) at the place `phase` of the interval: when
+    /// the connection is rechecked once in step. After a restart, the memo's recorded next check
+    /// is capped by this (a shortened interval takes effect at once, spread evenly).
     pub fn next_slot(&self, now: Timestamp, phase: f64) -> Timestamp {
-        let period = i64::try_from(self.revalidate_every.as_secs())
+        let period = self.period();
+        let slot = Self::slot_on_or_after(now.as_second().saturating_add(1), period, phase);
+        Timestamp::from_second(slot).unwrap_or(Timestamp::MAX)
+    }
+
+    fn period(&self) -> i64 {
+        i64::try_from(self.revalidate_every.as_secs())
             .unwrap_or(i64::MAX)
-            .max(1);
+            .max(1)
+    }
+
+    /// The first second at or after `t` at the place `phase` of intervals of `period` seconds
+    /// counted from the Unix epoch.
+    fn slot_on_or_after(t: i64, period: i64, phase: f64) -> i64 {
         let phase = if phase.is_finite() {
             phase.clamp(0.0, 1.0)
         } else {
             0.5
         };
         let offset = ((phase * period as f64) as i64).clamp(0, period - 1);
-        let earliest = now.as_second().saturating_add((period / 10).max(1));
-        let k = (earliest - offset).div_euclid(period);
-        let mut slot = k.saturating_mul(period).saturating_add(offset);
-        if slot < earliest {
-            slot = slot.saturating_add(period);
+        let slot = (t - offset)
+            .div_euclid(period)
+            .saturating_mul(period)
+            .saturating_add(offset);
+        if slot < t {
+            slot.saturating_add(period)
+        } else {
+            slot
         }
-        Timestamp::from_second(slot).unwrap_or(Timestamp::MAX)
     }
 
     /// Memo after a permanent or configuration failure: wait for a change.
@@ -251,11 +277,14 @@ pub fn phase(uid: &str) -> f64 {
 
 /// The memo of a connection the operator has no memory of (after a restart), from its status and
 /// the session Secret's annotations: with a still-valid session nothing is called until it is due.
-/// `latest` caps the recorded next check (the next slot under the current policy), so a shorter
-/// revalidation interval takes effect at the restart that sets it.
+/// `latest` is when the current policy would check next ([`Policy::next_slot`], or sooner for an
+/// access token about to expire): it caps the recorded next check (a shorter interval takes effect
+/// at the restart that sets it), and replaces one already past at `now` (the record is written at
+/// validations, not at each recheck: checks spread over the interval instead of all at restart).
 pub fn seed(
     status: Option<&crate::api::ConnectionStatus>,
     session_annotations: Option<&std::collections::BTreeMap<String, String>>,
+    now: Timestamp,
     latest: Timestamp,
 ) -> Memo {
     let check = Check::from_status(status);
@@ -274,7 +303,7 @@ pub fn seed(
         Some((fingerprint, next)) => Memo {
             fingerprint,
             outcome: Outcome::Authorized,
-            next_check_at: Some(next.min(latest)),
+            next_check_at: Some(if next > now { next.min(latest) } else { latest }),
             check,
         },
         // Unknown inputs: validate now, keeping what the status says meanwhile.
@@ -484,51 +513,68 @@ mod tests {
     }
 
     #[test]
-    fn success_is_rechecked_at_the_connections_place_in_the_interval() {
+    fn success_is_rechecked_after_0_9_to_1_1_intervals_moving_to_its_place() {
         let p = Policy::default();
         for phase in [0.0, 0.5, 0.999] {
-            for validated in [0, 7, 850, 901] {
+            for validated in [0, 7, 450, 850, 901] {
                 let m = p.after_success("f".into(), at(validated), None, phase, ident());
                 let next = m.next_check_at.unwrap();
-                // At its place in the 15-minute interval, 0.1 to 1.1 intervals after the validation.
+                assert!(
+                    next >= at(validated + 810) && next <= at(validated + 990),
+                    "{next}"
+                );
+                assert_eq!(due(Some(&m), "f", at(validated + 60)), Due::At(next));
+                assert_eq!(due(Some(&m), "f", next), Due::Now);
+                // Within five rechecks it is at its place, then exactly one interval apart.
+                let mut t = next;
+                for _ in 0..5 {
+                    t = p.next_check(t, phase);
+                }
                 assert_eq!(
-                    next.as_second().rem_euclid(900),
+                    t.as_second().rem_euclid(900),
                     (phase * 900.0) as i64,
                     "{phase} {validated}"
                 );
-                assert!(next >= at(validated + 90) && next < at(validated + 990), "{next}");
-                assert_eq!(due(Some(&m), "f", at(validated + 60)), Due::At(next));
-                assert_eq!(due(Some(&m), "f", next), Due::Now);
-                // In step: the recheck after that one is exactly one interval later.
-                let again = p.after_success("f".into(), next, None, phase, ident());
-                assert_eq!(again.next_check_at, Some(at(next.as_second() + 900)));
+                assert_eq!(p.next_check(t, phase), at(t.as_second() + 900));
             }
         }
     }
 
     #[test]
-    fn a_one_second_interval_rechecks_every_second_not_at_once() {
+    fn a_one_second_interval_rechecks_every_second() {
         let p = Policy {
             revalidate_every: Duration::from_secs(1),
             ..Policy::default()
         };
         for phase in [0.0, 0.7] {
+            assert_eq!(p.next_check(at(10), phase), at(11));
             assert_eq!(p.next_slot(at(10), phase), at(11));
         }
     }
 
     #[test]
-    fn connections_validated_together_are_rechecked_spread_over_the_interval() {
+    fn connections_validated_together_spread_evenly_over_the_interval() {
         let p = Policy::default();
-        // 900 connections validated in the same second: their rechecks fall in 15 one-minute
-        // buckets, none holding more than twice its share.
+        // 900 connections validated in the same second: after six rechecks their checks fall in
+        // the 15 one-minute buckets of the interval, none holding more than twice its share.
         let mut buckets = [0u32; 15];
         for i in 0..900 {
-            let m = p.after_success("f".into(), at(0), None, phase(&format!("uid-{i}")), ident());
-            let slot = m.next_check_at.unwrap().as_second().rem_euclid(900);
-            buckets[(slot / 60) as usize] += 1;
+            let phase = phase(&format!("uid-{i}"));
+            let mut t = at(0);
+            for _ in 0..6 {
+                t = p.next_check(t, phase);
+            }
+            buckets[(t.as_second().rem_euclid(900) / 60) as usize] += 1;
         }
         assert!(buckets.iter().all(|&b| (20..=120).contains(&b)), "{buckets:?}");
+        // After a restart, the first checks are at each one's place: spread at once.
+        let mut first = [0u32; 15];
+        for i in 0..900 {
+            let slot = p.next_slot(at(0), phase(&format!("uid-{i}")));
+            assert!(slot > at(0) && slot <= at(900));
+            first[(slot.as_second() / 60).min(14) as usize] += 1;
+        }
+        assert!(first.iter().all(|&b| (20..=120).contains(&b)), "{first:?}");
         assert_eq!(phase("uid-1"), phase("uid-1"), "the same place in every process");
     }
 
@@ -658,6 +704,7 @@ mod tests {
         let active = seed(
             Some(&status(State::Active, Status::True)),
             Some(&annotations),
+            at(0),
             at(900),
         );
         assert_eq!(
@@ -669,23 +716,38 @@ mod tests {
         let shortened = seed(
             Some(&status(State::Active, Status::True)),
             Some(&annotations),
+            at(0),
             at(70),
         );
         assert_eq!(due(Some(&shortened), "f", at(10)), Due::At(at(70)));
+        // Recorded at the validation, passed since (rechecks do not rewrite it): at its next place,
+        // not all at once.
+        let passed = seed(
+            Some(&status(State::Active, Status::True)),
+            Some(&annotations),
+            at(700),
+            at(1000),
+        );
+        assert_eq!(due(Some(&passed), "f", at(700)), Due::At(at(1000)));
         assert_eq!(active.check.known, Known::Valid(ident()));
         let outage = seed(
             Some(&status(State::Active, Status::Unknown)),
             Some(&annotations),
+            at(0),
             at(900),
         );
         assert_eq!(due(Some(&outage), "f", at(10)), Due::Now);
         let inactive = seed(
             Some(&status(State::Inactive, Status::False)),
             Some(&annotations),
+            at(0),
             at(900),
         );
         assert_eq!(due(Some(&inactive), "f", at(10)), Due::Now);
         assert!(matches!(inactive.check.known, Known::Invalid { .. }));
-        assert_eq!(due(Some(&seed(None, None, at(900))), "f", at(10)), Due::Now);
+        assert_eq!(
+            due(Some(&seed(None, None, at(0), at(900))), "f", at(10)),
+            Due::Now
+        );
     }
 }
