@@ -134,6 +134,7 @@ async fn validate_when_due(
                         .and_then(|s| s.metadata.annotations.as_ref()),
                     now,
                     latest,
+                    policy.revalidate_every.mul_f64(1.1),
                 )
             })
             .clone()

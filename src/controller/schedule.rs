@@ -277,15 +277,17 @@ pub fn phase(uid: &str) -> f64 {
 
 /// The memo of a connection the operator has no memory of (after a restart), from its status and
 /// the session Secret's annotations: with a still-valid session nothing is called until it is due.
-/// `latest` is when the current policy would check next ([`Policy::next_slot`], or sooner for an
-/// access token about to expire): it caps the recorded next check (a shorter interval takes effect
-/// at the restart that sets it), and replaces one already past at `now` (the record is written at
-/// validations, not at each recheck: checks spread over the interval instead of all at restart).
+/// The recorded next check stands unless it is past at `now` (it is written at validations, not at
+/// each recheck) or further than `longest` (the policy's longest wait: the interval was shortened);
+/// then `latest` replaces it: when the current policy would check next ([`Policy::next_slot`], or
+/// sooner for an access token about to expire), so checks spread over the interval instead of all
+/// coming at the restart.
 pub fn seed(
     status: Option<&crate::api::ConnectionStatus>,
     session_annotations: Option<&std::collections::BTreeMap<String, String>>,
     now: Timestamp,
     latest: Timestamp,
+    longest: Duration,
 ) -> Memo {
     let check = Check::from_status(status);
     let authorized = matches!(check.known, Known::Valid(_))
@@ -303,7 +305,13 @@ pub fn seed(
         Some((fingerprint, next)) => Memo {
             fingerprint,
             outcome: Outcome::Authorized,
-            next_check_at: Some(if next > now { next.min(latest) } else { latest }),
+            // Kept while ahead and within the longest wait the policy makes (1.1 intervals), so a
+            // restart calls no one early.
+            next_check_at: Some(if next > now && next <= plus(now, longest) {
+                next
+            } else {
+                latest
+            }),
             check,
         },
         // Unknown inputs: validate now, keeping what the status says meanwhile.
@@ -684,6 +692,8 @@ mod tests {
         assert_eq!(rejected.check.last_identity, Some(ident()), "the org stays known");
     }
 
+    const LONGEST: Duration = Duration::from_secs(990);
+
     #[test]
     fn seed_after_restart_uses_the_session_annotations_only_for_authorized_connections() {
         use crate::api::conditions::{AUTHORIZED, Desired, Status, merge};
@@ -706,6 +716,7 @@ mod tests {
             Some(&annotations),
             at(0),
             at(900),
+            LONGEST,
         );
         assert_eq!(
             due(Some(&active), "f", at(10)),
@@ -718,6 +729,7 @@ mod tests {
             Some(&annotations),
             at(0),
             at(70),
+            Duration::from_secs(66),
         );
         assert_eq!(due(Some(&shortened), "f", at(10)), Due::At(at(70)));
         // Recorded at the validation, passed since (rechecks do not rewrite it): at its next place,
@@ -727,6 +739,7 @@ mod tests {
             Some(&annotations),
             at(700),
             at(1000),
+            LONGEST,
         );
         assert_eq!(due(Some(&passed), "f", at(700)), Due::At(at(1000)));
         assert_eq!(active.check.known, Known::Valid(ident()));
@@ -735,6 +748,7 @@ mod tests {
             Some(&annotations),
             at(0),
             at(900),
+            LONGEST,
         );
         assert_eq!(due(Some(&outage), "f", at(10)), Due::Now);
         let inactive = seed(
@@ -742,11 +756,12 @@ mod tests {
             Some(&annotations),
             at(0),
             at(900),
+            LONGEST,
         );
         assert_eq!(due(Some(&inactive), "f", at(10)), Due::Now);
         assert!(matches!(inactive.check.known, Known::Invalid { .. }));
         assert_eq!(
-            due(Some(&seed(None, None, at(0), at(900))), "f", at(10)),
+            due(Some(&seed(None, None, at(0), at(900), LONGEST)), "f", at(10)),
             Due::Now
         );
     }
