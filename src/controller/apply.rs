@@ -113,19 +113,18 @@ async fn validate_when_due(
         seed_secret = Some(ensure_credentials_label(ctx, ns, secret).await?);
     }
     // What the operator remembers (seeded from status and the session Secret after a restart).
-    // When the current policy would check next: at the connection's place in the interval, or
-    // sooner if the access token held expires before (its refresh must not wait).
-    let latest = {
-        let slot = policy.next_slot(now, schedule::phase(&key));
-        let margin = SignedDuration::try_from(policy.refresh_margin).unwrap_or(SignedDuration::ZERO);
-        match session_expiry(observed.session.as_ref()) {
-            Some(expires) => slot.min(expires.saturating_sub(margin).unwrap_or(expires).max(now)),
-            None => slot,
-        }
-    };
     let memo = ctx.index.memory(&key, |m| {
         m.memo
             .get_or_insert_with(|| {
+                // When the current policy would check next: at the connection's place in the
+                // interval, or sooner if the access token held expires before (its refresh must
+                // not wait). Only computed when there is no memory yet.
+                let slot = policy.next_slot(now, schedule::phase(&key));
+                let margin = SignedDuration::try_from(policy.refresh_margin).unwrap_or(SignedDuration::ZERO);
+                let latest = match session_expiry(observed.session.as_ref()) {
+                    Some(expires) => slot.min(expires.saturating_sub(margin).unwrap_or(expires).max(now)),
+                    None => slot,
+                };
                 schedule::seed(
                     conn.status.as_ref(),
                     observed
@@ -134,7 +133,7 @@ async fn validate_when_due(
                         .and_then(|s| s.metadata.annotations.as_ref()),
                     now,
                     latest,
-                    policy.revalidate_every.mul_f64(1.1),
+                    policy.longest_wait(),
                 )
             })
             .clone()

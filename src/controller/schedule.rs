@@ -178,6 +178,12 @@ impl Policy {
         Timestamp::from_second(slot).unwrap_or(Timestamp::MAX)
     }
 
+    /// The longest wait [`Policy::next_check`] makes: 1.1 intervals.
+    pub fn longest_wait(&self) -> Duration {
+        let period = self.period();
+        Duration::from_secs((period + period / 10).unsigned_abs())
+    }
+
     fn period(&self) -> i64 {
         i64::try_from(self.revalidate_every.as_secs())
             .unwrap_or(i64::MAX)
@@ -531,6 +537,7 @@ mod tests {
                     next >= at(validated + 810) && next <= at(validated + 990),
                     "{next}"
                 );
+                assert!(next <= plus(at(validated), p.longest_wait()));
                 assert_eq!(due(Some(&m), "f", at(validated + 60)), Due::At(next));
                 assert_eq!(due(Some(&m), "f", next), Due::Now);
                 // Within five rechecks it is at its place, then exactly one interval apart.
