@@ -96,27 +96,14 @@ struct Inner {
 
 impl Inner {
     fn unlink(&mut self, uid: &str, facts: &Facts) {
-        let drop_from = |map: &mut HashMap<String, BTreeSet<String>>, key: &str| {
-            if let Some(set) = map.get_mut(key) {
-                set.remove(uid);
-                if set.is_empty() {
-                    map.remove(key);
-                }
-            }
-        };
         if let Some(remote) = &facts.remote_id {
-            drop_from(&mut self.by_remote, remote);
+            drop_uid(&mut self.by_remote, remote, uid);
         }
         if let Some(key) = &facts.org_key {
-            drop_from(&mut self.by_org_key, key);
+            drop_uid(&mut self.by_org_key, key, uid);
         }
         let secret = (facts.namespace.clone(), facts.secret.clone());
-        if let Some(set) = self.by_secret.get_mut(&secret) {
-            set.remove(uid);
-            if set.is_empty() {
-                self.by_secret.remove(&secret);
-            }
-        }
+        drop_uid(&mut self.by_secret, &secret, uid);
     }
 
     fn link(&mut self, uid: &str, facts: &Facts) {
@@ -163,6 +150,16 @@ impl Inner {
         uids.into_iter()
             .flatten()
             .filter_map(|uid| self.entries.get(uid)?.facts.as_ref())
+    }
+}
+
+/// Removes `uid` from the set at `key`, and the set once empty.
+fn drop_uid<K: std::hash::Hash + Eq>(map: &mut HashMap<K, BTreeSet<String>>, key: &K, uid: &str) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(uid);
+        if set.is_empty() {
+            map.remove(key);
+        }
     }
 }
 
