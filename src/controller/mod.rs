@@ -17,6 +17,7 @@ pub mod schedule;
 pub mod server;
 pub mod state;
 pub mod tokens;
+pub mod trigger;
 
 use crate::api::{Connection, State};
 use crate::events::Recorder;
@@ -27,7 +28,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -474,31 +475,47 @@ pub async fn run(
             // The cache keeps what decisions read: no managedFields, no kubectl last-applied copy.
             let (reader, writer) = reflector::store();
             let mut indexer = index.writer(scope.clone());
-            let stream = watcher(connections.clone(), watcher::Config::default().any_semantic())
-                .default_backoff()
-                .modify(slim)
-                .inspect(move |event| {
-                    if let Ok(event) = event {
-                        indexer.apply(event);
+            // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its
+            // rivals: found from this same watch (every event, status changes included), so the
+            // Connections are not listed and watched twice.
+            let (rivals_tx, rivals_rx) = futures::channel::mpsc::unbounded();
+            let peers = index.clone();
+            let stream = watcher(
+                connections,
+                watcher::Config::default().any_semantic().page_size(PAGE_SIZE),
+            )
+            .default_backoff()
+            .modify(slim)
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    if let watcher::Event::Apply(c)
+                    | watcher::Event::InitApply(c)
+                    | watcher::Event::Delete(c) = event
+                    {
+                        for rival in dereference::rivals_of(&peers, c) {
+                            let _ = rivals_tx.unbounded_send(rival);
+                        }
                     }
-                })
-                .reflect(writer)
-                .touched_objects()
-                // Its own status writes do not wake a connection again (the reconcile that wrote
-                // them knew everything they say): only a new spec (generation), annotations (e.g.
-                // crmconnect.io/revalidate) or labels do. A deletion needs no reconcile of its
-                // own (the children go with their owner; rivals are woken by the watch below).
-                .predicate_filter(
-                    predicates::generation
-                        .combine(predicates::annotations)
-                        .combine(predicates::labels),
-                    PredicateConfig::default(),
-                );
-            let controller = Controller::for_stream(stream, reader);
-            (scope.clone(), connections, controller)
+                    indexer.apply(event);
+                }
+            })
+            .reflect(writer)
+            .touched_objects()
+            // Its own status writes do not wake a connection again (the reconcile that wrote
+            // them knew everything they say): only a new spec (generation), annotations (e.g.
+            // crmconnect.io/revalidate) or labels do. A deletion needs no reconcile of its
+            // own (the children go with their owner; rivals are woken by the watch below).
+            .predicate_filter(
+                predicates::generation
+                    .combine(predicates::annotations)
+                    .combine(predicates::labels),
+                PredicateConfig::default(),
+            );
+            let controller = Controller::for_stream(stream, reader).reconcile_on(rivals_rx);
+            (scope.clone(), controller)
         })
         .collect();
-    let stores: Vec<_> = controllers.iter().map(|(_, _, c)| c.store()).collect();
+    let stores: Vec<_> = controllers.iter().map(|(_, c)| c.store()).collect();
     let reporter = Reporter {
         controller: "connection-operator".into(),
         instance: config.instance.clone(),
@@ -575,76 +592,70 @@ pub async fn run(
         config.instance.clone(),
         stopped(),
     );
-    let connections_done =
-        futures::future::join_all(controllers.into_iter().map(|(scope, connections, controller)| {
-            let (credentials_index, settings_index, peers_index) =
-                (index.clone(), index.clone(), index.clone());
-            let (own_secrets, own_deployments) = (index.clone(), index.clone());
-            // Metadata-only requests (`PartialObjectMeta`).
-            let secrets: Api<PartialObjectMeta<Secret>> = scoped_api(&ctx.client, scope.as_deref());
-            let deployments: Api<PartialObjectMeta<Deployment>> = scoped_api(&ctx.client, scope.as_deref());
-            let org_settings: Api<crate::api::OrgSettings> = scoped_api(&ctx.client, scope.as_deref());
-            controller
-                .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
-                // Only labelled Secrets are watched (credentials the operator has seen, and its own
-                // session Secrets): memory stays proportional to the connections, not to every
-                // Secret in the cluster.
-                // Metadata only: which Secret changed is all a trigger needs (its data is read when
-                // reconciling), so no token is held in a cache.
-                .watches_stream(
-                    watcher(
-                        secrets.clone(),
-                        list_config().labels(&format!("{}=true", children::CREDENTIALS_LABEL)),
-                    )
+    let connections_done = futures::future::join_all(controllers.into_iter().map(|(scope, controller)| {
+        let (credentials_index, settings_index) = (index.clone(), index.clone());
+        let (own_secrets, own_deployments) = (index.clone(), index.clone());
+        // Metadata-only requests, decoded without their managedFields (see `trigger`).
+        let secrets: Api<trigger::Meta<Secret>> = scoped_api(&ctx.client, scope.as_deref());
+        let deployments: Api<trigger::Meta<Deployment>> = scoped_api(&ctx.client, scope.as_deref());
+        let org_settings: Api<trigger::Meta<crate::api::OrgSettings>> =
+            scoped_api(&ctx.client, scope.as_deref());
+        controller
+            .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+            // Only labelled Secrets are watched (credentials the operator has seen, and its own
+            // session Secrets): memory stays proportional to the connections, not to every
+            // Secret in the cluster.
+            // Metadata only: which Secret changed is all a trigger needs (its data is read when
+            // reconciling), so no token is held in a cache.
+            .watches_stream(
+                watcher(
+                    secrets.clone(),
+                    list_config().labels(&format!("{}=true", children::CREDENTIALS_LABEL)),
+                )
+                .default_backoff()
+                .touched_objects(),
+                move |secret: trigger::Meta<Secret>| {
+                    dereference::connections_using_secret(&credentials_index, &secret)
+                },
+            )
+            // Its own Secrets (`<name>-session`, `<name>-token`): a hand edit, e.g. removing a
+            // stale refresh intent, is seen at once. Metadata only (owner references), as for the
+            // Deployments (no pod templates).
+            // The event of a write this process made itself wakes no one (the reconcile that
+            // made it knew); a Deployment's status changing (the retriever up or down) does.
+            .owns_stream(
+                watcher(secrets, list_config().labels(&managed))
                     .default_backoff()
-                    .touched_objects(),
-                    move |secret: PartialObjectMeta<Secret>| {
-                        dereference::connections_using_secret(&credentials_index, &secret)
-                    },
-                )
-                // Its own Secrets (`<name>-session`, `<name>-token`): a hand edit, e.g. removing a
-                // stale refresh intent, is seen at once. Metadata only (owner references), as for the
-                // Deployments (no pod templates).
-                // The event of a write this process made itself wakes no one (the reconcile that
-                // made it knew); a Deployment's status changing (the retriever up or down) does.
-                .owns_stream(
-                    watcher(secrets, list_config().labels(&managed))
-                        .default_backoff()
-                        .touched_objects()
-                        .try_filter(move |s| std::future::ready(!own_secrets.own_write(&s.metadata))),
-                )
-                .owns_stream(
-                    watcher(deployments, list_config().labels(&managed))
-                        .default_backoff()
-                        .touched_objects()
-                        .try_filter(move |d| std::future::ready(!own_deployments.own_write(&d.metadata))),
-                )
-                // An org's settings changing rolls the retrievers that use them.
-                .watches(
-                    org_settings,
-                    list_config(),
-                    move |settings: crate::api::OrgSettings| {
-                        dereference::connections_using_org_settings(&settings_index, &settings)
-                    },
-                )
-                // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its
-                // rivals.
-                .watches(
-                    connections,
-                    watcher::Config::default().any_semantic(),
-                    move |other: DeserializeGuard<Connection>| dereference::rivals_of(&peers_index, &other),
-                )
-                .graceful_shutdown_on(stopped())
-                .run(reconcile, error_policy, ctx.clone())
-                .for_each(|result| async move {
-                    if let Err(e) = result {
-                        match e {
-                            kube::runtime::controller::Error::ObjectNotFound(_) => {}
-                            other => warn!(error = %other, "controller error"),
-                        }
+                    .touched_objects()
+                    .try_filter(move |s| std::future::ready(!own_secrets.own_write(kube::Resource::meta(s)))),
+            )
+            .owns_stream(
+                watcher(deployments, list_config().labels(&managed))
+                    .default_backoff()
+                    .touched_objects()
+                    .try_filter(move |d| {
+                        std::future::ready(!own_deployments.own_write(kube::Resource::meta(d)))
+                    }),
+            )
+            // An org's settings changing rolls the retrievers that use them.
+            .watches(
+                org_settings,
+                list_config(),
+                move |settings: trigger::Meta<crate::api::OrgSettings>| {
+                    dereference::connections_using_org_settings(&settings_index, &settings)
+                },
+            )
+            .graceful_shutdown_on(stopped())
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    match e {
+                        kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                        other => warn!(error = %other, "controller error"),
                     }
-                })
-        }));
+                }
+            })
+    }));
     let (_, job_runs) = futures::join!(connections_done, job_runs);
     if let Err(e) = job_runs {
         warn!(error = %e, "the JobRun controller could not start");
@@ -666,8 +677,12 @@ pub async fn run(
 /// How the watches of children and related objects start: a paginated LIST (500 objects a page).
 /// (Streaming lists were tried for issue 13; see BENCHMARKS.md for why they are not used yet.)
 pub(crate) fn list_config() -> watcher::Config {
-    watcher::Config::default()
+    watcher::Config::default().page_size(PAGE_SIZE)
 }
+
+/// Objects per LIST page. A page is decoded whole before its objects are handed on one by one;
+/// at kube's default (500) the first LISTs after a start made most of the operator's peak memory.
+const PAGE_SIZE: u32 = 100;
 
 /// What the Connection cache keeps of an object: everything but its `managedFields` and kubectl's
 /// `last-applied-configuration` copy (neither is read by a decision; together they are most of an
