@@ -95,20 +95,19 @@ rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 # initial list as one object, so only the events that follow name each connection.
 all_active_watch() {
 	python3 - "$ns" "$n" <<'PY'
-import subprocess, sys, time
+import sys, threading, time
+sys.path.insert(0, "scripts")
+from bench_watch import watch_states
 ns, n = sys.argv[1], int(sys.argv[2])
-watch = subprocess.Popen(["kubectl", "get", "conn", "-n", ns, "--watch", "-o",
-                          "jsonpath={.metadata.name} {.status.state}{\"\\n\"}"], stdout=subprocess.PIPE, text=True)
-state, active = {}, 0
-for line in watch.stdout:
-    name, _, now = line.strip().partition(" ")
-    if not name:
-        continue
-    active += (now == "Active") - (state.get(name) == "Active")
+state, active, done = {}, [0], threading.Event()
+def seen(name, now, at):
+    active[0] += (now == "Active") - (state.get(name) == "Active")
     state[name] = now
-    if active >= n:
-        print(f"{time.time():.3f}")
-        break
+    if active[0] >= n and not done.is_set():
+        print(f"{time.time():.3f}", flush=True)
+        done.set()
+watch = watch_states(ns, seen)
+done.wait()
 watch.kill()
 PY
 }
@@ -203,28 +202,18 @@ python3 - "$ns" "$k" <<'PY' >"$state/reauth.txt"
 # All Secrets are updated at once (a thread each, through `kubectl proxy`: no kubectl start-up per
 # update); a watch, read as it arrives, timestamps each connection's first Active. Latency: from
 # the moment its Secret's update is sent to Active.
-import json, subprocess, sys, threading, time, urllib.request
+import json, subprocess, sys, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
+sys.path.insert(0, "scripts")
+from bench_watch import watch_states
 ns, k = sys.argv[1], int(sys.argv[2])
 names = [f"c{i}" for i in range(k)]
 active, started = {}, {}
-watch = subprocess.Popen(["kubectl", "get", "conn", "-n", ns, "--watch", "--output-watch-events", "-o", "json"],
-                         stdout=subprocess.PIPE, text=True)
-def read():
-    buf, depth = "", 0
-    for line in watch.stdout:
-        buf += line
-        depth += line.count("{") - line.count("}")
-        if depth == 0 and buf.strip():
-            event = json.loads(buf); buf = ""
-            obj = event.get("object", {})
-            name = obj.get("metadata", {}).get("name")
-            if event.get("type") == "ERROR":
-                print(f"watch error: {obj.get('message')}", file=sys.stderr)
-            if name in started and name not in active and obj.get("status", {}).get("state") == "Active":
-                active[name] = time.monotonic()
-reader = threading.Thread(target=read, daemon=True); reader.start()
-time.sleep(3)  # the watch has listed what exists
+def seen(name, state, at):
+    if name in started and name not in active and state == "Active":
+        active[name] = at
+watch = watch_states(ns, seen)
+time.sleep(2)  # the watch is open
 proxy = subprocess.Popen(["kubectl", "proxy", "--port=18001"], stdout=subprocess.DEVNULL)
 time.sleep(1)
 def update(i):
@@ -265,19 +254,12 @@ import json, subprocess, sys, threading, time, urllib.request
 ns, fake, wave, first, count, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 names = {f"c{i}": i for i in range(first, first + count)}
 inactive, revoked_at, revoked_wall = {}, [None], [0.0]
-watch = subprocess.Popen(["kubectl", "get", "conn", "-n", ns, "--watch", "--output-watch-events", "-o", "json"],
-                         stdout=subprocess.PIPE, text=True)
-def read():
-    buf, depth = "", 0
-    for line in watch.stdout:
-        buf += line
-        depth += line.count("{") - line.count("}")
-        if depth == 0 and buf.strip():
-            obj = json.loads(buf).get("object", {}); buf = ""
-            name = obj.get("metadata", {}).get("name")
-            if revoked_at[0] and name in names and name not in inactive and obj.get("status", {}).get("state") == "Inactive":
-                inactive[name] = time.monotonic()
-threading.Thread(target=read, daemon=True).start()
+sys.path.insert(0, "scripts")
+from bench_watch import watch_states
+def seen(name, state, at):
+    if revoked_at[0] and name in names and name not in inactive and state == "Inactive":
+        inactive[name] = at
+watch = watch_states(ns, seen)
 def stats():
     s = json.load(urllib.request.urlopen(f"{fake}/_admin/stats"))
     return s["tokenRequests"], s["identityRequests"]

@@ -9,6 +9,10 @@
 //! [`Event`] and [`Reporter`], so call sites read as before. A repeat of the same event (same object,
 //! type, reason, action and note) within [`CACHE_TTL`] patches the count and last timestamp of the
 //! first instead of adding another object, as kube's recorder and client-go's do.
+//!
+//! For that it remembers, per event, a hash of what makes it the same and the little a repeat
+//! needs (its name, count and times), not the event: at 10,000 connections the cached events were
+//! most of the operator's memory growth during a cold start.
 
 use k8s_openapi::{
     api::core::v1::{Event as CoreEvent, EventSeries, EventSource, ObjectReference},
@@ -23,11 +27,15 @@ use kube::{
 use serde_json::json;
 use std::{
     collections::HashMap,
+    hash::{Hash, Hasher},
     sync::{Arc, Mutex},
 };
 
 /// How long a published event is remembered for aggregation (kube's recorder uses the same).
 pub const CACHE_TTL: SignedDuration = SignedDuration::from_mins(6);
+
+/// How often expired entries are dropped (a lookup ignores them anyway).
+const SWEEP_EVERY: SignedDuration = SignedDuration::from_mins(1);
 
 /// What makes two events the same one, repeated.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -46,8 +54,10 @@ fn type_name(t: EventType) -> &'static str {
     }
 }
 
-fn key(ev: &Event, regarding: &ObjectReference) -> Key {
-    Key {
+/// The hash of what makes an event the same one (64 bits: a collision among the few thousand
+/// events of six minutes would only add to another event's count).
+fn key(ev: &Event, regarding: &ObjectReference) -> u64 {
+    let key = Key {
         regarding: (
             regarding.namespace.clone(),
             regarding.kind.clone(),
@@ -58,35 +68,46 @@ fn key(ev: &Event, regarding: &ObjectReference) -> Key {
         reason: ev.reason.clone(),
         action: ev.action.clone(),
         note: ev.note.clone(),
+    };
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What is remembered of a published event: what its repeat needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    name: String,
+    count: i32,
+    first: Timestamp,
+    last: Timestamp,
+}
+
+impl Seen {
+    fn of(event: &CoreEvent) -> Option<Seen> {
+        Some(Seen {
+            name: event.metadata.name.clone()?,
+            count: event.count.unwrap_or(1),
+            first: event.first_timestamp.as_ref()?.0,
+            last: event.last_timestamp.as_ref()?.0,
+        })
     }
 }
 
-/// The event to write at `now`: a new one, or `previous` (the same event, published before) with its
-/// count and last timestamp advanced. Pure.
+/// The event to write at `now`: a new one, or the repeat of `previous` (the same event, published
+/// before: same name and first time) with its count and last timestamp advanced. Pure.
 pub fn next(
-    previous: Option<&CoreEvent>,
+    previous: Option<&Seen>,
     ev: &Event,
     regarding: &ObjectReference,
     reporter: &Reporter,
     now: Timestamp,
 ) -> CoreEvent {
-    if let Some(prev) = previous {
-        let count = prev.count.unwrap_or(1) + 1;
-        return CoreEvent {
-            count: Some(count),
-            last_timestamp: Some(Time(now)),
-            series: Some(EventSeries {
-                count: Some(count),
-                last_observed_time: Some(MicroTime(now)),
-            }),
-            ..prev.clone()
-        };
-    }
     let instance = reporter
         .instance
         .clone()
         .unwrap_or_else(|| reporter.controller.clone());
-    CoreEvent {
+    let mut event = CoreEvent {
         metadata: ObjectMeta {
             namespace: Some(regarding.namespace.clone().unwrap_or_else(|| "default".into())),
             name: Some(format!(
@@ -113,6 +134,36 @@ pub fn next(
             host: None,
         }),
         series: None,
+    };
+    if let Some(prev) = previous {
+        let count = prev.count + 1;
+        event.metadata.name = Some(prev.name.clone());
+        event.event_time = Some(MicroTime(prev.first));
+        event.first_timestamp = Some(Time(prev.first));
+        event.count = Some(count);
+        event.series = Some(EventSeries {
+            count: Some(count),
+            last_observed_time: Some(MicroTime(now)),
+        });
+    }
+    event
+}
+
+/// The events published within [`CACHE_TTL`], by [`key`].
+#[derive(Default)]
+struct Cache {
+    seen: HashMap<u64, Seen>,
+    next_sweep: Option<Timestamp>,
+}
+
+impl Cache {
+    /// The same event published within the TTL, after dropping expired entries (once a minute).
+    fn previous(&mut self, key: u64, now: Timestamp) -> Option<&Seen> {
+        if self.next_sweep.is_none_or(|at| now >= at) {
+            self.seen.retain(|_, s| s.last + CACHE_TTL > now);
+            self.next_sweep = Some(now + SWEEP_EVERY);
+        }
+        self.seen.get(&key).filter(|s| s.last + CACHE_TTL > now)
     }
 }
 
@@ -121,7 +172,7 @@ pub fn next(
 pub struct Recorder {
     client: Client,
     reporter: Reporter,
-    cache: Arc<Mutex<HashMap<Key, CoreEvent>>>,
+    cache: Arc<Mutex<Cache>>,
 }
 
 impl Recorder {
@@ -142,8 +193,7 @@ impl Recorder {
         // same moment may both create it: a duplicate line, as with kube's recorder.)
         let event = {
             let mut cache = self.cache.lock().unwrap();
-            cache.retain(|_, e| e.last_timestamp.as_ref().is_some_and(|t| t.0 + CACHE_TTL > now));
-            next(cache.get(&key), ev, regarding, &self.reporter, now)
+            next(cache.previous(key, now), ev, regarding, &self.reporter, now)
         };
         let events: Api<CoreEvent> = Api::namespaced(
             self.client.clone(),
@@ -173,11 +223,13 @@ impl Recorder {
         let mut cache = self.cache.lock().unwrap();
         match written {
             Ok(event) => {
-                cache.insert(key, event);
+                if let Some(seen) = Seen::of(&event) {
+                    cache.seen.insert(key, seen);
+                }
                 Ok(())
             }
             Err(e) => {
-                cache.remove(&key);
+                cache.seen.remove(&key);
                 Err(e)
             }
         }
@@ -238,7 +290,8 @@ mod tests {
         let t0: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
         let t1: Timestamp = "2026-11-28T10:01:00Z".parse().unwrap();
         let first = next(None, &event("revoked"), &regarding(), &reporter(), t0);
-        let second = next(Some(&first), &event("revoked"), &regarding(), &reporter(), t1);
+        let seen = Seen::of(&first).unwrap();
+        let second = next(Some(&seen), &event("revoked"), &regarding(), &reporter(), t1);
         assert_eq!(second.metadata.name, first.metadata.name);
         assert_eq!(second.first_timestamp, Some(Time(t0)));
         assert_eq!(second.event_time, Some(MicroTime(t0)));
@@ -251,6 +304,22 @@ mod tests {
     fn another_note_is_another_event() {
         assert_ne!(key(&event("a"), &regarding()), key(&event("b"), &regarding()));
         assert_eq!(key(&event("a"), &regarding()), key(&event("a"), &regarding()));
+    }
+
+    #[test]
+    fn a_repeat_after_the_ttl_is_a_new_event_and_expired_entries_go() {
+        let t0: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
+        let mut cache = Cache::default();
+        let first = next(None, &event("revoked"), &regarding(), &reporter(), t0);
+        let k = key(&event("revoked"), &regarding());
+        cache.seen.insert(k, Seen::of(&first).unwrap());
+        let within = t0 + CACHE_TTL - SignedDuration::from_secs(1);
+        assert_eq!(cache.previous(k, within).map(|s| s.count), Some(1));
+        // Past the TTL: not a repeat, even before the next sweep drops it.
+        assert!(cache.previous(k, t0 + CACHE_TTL).is_none());
+        let later = t0 + CACHE_TTL + SWEEP_EVERY;
+        assert!(cache.previous(k, later).is_none());
+        assert!(cache.seen.is_empty());
     }
 
     #[test]

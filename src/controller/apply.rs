@@ -471,12 +471,15 @@ struct HeldSession {
     identity_url: Option<String>,
 }
 
+/// A text value of the session Secret (trimmed; `None` when absent, empty or not UTF-8).
+fn session_text<'a>(session: &'a Secret, key: &str) -> Option<&'a str> {
+    let value = session.data.as_ref()?.get(key)?;
+    crate::providers::secret_text(&value.0).ok().flatten()
+}
+
 /// When the access token the session Secret holds expires, if it says.
 fn session_expiry(session: Option<&Secret>) -> Option<Timestamp> {
-    let value = session?.data.as_ref()?.get(children::session_keys::EXPIRES_AT)?;
-    crate::providers::secret_text(&value.0)
-        .ok()
-        .flatten()?
+    session_text(session?, children::session_keys::EXPIRES_AT)?
         .parse()
         .ok()
 }
@@ -491,12 +494,7 @@ fn held_session(session: Option<&Secret>, fingerprint: &str) -> Option<HeldSessi
     {
         return None;
     }
-    let data = session.data.as_ref()?;
-    let text = |key: &str| {
-        data.get(key)
-            .and_then(|b| crate::providers::secret_text(&b.0).ok().flatten())
-            .map(str::to_string)
-    };
+    let text = |key: &str| session_text(session, key).map(str::to_string);
     Some(HeldSession {
         access_token: text(children::session_keys::ACCESS_TOKEN)?,
         instance_url: text(children::session_keys::INSTANCE_URL)?,

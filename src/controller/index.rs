@@ -13,7 +13,7 @@ use kube::ResourceExt;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// How many of a connection's own writes are remembered (a reconcile makes at most four).
@@ -83,13 +83,16 @@ struct Entry {
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<String, Entry>,
-    /// (namespace, Secret name) → UIDs.
-    by_secret: HashMap<(String, String), BTreeSet<String>>,
+    /// Boxed: an `Entry` is 640 bytes, and a map grows by doubling its buckets, each the size of
+    /// its value (at 10,000 connections 16,384 of them: 11 MiB inline, 16 MiB while it grew).
+    entries: HashMap<String, Box<Entry>>,
+    /// (namespace, Secret name) → UIDs. A `Vec`: almost every key has one UID, and a one-element
+    /// `BTreeSet` allocates a whole node (280 bytes; 8 MiB of 10,000 connections' three maps).
+    by_secret: HashMap<(String, String), Vec<String>>,
     /// Org ID → UIDs.
-    by_remote: HashMap<String, BTreeSet<String>>,
+    by_remote: HashMap<String, Vec<String>>,
     /// Org key → UIDs.
-    by_org_key: HashMap<String, BTreeSet<String>>,
+    by_org_key: HashMap<String, Vec<String>>,
     /// Watches (one per scope) that have not finished their first list.
     unlisted: usize,
 }
@@ -108,21 +111,16 @@ impl Inner {
 
     fn link(&mut self, uid: &str, facts: &Facts) {
         if let Some(remote) = &facts.remote_id {
-            self.by_remote
-                .entry(remote.clone())
-                .or_default()
-                .insert(uid.to_string());
+            add_uid(&mut self.by_remote, remote.clone(), uid);
         }
         if let Some(key) = &facts.org_key {
-            self.by_org_key
-                .entry(key.clone())
-                .or_default()
-                .insert(uid.to_string());
+            add_uid(&mut self.by_org_key, key.clone(), uid);
         }
-        self.by_secret
-            .entry((facts.namespace.clone(), facts.secret.clone()))
-            .or_default()
-            .insert(uid.to_string());
+        add_uid(
+            &mut self.by_secret,
+            (facts.namespace.clone(), facts.secret.clone()),
+            uid,
+        );
     }
 
     fn upsert(&mut self, uid: &str, facts: Facts) {
@@ -138,26 +136,31 @@ impl Inner {
     }
 
     fn remove(&mut self, uid: &str) {
-        if let Some(Entry {
-            facts: Some(facts), ..
-        }) = self.entries.remove(uid)
-        {
+        if let Some(facts) = self.entries.remove(uid).and_then(|e| e.facts) {
             self.unlink(uid, &facts);
         }
     }
 
-    fn refs<'a>(&'a self, uids: Option<&'a BTreeSet<String>>) -> impl Iterator<Item = &'a Facts> + 'a {
+    fn refs<'a>(&'a self, uids: Option<&'a Vec<String>>) -> impl Iterator<Item = &'a Facts> + 'a {
         uids.into_iter()
             .flatten()
             .filter_map(|uid| self.entries.get(uid)?.facts.as_ref())
     }
 }
 
-/// Removes `uid` from the set at `key`, and the set once empty.
-fn drop_uid<K: std::hash::Hash + Eq>(map: &mut HashMap<K, BTreeSet<String>>, key: &K, uid: &str) {
-    if let Some(set) = map.get_mut(key) {
-        set.remove(uid);
-        if set.is_empty() {
+/// Adds `uid` to the UIDs at `key` (once).
+fn add_uid<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<String>>, key: K, uid: &str) {
+    let uids = map.entry(key).or_default();
+    if !uids.iter().any(|u| u == uid) {
+        uids.push(uid.to_string());
+    }
+}
+
+/// Removes `uid` from the UIDs at `key`, and the key once none is left.
+fn drop_uid<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<String>>, key: &K, uid: &str) {
+    if let Some(uids) = map.get_mut(key) {
+        uids.retain(|u| u != uid);
+        if uids.is_empty() {
             map.remove(key);
         }
     }
