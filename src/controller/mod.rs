@@ -504,7 +504,7 @@ pub async fn run(
             // Its own status writes do not wake a connection again (the reconcile that wrote
             // them knew everything they say): only a new spec (generation), annotations (e.g.
             // crmconnect.io/revalidate) or labels do. A deletion needs no reconcile of its
-            // own (the children go with their owner; rivals are woken by the watch below).
+            // own (the children go with their owner; its rivals were sent above).
             .predicate_filter(
                 predicates::generation
                     .combine(predicates::annotations)
