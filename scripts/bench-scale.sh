@@ -18,8 +18,10 @@ n=${1:-1000}
 state=target/bench
 port=${BENCH_FAKE_PORT:-18189}
 fake=http://127.0.0.1:$port
-ns=bench-$n
-bare_ns=bare-$n
+# BENCH_TAG names the namespaces (several runs on one control plane); BENCH_OPERATOR is the binary
+# measured (an A/B of two builds); BENCH_COLD_ONLY=1 stops after the cold-start lines.
+ns=bench-$n${BENCH_TAG:+-$BENCH_TAG}
+bare_ns=bare-$n${BENCH_TAG:+-$BENCH_TAG}
 steady=${BENCH_STEADY:-120}
 concurrency=32
 mkdir -p "$state"
@@ -27,6 +29,7 @@ mkdir -p "$state"
 cargo build --release --workspace --bins --quiet
 cargo bench --bench bare_writes --no-run --quiet 2>/dev/null
 bin=$PWD/target/release
+operator=${BENCH_OPERATOR:-$bin/connection-operator}
 # The operator is what is measured: no node, so no retriever pods compete for the 2 cores.
 export CLUSTER_NODE=${CLUSTER_NODE:-0}
 eval "$(tests/cluster/up.sh 2>/dev/null)"
@@ -40,7 +43,7 @@ helm template connection-operator charts/connection-operator --namespace connect
 cleanup() {
 	[[ -n ${op:-} ]] && kill "$op" 2>/dev/null || true
 	[[ -n ${fk:-} ]] && kill "$fk" 2>/dev/null || true
-	kubectl delete namespace "$ns" "$bare_ns" --wait=false >/dev/null 2>&1 || true
+	kubectl delete namespace "$ns" "$bare_ns" "$bare_ns-reauth" --wait=false >/dev/null 2>&1 || true
 	kubectl delete orgclaims --all --wait=false >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -119,7 +122,7 @@ all_active_watch >"$state/all-active" &
 watcher=$!
 sleep 3
 start=$(date +%s.%N)
-KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=${BENCH_LOG:-warn} "$bin/connection-operator" run --namespace "$ns" \
+KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=${BENCH_LOG:-warn} "$operator" run --namespace "$ns" \
 	--allow-loopback-providers --provider-rate 500 --provider-burst 100 --concurrency "$concurrency" >"$state/operator.log" 2>&1 &
 op=$!
 wait $watcher
@@ -143,6 +146,21 @@ diff = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0
 print(", ".join(f"{verb} {res} {v / n:.1f}" for (verb, res), v in sorted(diff.items(), key=lambda kv: -kv[1])))
 PY
 )
+
+cold=$(awk "BEGIN {printf \"%.1f\", $end - $start}")
+cold_lines() {
+	echo "connections:                         $n"
+	echo "time until all Active (cold start):  $cold s"
+	echo "bare writes (same objects, same concurrency): $bare s"
+	echo "ratio cold start / bare writes: $(awk "BEGIN {printf \"%.2f\", $cold / $bare}")"
+	echo "operator peak RSS (cold start): $((peak / 1024)) MiB"
+	echo "API requests per connection (cold start): $per_connection"
+	echo "provider requests (cold start):      $calls"
+}
+if [[ ${BENCH_COLD_ONLY:-0} == 1 ]]; then
+	cold_lines
+	exit 0
+fi
 
 # What the operator writes: Connections, Secrets, ServiceAccounts, RoleBindings, OrgSettings
 # (resourceVersion), Deployment specs (generation; their status belongs to the deployment
@@ -171,7 +189,7 @@ op=
 snapshot "$state/restart-before"
 curl -fsS -X DELETE "$fake/_admin/stats" >/dev/null
 rstart=$(date +%s.%N)
-KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=${BENCH_LOG:-warn} "$bin/connection-operator" run --namespace "$ns" \
+KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=${BENCH_LOG:-warn} "$operator" run --namespace "$ns" \
 	--allow-loopback-providers --provider-rate 500 --provider-burst 100 --concurrency "$concurrency" \
 	--metrics-addr 127.0.0.1:18090 >"$state/operator-restart.log" 2>&1 &
 op=$!
@@ -234,6 +252,20 @@ pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("na
 print(f"{pick(0.5):.2f} {pick(0.99):.2f} {pick(1.0):.2f} {k - len(lat)}")
 PY
 read -r reauth_p50 reauth_p99 reauth_max reauth_missing <"$state/reauth.txt"
+# The floor under that latency: the bare client making a new connection's writes for K connections
+# at once (a re-authorization makes most of them again: token Secret, session, Deployment, claim,
+# status, event), same concurrency, same API server, with the operator idle beside it.
+floor_ns=$bare_ns-reauth
+kubectl create namespace "$floor_ns" >/dev/null
+python3 - "$k" "$fake" <<'PY' | kubectl create -n "$floor_ns" -f - >/dev/null
+import json, sys
+k, url = int(sys.argv[1]), sys.argv[2]
+print(json.dumps({"apiVersion": "v1", "kind": "List", "items": [{
+    "apiVersion": "crmconnect.io/v1alpha1", "kind": "Connection", "metadata": {"name": f"c{i}"},
+    "spec": {"team": f"team{i}", "provider": "SalesforceProduction", "salesforce": {"loginUrl": url},
+             "credentialsSecretRef": {"name": f"c{i}"}}} for i in range(k)]}))
+PY
+reauth_floor=$(cargo bench --bench bare_writes --quiet -- "$floor_ns" "$k" "$concurrency" 2>/dev/null | awk '/^bare writes:/ {print $3}')
 
 # The revalidation wave: the operator restarted with a short interval (BENCH_WAVE s, default 60), so
 # every connection is rechecked once per interval (identity calls; the tokens are not due for a
@@ -244,7 +276,7 @@ kill $op; wait $op 2>/dev/null || true
 op=
 wave=${BENCH_WAVE:-60}
 rk=$((n - k < 100 ? n - k : 100))
-KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=${BENCH_LOG:-warn} "$bin/connection-operator" run --namespace "$ns" \
+KUBECONFIG=$OPERATOR_KUBECONFIG RUST_LOG=${BENCH_LOG:-warn} "$operator" run --namespace "$ns" \
 	--allow-loopback-providers --provider-rate 500 --provider-burst 100 --concurrency "$concurrency" \
 	--revalidate-interval "${wave}s" --metrics-addr 127.0.0.1:18090 >"$state/operator-wave.log" 2>&1 &
 op=$!
@@ -301,17 +333,11 @@ print("revoke-deciles " + " ".join(f"{pick(q / 10):.1f}" for q in range(11)))
 print(f"revoked-at {revoked_wall[0]:.3f}")
 PY
 
-cold=$(awk "BEGIN {printf \"%.1f\", $end - $start}")
-echo "connections:                         $n"
-echo "time until all Active (cold start):  $cold s"
-echo "bare writes (same objects, same concurrency): $bare s"
-echo "ratio cold start / bare writes: $(awk "BEGIN {printf \"%.2f\", $cold / $bare}")"
-echo "operator peak RSS (cold start): $((peak / 1024)) MiB"
-echo "API requests per connection (cold start): $per_connection"
-echo "provider requests (cold start):      $calls"
+cold_lines
 echo "steady state: writes $steady_writes, provider calls $steady_calls (over ${steady}s)"
 echo "reauthorize $k at once: p50 $reauth_p50 s, max $reauth_max s, not Active within 300 s: $reauth_missing"
 echo "reauthorize p99: $reauth_p99 s"
+echo "reauthorize floor: bare writes for $k new connections at once: $reauth_floor s (p99 / floor: $(awk "BEGIN {printf \"%.2f\", $reauth_p99 / $reauth_floor}"))"
 wave_calls=$(awk '/^calls/ {print $2" (token "$4", identity "$6")"}' "$state/wave.txt")
 read -r _ ps_min ps_median ps_max ps_rate < <(grep '^persecond' "$state/wave.txt")
 read -r _ rv_p50 rv_p99 rv_max rv_missing rv_count < <(grep '^revoke' "$state/wave.txt")
