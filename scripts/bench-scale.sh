@@ -129,6 +129,9 @@ wait $watcher
 end=$(cat "$state/all-active")
 calls=$(curl -fsS "$fake/_admin/stats")
 peak=$(rss $op)
+# Where that memory is: the resident pages by mapping (binary, glibc's heap and arenas, the rest).
+resident=$(awk '/^[0-9a-f]+-[0-9a-f]+ / {name = (NF >= 6) ? $6 : "anonymous"; sub(/.*\//, "", name)} /^Rss:/ {kb[name] += $2}
+	END {for (n in kb) if (kb[n] >= 1024) printf "%s %d MiB, ", n, kb[n] / 1024}' "/proc/$op/smaps" | sed 's/, $//')
 requests "$state/requests-after"
 per_connection=$(python3 - "$state/requests-before" "$state/requests-after" "$n" <<'PY'
 # Requests per connection during the cold start, by verb and resource (the script's own polling,
@@ -154,6 +157,7 @@ cold_lines() {
 	echo "bare writes (same objects, same concurrency): $bare s"
 	echo "ratio cold start / bare writes: $(awk "BEGIN {printf \"%.2f\", $cold / $bare}")"
 	echo "operator peak RSS (cold start): $((peak / 1024)) MiB"
+	echo "operator resident at the end of the cold start, by mapping: $resident"
 	echo "API requests per connection (cold start): $per_connection"
 	echo "provider requests (cold start):      $calls"
 }
