@@ -21,11 +21,11 @@ hz=$(getconf CLK_TCK)
 
 org=$(kubectl get conn -n "$ns" "$conn" -o jsonpath='{.status.orgSettings}')
 [[ -n $org ]] || { echo "bench-retriever: $conn has no OrgSettings yet (is the demo running and $conn Active?)" >&2; exit 1; }
-before=$(kubectl get orgsettings -n "$ns" "$org" -o jsonpath='{.spec.jobs.pollInterval}')
-restore() { kubectl patch orgsettings -n "$ns" "$org" --type merge -p "{\"spec\":{\"jobs\":{\"pollInterval\":\"${before:-5m}\"}}}" >/dev/null || true; }
+before=$(kubectl get orgsettings -n "$ns" "$org" -o jsonpath='{.spec.pollInterval}')
+restore() { kubectl patch orgsettings -n "$ns" "$org" --type merge -p "{\"spec\":{\"pollInterval\":\"${before:-5m}\"}}" >/dev/null || true; }
 trap restore EXIT
 old_pod=$(kubectl get pods -n "$ns" -l "crmconnect.io/connection=$conn" -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
-kubectl patch orgsettings -n "$ns" "$org" --type merge -p '{"spec":{"jobs":{"pollInterval":"1m"}}}' >/dev/null
+kubectl patch orgsettings -n "$ns" "$org" --type merge -p '{"spec":{"pollInterval":"1m"}}' >/dev/null
 # The new pod (the settings roll the retriever), Ready, and the old one gone.
 for _ in $(seq 1 120); do
 	pods=$(kubectl get pods -n "$ns" -l "crmconnect.io/connection=$conn" -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.status.phase}{"\n"}{end}')
