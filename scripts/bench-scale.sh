@@ -60,12 +60,14 @@ PY
 fk=$!
 kubectl create namespace "$ns" >/dev/null
 kubectl create namespace "$bare_ns" >/dev/null
-# N Secrets and N Connections in each namespace, created through `kubectl proxy` by 32 threads
-# (kubectl apply of 20,000 objects takes many minutes: a GET and a write each, client-throttled).
-kubectl proxy --port=18002 >/dev/null 2>&1 &
-proxy=$!
-sleep 1
-python3 - "$n" "$fake" "$ns" "$bare_ns" <<'PY'
+# create_connections K NAMESPACE...: K Secrets and K Connections (c0..c{K-1}) in each namespace,
+# created through `kubectl proxy` by 32 threads (kubectl apply of 20,000 objects takes many minutes:
+# a GET and a write each, client-throttled).
+create_connections() {
+	kubectl proxy --port=18002 >/dev/null 2>&1 &
+	local proxy=$!
+	sleep 1
+	python3 - "$1" "$fake" "${@:2}" <<'PY'
 import json, sys, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 n, url, namespaces = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
@@ -87,7 +89,9 @@ def create(job):
 with ThreadPoolExecutor(max_workers=32) as pool:
     list(pool.map(create, [(ns, i) for ns in namespaces for i in range(n)]))
 PY
-kill $proxy
+	kill $proxy
+}
+create_connections "$n" "$ns" "$bare_ns"
 
 # The baseline first, in its own namespace (no operator watches it).
 bare=$(cargo bench --bench bare_writes --quiet -- "$bare_ns" "$n" "$concurrency" 2>/dev/null | awk '/^bare writes:/ {print $3}')
@@ -261,14 +265,7 @@ read -r reauth_p50 reauth_p99 reauth_max reauth_missing <"$state/reauth.txt"
 # status, event), same concurrency, same API server, with the operator idle beside it.
 floor_ns=$bare_ns-reauth
 kubectl create namespace "$floor_ns" >/dev/null
-python3 - "$k" "$fake" <<'PY' | kubectl create -n "$floor_ns" -f - >/dev/null
-import json, sys
-k, url = int(sys.argv[1]), sys.argv[2]
-print(json.dumps({"apiVersion": "v1", "kind": "List", "items": [{
-    "apiVersion": "crmconnect.io/v1alpha1", "kind": "Connection", "metadata": {"name": f"c{i}"},
-    "spec": {"team": f"team{i}", "provider": "SalesforceProduction", "salesforce": {"loginUrl": url},
-             "credentialsSecretRef": {"name": f"c{i}"}}} for i in range(k)]}))
-PY
+create_connections "$k" "$floor_ns"
 reauth_floor=$(cargo bench --bench bare_writes --quiet -- "$floor_ns" "$k" "$concurrency" 2>/dev/null | awk '/^bare writes:/ {print $3}')
 
 # The revalidation wave: the operator restarted with a short interval (BENCH_WAVE s, default 60), so
