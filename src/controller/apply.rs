@@ -867,7 +867,9 @@ pub async fn status(
     ns: &str,
     desired: ConnectionStatus,
 ) -> Result<(), Error> {
-    if conn.status.as_ref() == Some(&desired) {
+    // The cached status is slim (see `state::slim_status`): the index has the whole one's digest.
+    let uid = super::uid(conn);
+    if ctx.index.status_is(&uid, &desired) {
         return Ok(());
     }
     let api: Api<Connection> = Api::namespaced(ctx.client.clone(), ns);
@@ -882,6 +884,7 @@ pub async fn status(
         &Patch::Apply(&patch),
     )
     .await?;
+    ctx.index.status_written(&uid, &desired);
     if let Some(t) = super::state::transition(conn.status.as_ref(), &desired) {
         info!(event = t.reason, state = ?desired.state, "{}", t.note);
         let type_ = if t.warning {

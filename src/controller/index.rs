@@ -6,8 +6,8 @@
 //! periodic sweep. In memory only, no I/O: unit-tested below.
 
 use super::claims::{self, Claimant};
-use super::{object_ref, schedule, tokens};
-use crate::api::Connection;
+use super::{object_ref, schedule, state, tokens};
+use crate::api::{Connection, ConnectionStatus};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::core::DeserializeGuard;
@@ -79,6 +79,9 @@ struct Entry {
     /// start comes first).
     facts: Option<Facts>,
     memory: Memory,
+    /// The [`state::digest`] of its whole status, as last seen or written: the cache keeps only
+    /// a slim status ([`state::slim_status`]).
+    status: Option<u64>,
 }
 
 #[derive(Default)]
@@ -235,6 +238,21 @@ impl Index {
             .any(|e| e.memory.own_writes.iter().any(|w| w == rv))
     }
 
+    /// True when the status last seen or written for the connection `uid` is `desired`.
+    pub fn status_is(&self, uid: &str, desired: &ConnectionStatus) -> bool {
+        let inner = self.inner.lock().unwrap();
+        let written = inner.entries.get(uid).and_then(|e| e.status);
+        written.is_some_and(|w| w == state::digest(desired))
+    }
+
+    /// Remembers that `status` was written for the connection `uid` (its watch event, which
+    /// follows, says the same).
+    pub fn status_written(&self, uid: &str, status: &ConnectionStatus) {
+        if let Some(entry) = self.inner.lock().unwrap().entries.get_mut(uid) {
+            entry.status = Some(state::digest(status));
+        }
+    }
+
     /// The connections in `namespace` whose credentials are the Secret `name`.
     pub fn using_secret(&self, namespace: &str, name: &str) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
         let inner = self.inner.lock().unwrap();
@@ -312,8 +330,12 @@ impl Writer {
                     Some(facts) => inner.upsert(&uid, facts),
                     // Not a valid Connection: nothing to look up, but it exists.
                     None => {
-                        inner.entries.entry(uid).or_default();
+                        inner.entries.entry(uid.clone()).or_default();
                     }
+                }
+                if let Some(entry) = inner.entries.get_mut(&uid) {
+                    let status = obj.0.as_ref().ok().and_then(|c| c.status.as_ref());
+                    entry.status = status.map(state::digest);
                 }
             }
             watcher::Event::Delete(obj) => {
@@ -473,6 +495,46 @@ mod tests {
             "only the last few are kept"
         );
         assert!(index.own_write(&child("104", "u1")));
+    }
+
+    #[test]
+    fn the_whole_status_is_remembered_by_digest_from_the_watch_and_from_its_own_writes() {
+        let index = Index::new(1);
+        let mut w = index.writer(None);
+        let pending = ConnectionStatus::default();
+        let active = ConnectionStatus {
+            state: Some(State::Active),
+            message: Some("validated".into()),
+            ..Default::default()
+        };
+        assert!(
+            !index.status_is("u1", &pending),
+            "an unknown connection has no status"
+        );
+        let mut seen = conn("a", "c1", "u1", "s", None, None);
+        seen.0.as_mut().unwrap().status = None;
+        w.apply(&watcher::Event::Apply(seen.clone()));
+        assert!(!index.status_is("u1", &pending), "no status written yet");
+        seen.0.as_mut().unwrap().status = Some(pending.clone());
+        w.apply(&watcher::Event::Apply(seen.clone()));
+        assert!(index.status_is("u1", &pending));
+        assert!(!index.status_is("u1", &active));
+        index.status_written("u1", &active);
+        assert!(index.status_is("u1", &active));
+        let mut other = active.clone();
+        other.message = Some("validated again".into());
+        assert!(
+            !index.status_is("u1", &other),
+            "a field the cache drops still counts"
+        );
+        // Someone else rewrites it: the watch event says what the status now is.
+        w.apply(&watcher::Event::Apply(seen));
+        assert!(index.status_is("u1", &pending));
+        index.status_written("u2", &active);
+        assert!(
+            !index.status_is("u2", &active),
+            "not remembered for an unknown connection"
+        );
     }
 
     #[test]

@@ -485,7 +485,6 @@ pub async fn run(
                 watcher::Config::default().any_semantic().page_size(PAGE_SIZE),
             )
             .default_backoff()
-            .modify(slim)
             .inspect(move |event| {
                 if let Ok(event) = event {
                     if let watcher::Event::Apply(c)
@@ -499,6 +498,8 @@ pub async fn run(
                     indexer.apply(event);
                 }
             })
+            // After the index has seen the whole object (and its status's digest).
+            .modify(slim)
             .reflect(writer)
             .touched_objects()
             // Its own status writes do not wake a connection again (the reconcile that wrote
@@ -684,14 +685,18 @@ pub(crate) fn list_config() -> watcher::Config {
 /// at kube's default (500) the first LISTs after a start made most of the operator's peak memory.
 const PAGE_SIZE: u32 = 100;
 
-/// What the Connection cache keeps of an object: everything but its `managedFields` and kubectl's
+/// What the Connection cache keeps of an object: everything but its `managedFields`, kubectl's
 /// `last-applied-configuration` copy (neither is read by a decision; together they are most of an
-/// object's size).
+/// object's size) and the parts of its status no decision reads ([`state::slim_status`]; the index
+/// keeps the whole status's digest).
 fn slim(connection: &mut DeserializeGuard<Connection>) {
     let meta = kube::Resource::meta_mut(connection);
     meta.managed_fields = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
+    if let Ok(conn) = connection.0.as_mut() {
+        conn.status = conn.status.take().map(state::slim_status);
     }
 }
 

@@ -9,7 +9,7 @@ use super::children::RetrieverObserved;
 use super::claims::Claim;
 use crate::api::conditions::{self, Desired, Status};
 use crate::api::{Connection, ConnectionStatus, Provider, RequiredAgreement, State};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 /// Who the tokens act as, from a successful validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -392,6 +392,58 @@ pub fn one_line(text: &str) -> String {
         line.push_str(" (status.message has the rest)");
     }
     line
+}
+
+/// What the Connection cache keeps of a status: the fields decisions read, nothing else.
+/// [`Check::from_status`] reads the state, reason, identity and (of an inactive connection) the
+/// message; [`decide`] the type, status and `lastTransitionTime` of its own conditions; the claims
+/// and the index the state and remote ID; [`transition`] the state. Everything else (messages,
+/// condition reasons and messages, the duplicated org or environment ID, the OrgSettings name,
+/// the handled revalidation) is dropped: about 1 KiB of an Active connection's 1.3. Whether the
+/// written status is already the desired one is told by [`digest`] instead of by comparing.
+/// Conditions of other types (not written by the operator) are kept whole: [`decide`] carries
+/// them over.
+pub fn slim_status(status: ConnectionStatus) -> ConnectionStatus {
+    let inactive = status.state == Some(State::Inactive);
+    let ours = [
+        conditions::AUTHORIZED,
+        conditions::READY,
+        conditions::RETRIEVER_READY,
+    ];
+    let conditions = status
+        .conditions
+        .into_iter()
+        .map(|c| {
+            if ours.contains(&c.type_.as_str()) {
+                Condition {
+                    reason: String::new(),
+                    message: String::new(),
+                    ..c
+                }
+            } else {
+                c
+            }
+        })
+        .collect();
+    ConnectionStatus {
+        state: status.state,
+        reason: status.reason,
+        message: status.message.filter(|_| inactive),
+        remote_id: status.remote_id,
+        instance_url: status.instance_url,
+        username: status.username,
+        conditions,
+        ..Default::default()
+    }
+}
+
+/// A 64-bit digest of a whole status (of its JSON: equal statuses serialize the same), so that
+/// "the status written is already the desired one" needs no copy of the written status.
+pub fn digest(status: &ConnectionStatus) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    hasher.write(&serde_json::to_vec(status).expect("a status serializes"));
+    hasher.finish()
 }
 
 /// An event to publish for a state transition.
@@ -850,6 +902,92 @@ mod tests {
         let first = step(&mut c, Check::valid(id()), won, 1);
         let again = step(&mut c, Check::valid(id()), won, 1000);
         assert_eq!(first, again, "no timestamps may move when nothing changed");
+    }
+
+    #[test]
+    fn a_slimmed_status_decides_as_the_whole_one_and_its_digest_tells_it_unchanged() {
+        use crate::controller::claims::waiting_claimant;
+        let winner = Claimant {
+            namespace: "ns".into(),
+            name: "first".into(),
+            team: "marketing".into(),
+            created: None,
+            remote_id: "00DORG".into(),
+        };
+        let lost = |_: &Identity| Claim::Lost {
+            winner: winner.clone(),
+        };
+        let starting = RetrieverObserved::NotAvailable("0 of 1 pods ready".into());
+        let mut paused = conn(Provider::Dynamics365);
+        paused.spec.paused = true;
+        let agreement = RequiredAgreement {
+            name: "DPA".into(),
+            version: "2".into(),
+            url: "https://example.com/dpa".into(),
+        };
+        let waiting = agreement_check(&paused, Some(&agreement)).unwrap();
+        let child_conflict = Check::invalid(reasons::CHILD_CONFLICT, "Deployment c-retriever exists");
+        // Statuses of every state, each as the operator writes it.
+        let mut written: Vec<(Connection, ConnectionStatus)> = vec![];
+        let mut c = conn(Provider::SalesforceProduction);
+        written.push((c.clone(), step(&mut c, Check::valid(id()), won, 1)));
+        let s = decide(&c, &Check::valid(id()), won, &starting, &t(2));
+        written.push((c.clone(), s));
+        written.push((c.clone(), step(&mut c, outage(Check::valid(id())), won, 3)));
+        written.push((c.clone(), step(&mut c, revoked(), no_claim_asked, 4)));
+        written.push((c.clone(), step(&mut c, child_conflict.clone(), no_claim_asked, 5)));
+        written.push((c.clone(), step(&mut c, Check::valid(id()), lost, 6)));
+        written.push((c.clone(), step(&mut c, unknown(), no_claim_asked, 7)));
+        let mut p = paused.clone();
+        written.push((p.clone(), step(&mut p, Check::valid(id()), no_claim_asked, 8)));
+        written.push((p.clone(), step(&mut p, waiting.clone(), no_claim_asked, 9)));
+        // A condition the operator does not write is carried over whole.
+        let mut foreign = written[0].1.clone();
+        foreign.conditions.push(Condition {
+            type_: "Audited".into(),
+            status: "True".into(),
+            reason: "Checked".into(),
+            message: "checked by the audit job".into(),
+            observed_generation: None,
+            last_transition_time: t(0),
+        });
+        written.push((written[0].0.clone(), foreign));
+        let next_checks = [
+            Check::valid(id()),
+            outage(Check::valid(id())),
+            revoked(),
+            child_conflict,
+            unknown(),
+            waiting,
+        ];
+        for (conn, status) in written {
+            let mut whole = conn.clone();
+            whole.status = Some(status.clone());
+            let mut slim = conn;
+            slim.status = Some(slim_status(status.clone()));
+            let (full, small) = (whole.status.as_ref(), slim.status.as_ref());
+            assert!(
+                serde_json::to_vec(&small).unwrap().len() < serde_json::to_vec(&full).unwrap().len(),
+                "{status:?}"
+            );
+            assert_eq!(Check::from_status(full), Check::from_status(small), "{status:?}");
+            assert_eq!(waiting_claimant(&whole), waiting_claimant(&slim));
+            for next in &next_checks {
+                for retriever in [AVAILABLE, &starting] {
+                    let (a, b) = (
+                        decide(&whole, next, won, retriever, &t(100)),
+                        decide(&slim, next, won, retriever, &t(100)),
+                    );
+                    assert_eq!(a, b, "after {status:?}, {next:?}");
+                    assert_eq!(transition(full, &a), transition(small, &b));
+                    assert_eq!(
+                        digest(&a) == digest(&status),
+                        a == status,
+                        "the digest tells an unchanged status from a changed one"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
