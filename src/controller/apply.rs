@@ -632,7 +632,7 @@ fn remember_pending(ctx: &Context, key: &str, pending: tokens::Pending) {
     {
         warn!(error = %e, "could not journal the rotated refresh token; saving it to the Secret");
     }
-    ctx.index.memory(key, |m| m.pending = Some(pending));
+    ctx.index.memory(key, |m| m.pending = Some(Box::new(pending)));
 }
 
 fn forget_pending(ctx: &Context, key: &str) {
@@ -706,7 +706,7 @@ async fn save_pending(
     key: &str,
     secret: Option<&Secret>,
 ) -> Result<Option<Secret>, String> {
-    let Some(pending) = ctx.index.memory(key, |m| m.pending.clone()) else {
+    let Some(pending) = ctx.index.memory(key, |m| m.pending.as_deref().cloned()) else {
         return Ok(None);
     };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);

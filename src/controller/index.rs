@@ -25,8 +25,8 @@ pub struct Memory {
     /// Its last validation (seeded from its status and session Secret after a restart).
     pub memo: Option<schedule::Memo>,
     /// A rotated refresh token not yet saved to `<name>-token` (also in the journal, when there
-    /// is one).
-    pub pending: Option<tokens::Pending>,
+    /// is one). Boxed, as it is rare: 8 bytes instead of 120 in every connection's entry.
+    pub pending: Option<Box<tokens::Pending>>,
     /// Consecutive looks for a credentials Secret the watch cannot see.
     pub secret_polls: u32,
     /// When it was last revalidated because its retriever was down.
@@ -48,8 +48,8 @@ struct Facts {
     remote_id: Option<String>,
     /// The org key of that ID (the name of its OrgSettings).
     org_key: Option<String>,
-    /// Set when it waits for its org (in Conflict).
-    waiting: Option<Claimant>,
+    /// Set when it waits for its org (in Conflict). Boxed, as it is rare (see `Memory::pending`).
+    waiting: Option<Box<Claimant>>,
 }
 
 impl Facts {
@@ -64,7 +64,7 @@ impl Facts {
                 .as_deref()
                 .and_then(|id| crate::api::org_key(conn.spec.provider, id)),
             remote_id,
-            waiting: claims::waiting_claimant(conn),
+            waiting: claims::waiting_claimant(conn).map(Box::new),
         })
     }
 
@@ -292,7 +292,7 @@ impl Index {
         let waiting = inner
             .refs(inner.by_remote.get(&me.remote_id))
             .filter(|f| namespace.is_none_or(|ns| f.namespace == ns))
-            .filter_map(|f| f.waiting.as_ref());
+            .filter_map(|f| f.waiting.as_deref());
         claims::older_waiting(me, waiting)
     }
 

@@ -466,7 +466,7 @@ pub async fn run(
     // The index is fed by the same watch events, before the cache and the controller see them.
     let index = index::Index::new(scopes.len());
     for (uid, pending) in replayed {
-        index.memory(&uid, |m| m.pending = Some(pending));
+        index.memory(&uid, |m| m.pending = Some(Box::new(pending)));
     }
     let controllers: Vec<_> = scopes
         .iter()
