@@ -240,6 +240,20 @@ func dnatRule(apiPort int) []string {
 		"-j", "DNAT", "--to-destination", fmt.Sprintf("127.0.0.1:%d", apiPort)}
 }
 
+// ownedHierarchies are the hierarchies our cgroups can appear in: those the
+// kubelet uses and, on a hybrid host (v1 controllers, v2 mounted at
+// /sys/fs/cgroup/unified), the v2 one, where runc mirrors each container's
+// cgroup path. Searched for processes and cleaned at the end.
+func ownedHierarchies() []string {
+	out := cgroupHierarchies()
+	if len(out) > 1 {
+		if _, err := os.Stat("/sys/fs/cgroup/unified/cgroup.controllers"); err == nil {
+			out = append(out, "/sys/fs/cgroup/unified")
+		}
+	}
+	return out
+}
+
 // cgroupHierarchies are the cgroup v1 hierarchies (or the v2 root) the kubelet uses.
 func cgroupHierarchies() []string {
 	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
@@ -542,7 +556,7 @@ func cleanupNode(paths nodePaths) bool {
 		}
 	}
 	// 5. cgroups, deepest first (empty now that every process is gone).
-	for _, h := range cgroupHierarchies() {
+	for _, h := range ownedHierarchies() {
 		root := filepath.Join(h, cgroupParent)
 		var dirs []string
 		filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error { //nolint:errcheck
@@ -582,7 +596,7 @@ func nodeProcesses(paths nodePaths) []int {
 			seen[pid] = true
 		}
 	}
-	for _, h := range cgroupHierarchies() {
+	for _, h := range ownedHierarchies() {
 		filepath.WalkDir(filepath.Join(h, cgroupParent), func(p string, d os.DirEntry, err error) error { //nolint:errcheck
 			if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
 				return nil
