@@ -868,8 +868,8 @@ pub async fn status(
     desired: ConnectionStatus,
 ) -> Result<(), Error> {
     // The cached status is slim (see `state::slim_status`): the index has the whole one's digest.
-    let uid = super::uid(conn);
-    if ctx.index.status_is(&uid, &desired) {
+    let (uid, digest) = (super::uid(conn), super::state::digest(&desired));
+    if ctx.index.status_is(&uid, digest) {
         return Ok(());
     }
     let api: Api<Connection> = Api::namespaced(ctx.client.clone(), ns);
@@ -884,7 +884,7 @@ pub async fn status(
         &Patch::Apply(&patch),
     )
     .await?;
-    ctx.index.status_written(&uid, &desired);
+    ctx.index.status_written(&uid, digest);
     if let Some(t) = super::state::transition(conn.status.as_ref(), &desired) {
         info!(event = t.reason, state = ?desired.state, "{}", t.note);
         let type_ = if t.warning {

@@ -7,7 +7,7 @@
 
 use super::claims::{self, Claimant};
 use super::{object_ref, schedule, state, tokens};
-use crate::api::{Connection, ConnectionStatus};
+use crate::api::Connection;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::core::DeserializeGuard;
@@ -238,18 +238,18 @@ impl Index {
             .any(|e| e.memory.own_writes.iter().any(|w| w == rv))
     }
 
-    /// True when the status last seen or written for the connection `uid` is `desired`.
-    pub fn status_is(&self, uid: &str, desired: &ConnectionStatus) -> bool {
+    /// True when the status last seen or written for the connection `uid` has the [`state::digest`]
+    /// `desired` (computed by the caller, outside the lock).
+    pub fn status_is(&self, uid: &str, desired: u64) -> bool {
         let inner = self.inner.lock().unwrap();
-        let written = inner.entries.get(uid).and_then(|e| e.status);
-        written.is_some_and(|w| w == state::digest(desired))
+        inner.entries.get(uid).and_then(|e| e.status) == Some(desired)
     }
 
-    /// Remembers that `status` was written for the connection `uid` (its watch event, which
-    /// follows, says the same).
-    pub fn status_written(&self, uid: &str, status: &ConnectionStatus) {
+    /// Remembers that a status with the [`state::digest`] `written` was written for the
+    /// connection `uid` (its watch event, which follows, says the same).
+    pub fn status_written(&self, uid: &str, written: u64) {
         if let Some(entry) = self.inner.lock().unwrap().entries.get_mut(uid) {
-            entry.status = Some(state::digest(status));
+            entry.status = Some(written);
         }
     }
 
@@ -319,6 +319,16 @@ impl Writer {
     /// Applies one watch event (before the cache and the controller see it). A (re)list replaces
     /// what the scope held: connections deleted while the watch was down are forgotten.
     pub fn apply(&mut self, event: &watcher::Event<DeserializeGuard<Connection>>) {
+        // The status's digest (a serialization) is computed before the lock is taken.
+        let status = match event {
+            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => obj
+                .0
+                .as_ref()
+                .ok()
+                .and_then(|c| c.status.as_ref())
+                .map(state::digest),
+            _ => None,
+        };
         let mut inner = self.index.inner.lock().unwrap();
         match event {
             watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
@@ -334,8 +344,7 @@ impl Writer {
                     }
                 }
                 if let Some(entry) = inner.entries.get_mut(&uid) {
-                    let status = obj.0.as_ref().ok().and_then(|c| c.status.as_ref());
-                    entry.status = status.map(state::digest);
+                    entry.status = status;
                 }
             }
             watcher::Event::Delete(obj) => {
@@ -508,31 +517,34 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            !index.status_is("u1", &pending),
+            !index.status_is("u1", state::digest(&pending)),
             "an unknown connection has no status"
         );
         let mut seen = conn("a", "c1", "u1", "s", None, None);
         seen.0.as_mut().unwrap().status = None;
         w.apply(&watcher::Event::Apply(seen.clone()));
-        assert!(!index.status_is("u1", &pending), "no status written yet");
+        assert!(
+            !index.status_is("u1", state::digest(&pending)),
+            "no status written yet"
+        );
         seen.0.as_mut().unwrap().status = Some(pending.clone());
         w.apply(&watcher::Event::Apply(seen.clone()));
-        assert!(index.status_is("u1", &pending));
-        assert!(!index.status_is("u1", &active));
-        index.status_written("u1", &active);
-        assert!(index.status_is("u1", &active));
+        assert!(index.status_is("u1", state::digest(&pending)));
+        assert!(!index.status_is("u1", state::digest(&active)));
+        index.status_written("u1", state::digest(&active));
+        assert!(index.status_is("u1", state::digest(&active)));
         let mut other = active.clone();
         other.message = Some("validated again".into());
         assert!(
-            !index.status_is("u1", &other),
+            !index.status_is("u1", state::digest(&other)),
             "a field the cache drops still counts"
         );
         // Someone else rewrites it: the watch event says what the status now is.
         w.apply(&watcher::Event::Apply(seen));
-        assert!(index.status_is("u1", &pending));
-        index.status_written("u2", &active);
+        assert!(index.status_is("u1", state::digest(&pending)));
+        index.status_written("u2", state::digest(&active));
         assert!(
-            !index.status_is("u2", &active),
+            !index.status_is("u2", state::digest(&active)),
             "not remembered for an unknown connection"
         );
     }
