@@ -76,7 +76,8 @@ fn index_against_scan(n: usize, iterations: u32) {
     let index = Index::new(1);
     let mut writer = index.writer(None);
     for g in &all {
-        writer.apply(&kube::runtime::watcher::Event::Apply(g.clone()));
+        let cached = kube::core::DeserializeGuard(g.0.clone().map(Into::into));
+        writer.apply(&kube::runtime::watcher::Event::Apply(cached));
     }
     let cache: Vec<std::sync::Arc<_>> = all.into_iter().map(std::sync::Arc::new).collect();
     let me = Claimant {

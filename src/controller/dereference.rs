@@ -1,5 +1,6 @@
 //! Step 1: read what a reconcile depends on. Reads only; no writes.
 
+use super::cached::CachedConnection;
 use super::index::Index;
 use super::{Context, Error, children};
 use crate::api::{Connection, OrgSettings};
@@ -75,7 +76,7 @@ pub async fn observe(ctx: &Context, conn: &Connection, ns: &str) -> Result<Obser
 pub fn connections_using_secret(
     index: &Index,
     secret: &impl ResourceExt,
-) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+) -> Vec<ObjectRef<DeserializeGuard<CachedConnection>>> {
     match secret.namespace() {
         Some(ns) => index.using_secret(&ns, &secret.name_any()),
         None => vec![],
@@ -86,7 +87,7 @@ pub fn connections_using_secret(
 pub fn connections_using_org_settings(
     index: &Index,
     settings: &impl ResourceExt,
-) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+) -> Vec<ObjectRef<DeserializeGuard<CachedConnection>>> {
     match settings.namespace() {
         Some(ns) => index.using_org(&ns, &settings.name_any()),
         None => vec![],
@@ -96,10 +97,10 @@ pub fn connections_using_org_settings(
 /// The other connections claiming the same org as `changed` (so they re-decide who holds it).
 pub fn rivals_of(
     index: &Index,
-    changed: &DeserializeGuard<Connection>,
-) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+    changed: &DeserializeGuard<CachedConnection>,
+) -> Vec<ObjectRef<DeserializeGuard<CachedConnection>>> {
     let Ok(changed) = &changed.0 else { return vec![] };
-    let Some(remote) = changed.status.as_ref().and_then(|s| s.remote_id.as_deref()) else {
+    let Some(remote) = changed.remote_id() else {
         return vec![];
     };
     index.rivals(

@@ -5,9 +5,9 @@
 //! yet saved, failure counts): an entry goes when its connection is deleted, so nothing needs a
 //! periodic sweep. In memory only, no I/O: unit-tested below.
 
+use super::cached::CachedConnection;
 use super::claims::{self, Claimant};
-use super::{object_ref, schedule, state, tokens};
-use crate::api::Connection;
+use super::{object_ref, schedule, tokens};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::core::DeserializeGuard;
@@ -53,9 +53,9 @@ struct Facts {
 }
 
 impl Facts {
-    fn of(guard: &DeserializeGuard<Connection>) -> Option<Facts> {
+    fn of(guard: &DeserializeGuard<CachedConnection>) -> Option<Facts> {
         let conn = guard.0.as_ref().ok()?;
-        let remote_id = conn.status.as_ref().and_then(|s| s.remote_id.clone());
+        let remote_id = conn.remote_id().map(str::to_string);
         Some(Facts {
             namespace: conn.namespace()?,
             name: conn.name_any(),
@@ -64,11 +64,14 @@ impl Facts {
                 .as_deref()
                 .and_then(|id| crate::api::org_key(conn.spec.provider, id)),
             remote_id,
-            waiting: claims::waiting_claimant(conn).map(Box::new),
+            // Rare (in Conflict only): the Connection is rebuilt only then.
+            waiting: (conn.state() == Some(crate::api::State::Conflict))
+                .then(|| claims::waiting_claimant(&conn.to_connection()).map(Box::new))
+                .flatten(),
         })
     }
 
-    fn object_ref(&self) -> ObjectRef<DeserializeGuard<Connection>> {
+    fn object_ref(&self) -> ObjectRef<DeserializeGuard<CachedConnection>> {
         object_ref(&self.namespace, &self.name)
     }
 }
@@ -254,14 +257,22 @@ impl Index {
     }
 
     /// The connections in `namespace` whose credentials are the Secret `name`.
-    pub fn using_secret(&self, namespace: &str, name: &str) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+    pub fn using_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Vec<ObjectRef<DeserializeGuard<CachedConnection>>> {
         let inner = self.inner.lock().unwrap();
         let uids = inner.by_secret.get(&(namespace.to_string(), name.to_string()));
         inner.refs(uids).map(Facts::object_ref).collect()
     }
 
     /// The connections in `namespace` of the org whose key is `org_key` (its OrgSettings' name).
-    pub fn using_org(&self, namespace: &str, org_key: &str) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+    pub fn using_org(
+        &self,
+        namespace: &str,
+        org_key: &str,
+    ) -> Vec<ObjectRef<DeserializeGuard<CachedConnection>>> {
         let inner = self.inner.lock().unwrap();
         inner
             .refs(inner.by_org_key.get(org_key))
@@ -276,7 +287,7 @@ impl Index {
         remote_id: &str,
         namespace: &str,
         name: &str,
-    ) -> Vec<ObjectRef<DeserializeGuard<Connection>>> {
+    ) -> Vec<ObjectRef<DeserializeGuard<CachedConnection>>> {
         let inner = self.inner.lock().unwrap();
         inner
             .refs(inner.by_remote.get(remote_id))
@@ -318,15 +329,12 @@ pub struct Writer {
 impl Writer {
     /// Applies one watch event (before the cache and the controller see it). A (re)list replaces
     /// what the scope held: connections deleted while the watch was down are forgotten.
-    pub fn apply(&mut self, event: &watcher::Event<DeserializeGuard<Connection>>) {
-        // The status's digest (a serialization) is computed before the lock is taken.
+    pub fn apply(&mut self, event: &watcher::Event<DeserializeGuard<CachedConnection>>) {
+        // The status's digest was computed as the object was decoded (see `cached`).
         let status = match event {
-            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => obj
-                .0
-                .as_ref()
-                .ok()
-                .and_then(|c| c.status.as_ref())
-                .map(state::digest),
+            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+                obj.0.as_ref().ok().and_then(CachedConnection::status_digest)
+            }
             _ => None,
         };
         let mut inner = self.index.inner.lock().unwrap();
@@ -385,7 +393,8 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ConnectionSpec, ConnectionStatus, State};
+    use crate::api::{Connection, ConnectionSpec, ConnectionStatus, State};
+    use crate::controller::state;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn conn(
@@ -395,7 +404,22 @@ mod tests {
         secret: &str,
         remote: Option<&str>,
         state: Option<State>,
-    ) -> DeserializeGuard<Connection> {
+    ) -> DeserializeGuard<CachedConnection> {
+        cached(connection(ns, name, uid, secret, remote, state))
+    }
+
+    fn cached(c: Connection) -> DeserializeGuard<CachedConnection> {
+        DeserializeGuard(Ok(c.into()))
+    }
+
+    fn connection(
+        ns: &str,
+        name: &str,
+        uid: &str,
+        secret: &str,
+        remote: Option<&str>,
+        state: Option<State>,
+    ) -> Connection {
         let spec: ConnectionSpec = serde_json::from_value(serde_json::json!({
             "team": "t", "provider": "SalesforceProduction", "credentialsSecretRef": {"name": secret}
         }))
@@ -409,10 +433,10 @@ mod tests {
             state,
             ..Default::default()
         });
-        DeserializeGuard(Ok(c))
+        c
     }
 
-    fn names(refs: Vec<ObjectRef<DeserializeGuard<Connection>>>) -> Vec<String> {
+    fn names(refs: Vec<ObjectRef<DeserializeGuard<CachedConnection>>>) -> Vec<String> {
         let mut v: Vec<String> = refs
             .into_iter()
             .map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name))
@@ -520,15 +544,15 @@ mod tests {
             !index.status_is("u1", state::digest(&pending)),
             "an unknown connection has no status"
         );
-        let mut seen = conn("a", "c1", "u1", "s", None, None);
-        seen.0.as_mut().unwrap().status = None;
-        w.apply(&watcher::Event::Apply(seen.clone()));
+        let mut seen = connection("a", "c1", "u1", "s", None, None);
+        seen.status = None;
+        w.apply(&watcher::Event::Apply(cached(seen.clone())));
         assert!(
             !index.status_is("u1", state::digest(&pending)),
             "no status written yet"
         );
-        seen.0.as_mut().unwrap().status = Some(pending.clone());
-        w.apply(&watcher::Event::Apply(seen.clone()));
+        seen.status = Some(pending.clone());
+        w.apply(&watcher::Event::Apply(cached(seen.clone())));
         assert!(index.status_is("u1", state::digest(&pending)));
         assert!(!index.status_is("u1", state::digest(&active)));
         index.status_written("u1", state::digest(&active));
@@ -540,7 +564,7 @@ mod tests {
             "a field the cache drops still counts"
         );
         // Someone else rewrites it: the watch event says what the status now is.
-        w.apply(&watcher::Event::Apply(seen));
+        w.apply(&watcher::Event::Apply(cached(seen)));
         assert!(index.status_is("u1", state::digest(&pending)));
         index.status_written("u2", state::digest(&active));
         assert!(

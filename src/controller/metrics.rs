@@ -1,6 +1,7 @@
 //! Prometheus metrics of the operator (served on `/metrics` by [`super::server`]).
 
-use crate::api::{Connection, State};
+use super::cached::CachedConnection;
+use crate::api::State;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::Store;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -97,16 +98,10 @@ impl Metrics {
     }
 
     /// The metrics in the Prometheus text format, with the per-state gauge taken from `stores` now.
-    pub fn render(&self, stores: &[Store<DeserializeGuard<Connection>>]) -> String {
+    pub fn render(&self, stores: &[Store<DeserializeGuard<CachedConnection>>]) -> String {
         let mut counts = [0i64; 6];
         for guard in stores.iter().flat_map(|s| s.state()) {
-            let index = match guard
-                .0
-                .as_ref()
-                .ok()
-                .and_then(|c| c.status.as_ref())
-                .and_then(|s| s.state)
-            {
+            let index = match guard.0.as_ref().ok().and_then(CachedConnection::state) {
                 Some(State::Pending) | None => 0,
                 Some(State::Active) => 1,
                 Some(State::Inactive) => 2,

@@ -5,6 +5,7 @@
 //! ([`state`], [`claims`], [`schedule`], [`children`]) are pure functions with their own tests.
 
 pub mod apply;
+pub mod cached;
 pub mod children;
 pub mod claims;
 pub mod dereference;
@@ -22,6 +23,7 @@ pub mod trigger;
 use crate::api::{Connection, State};
 use crate::events::Recorder;
 use crate::providers::{Validator, ValidatorConfig};
+use cached::CachedConnection;
 use children::RetrieverSettings;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -107,7 +109,7 @@ pub struct Context {
     /// This process as the holder of refresh intents (instance name and a per-process nonce).
     pub(crate) holder: String,
     /// The Connection caches: one per watched namespace, or one for all (for the metrics).
-    pub(crate) stores: Vec<Store<DeserializeGuard<Connection>>>,
+    pub(crate) stores: Vec<Store<DeserializeGuard<CachedConnection>>>,
     /// Prometheus metrics.
     pub(crate) metrics: metrics::Metrics,
 }
@@ -234,9 +236,12 @@ fn jitter() -> f64 {
 /// How often a connection whose child name is taken looks again (the foreign object is not watched).
 const CHILD_CONFLICT_RECHECK: Duration = Duration::from_secs(30);
 
-async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let conn = match &guard.0 {
-        Ok(conn) => conn,
+async fn reconcile(
+    guard: Arc<DeserializeGuard<CachedConnection>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let conn = &match &guard.0 {
+        Ok(cached) => cached.to_connection(),
         Err(invalid) => {
             // A malformed object must not stop the others: report it and wait for a fix.
             warn!(
@@ -386,10 +391,11 @@ async fn reconcile(guard: Arc<DeserializeGuard<Connection>>, ctx: Arc<Context>) 
     .await
 }
 
-fn error_policy(guard: Arc<DeserializeGuard<Connection>>, error: &Error, ctx: Arc<Context>) -> Action {
-    let Ok(conn) = &guard.0 else {
+fn error_policy(guard: Arc<DeserializeGuard<CachedConnection>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let Ok(cached) = &guard.0 else {
         return Action::await_change();
     };
+    let conn = &cached.to_connection();
     ctx.metrics.reconcile_failed();
     let attempt = ctx.index.memory(&uid(conn), |m| {
         m.failures = m.failures.saturating_add(1);
@@ -471,8 +477,8 @@ pub async fn run(
     let controllers: Vec<_> = scopes
         .iter()
         .map(|scope| {
-            let connections: Api<DeserializeGuard<Connection>> = scoped_api(&client, scope.as_deref());
-            // The cache keeps what decisions read: no managedFields, no kubectl last-applied copy.
+            let connections: Api<DeserializeGuard<CachedConnection>> = scoped_api(&client, scope.as_deref());
+            // The cache keeps what decisions read (see `cached`).
             let (reader, writer) = reflector::store();
             let mut indexer = index.writer(scope.clone());
             // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its
@@ -498,8 +504,6 @@ pub async fn run(
                     indexer.apply(event);
                 }
             })
-            // After the index has seen the whole object (and its status's digest).
-            .modify(slim)
             .reflect(writer)
             .touched_objects()
             // Its own status writes do not wake a connection again (the reconcile that wrote
@@ -685,24 +689,6 @@ pub(crate) fn list_config() -> watcher::Config {
 /// at kube's default (500) the first LISTs after a start made most of the operator's peak memory.
 const PAGE_SIZE: u32 = 100;
 
-/// What the Connection cache keeps of an object: everything but its `managedFields`, kubectl's
-/// `last-applied-configuration` copy (neither is read by a decision; together they are most of an
-/// object's size) and the parts of its status no decision reads ([`state::slim_status`]; the index
-/// keeps the whole status's digest).
-fn slim(connection: &mut DeserializeGuard<Connection>) {
-    let meta = kube::Resource::meta_mut(connection);
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED_ANNOTATION);
-    }
-    if let Ok(conn) = connection.0.as_mut() {
-        conn.status = conn.status.take().map(state::slim_status);
-    }
-}
-
-/// The annotation `kubectl apply` (client-side) keeps a full copy of the object in.
-const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
 fn scoped_api<K>(client: &Client, scope: Option<&str>) -> Api<K>
 where
     K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
@@ -715,6 +701,6 @@ where
 }
 
 /// The ObjectRef the controller uses for a connection.
-pub(crate) fn object_ref(ns: &str, name: &str) -> ObjectRef<DeserializeGuard<Connection>> {
+pub(crate) fn object_ref(ns: &str, name: &str) -> ObjectRef<DeserializeGuard<CachedConnection>> {
     ObjectRef::new(name).within(ns)
 }

@@ -965,6 +965,10 @@ mod tests {
             whole.status = Some(status.clone());
             let mut slim = conn;
             slim.status = Some(slim_status(status.clone()));
+            // The cache keeps it compacted, and gives the slim status back.
+            let cached = super::super::cached::CachedConnection::from(whole.clone());
+            assert_eq!(cached.to_connection(), slim, "{status:?}");
+            assert_eq!(cached.status_digest(), Some(digest(&status)));
             let (full, small) = (whole.status.as_ref(), slim.status.as_ref());
             assert!(
                 serde_json::to_vec(&small).unwrap().len() < serde_json::to_vec(&full).unwrap().len(),
