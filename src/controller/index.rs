@@ -19,6 +19,14 @@ use std::sync::{Arc, Mutex};
 /// How many of a connection's own writes are remembered (a reconcile makes at most four).
 const OWN_WRITES_KEPT: usize = 4;
 
+/// What [`Index::wrote`] keeps of a resourceVersion: a 64-bit hash, never 0 (0 is "none").
+fn version_key(resource_version: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    hasher.write(resource_version.as_bytes());
+    hasher.finish() | 1
+}
+
 /// What the operator remembers of one connection between reconciles.
 #[derive(Clone, Debug, Default)]
 pub struct Memory {
@@ -33,21 +41,23 @@ pub struct Memory {
     pub retriever_revalidated: Option<Timestamp>,
     /// Consecutive failed reconciles (API errors), for the backoff.
     pub failures: u32,
-    /// The resourceVersions of its last writes of its own children (see [`Index::wrote`]).
-    own_writes: Vec<String>,
+    /// Its last writes of its own children (see [`Index::wrote`]): hashes of the resourceVersions
+    /// the API server returned (an array: no allocation per connection), 0 for none yet.
+    own_writes: [u64; OWN_WRITES_KEPT],
 }
 
-/// What the lookups need of a Connection.
+/// What the lookups need of a Connection. Shared strings: the reverse maps' keys are the same
+/// allocations.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Facts {
-    namespace: String,
-    name: String,
+    namespace: Arc<str>,
+    name: Arc<str>,
     /// `spec.credentialsSecretRef.name`.
-    secret: String,
+    secret: Arc<str>,
     /// `status.remoteId`.
-    remote_id: Option<String>,
+    remote_id: Option<Arc<str>>,
     /// The org key of that ID (the name of its OrgSettings).
-    org_key: Option<String>,
+    org_key: Option<Arc<str>>,
     /// Set when it waits for its org (in Conflict). Boxed, as it is rare (see `Memory::pending`).
     waiting: Option<Box<Claimant>>,
 }
@@ -55,15 +65,15 @@ struct Facts {
 impl Facts {
     fn of(guard: &DeserializeGuard<CachedConnection>) -> Option<Facts> {
         let conn = guard.0.as_ref().ok()?;
-        let remote_id = conn.remote_id().map(str::to_string);
+        let remote_id = conn.remote_id();
         Some(Facts {
-            namespace: conn.namespace()?,
-            name: conn.name_any(),
-            secret: conn.spec.credentials_secret_ref.name.clone(),
+            namespace: conn.metadata.namespace.as_deref()?.into(),
+            name: conn.metadata.name.as_deref().unwrap_or_default().into(),
+            secret: conn.spec.credentials_secret_ref.name.as_str().into(),
             org_key: remote_id
-                .as_deref()
-                .and_then(|id| crate::api::org_key(conn.spec.provider, id)),
-            remote_id,
+                .and_then(|id| crate::api::org_key(conn.spec.provider, id))
+                .map(Arc::from),
+            remote_id: remote_id.map(Arc::from),
             // Rare (in Conflict only): the Connection is rebuilt only then.
             waiting: (conn.state() == Some(crate::api::State::Conflict))
                 .then(|| claims::waiting_claimant(&conn.to_connection()).map(Box::new))
@@ -87,18 +97,22 @@ struct Entry {
     status: Option<u64>,
 }
 
+/// The connections at one key of a reverse map.
+type Uids = Vec<Arc<str>>;
+
 #[derive(Default)]
 struct Inner {
     /// Boxed: an `Entry` is 640 bytes, and a map grows by doubling its buckets, each the size of
     /// its value (at 10,000 connections 16,384 of them: 11 MiB inline, 16 MiB while it grew).
-    entries: HashMap<String, Box<Entry>>,
+    /// The UID is shared with the reverse maps' values.
+    entries: HashMap<Arc<str>, Box<Entry>>,
     /// (namespace, Secret name) → UIDs. A `Vec`: almost every key has one UID, and a one-element
     /// `BTreeSet` allocates a whole node (280 bytes; 8 MiB of 10,000 connections' three maps).
-    by_secret: HashMap<(String, String), Vec<String>>,
+    by_secret: HashMap<(Arc<str>, Arc<str>), Uids>,
     /// Org ID → UIDs.
-    by_remote: HashMap<String, Vec<String>>,
+    by_remote: HashMap<Arc<str>, Uids>,
     /// Org key → UIDs.
-    by_org_key: HashMap<String, Vec<String>>,
+    by_org_key: HashMap<Arc<str>, Uids>,
     /// Watches (one per scope) that have not finished their first list.
     unlisted: usize,
 }
@@ -115,7 +129,7 @@ impl Inner {
         drop_uid(&mut self.by_secret, &secret, uid);
     }
 
-    fn link(&mut self, uid: &str, facts: &Facts) {
+    fn link(&mut self, uid: &Arc<str>, facts: &Facts) {
         if let Some(remote) = &facts.remote_id {
             add_uid(&mut self.by_remote, remote.clone(), uid);
         }
@@ -130,15 +144,29 @@ impl Inner {
     }
 
     fn upsert(&mut self, uid: &str, facts: Facts) {
-        let entry = self.entries.entry(uid.to_string()).or_default();
+        let (uid, entry) = self.entry(uid);
         if entry.facts.as_ref() == Some(&facts) {
             return;
         }
         let old = entry.facts.replace(facts.clone());
         if let Some(old) = old {
-            self.unlink(uid, &old);
+            self.unlink(&uid, &old);
         }
-        self.link(uid, &facts);
+        self.link(&uid, &facts);
+    }
+
+    /// The entry of `uid` (added when absent), and its shared key.
+    fn entry(&mut self, uid: &str) -> (Arc<str>, &mut Entry) {
+        let key = match self.entries.get_key_value(uid) {
+            Some((key, _)) => key.clone(),
+            None => {
+                let key: Arc<str> = Arc::from(uid);
+                self.entries.insert(key.clone(), Box::default());
+                key
+            }
+        };
+        let entry = self.entries.get_mut(uid).expect("just found or added");
+        (key, entry)
     }
 
     fn remove(&mut self, uid: &str) {
@@ -147,7 +175,7 @@ impl Inner {
         }
     }
 
-    fn refs<'a>(&'a self, uids: Option<&'a Vec<String>>) -> impl Iterator<Item = &'a Facts> + 'a {
+    fn refs<'a>(&'a self, uids: Option<&'a Uids>) -> impl Iterator<Item = &'a Facts> + 'a {
         uids.into_iter()
             .flatten()
             .filter_map(|uid| self.entries.get(uid)?.facts.as_ref())
@@ -155,17 +183,17 @@ impl Inner {
 }
 
 /// Adds `uid` to the UIDs at `key` (once).
-fn add_uid<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<String>>, key: K, uid: &str) {
+fn add_uid<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Uids>, key: K, uid: &Arc<str>) {
     let uids = map.entry(key).or_default();
     if !uids.iter().any(|u| u == uid) {
-        uids.push(uid.to_string());
+        uids.push(uid.clone());
     }
 }
 
 /// Removes `uid` from the UIDs at `key`, and the key once none is left.
-fn drop_uid<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<String>>, key: &K, uid: &str) {
+fn drop_uid<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Uids>, key: &K, uid: &str) {
     if let Some(uids) = map.get_mut(key) {
-        uids.retain(|u| u != uid);
+        uids.retain(|u| &**u != uid);
         if uids.is_empty() {
             map.remove(key);
         }
@@ -206,7 +234,7 @@ impl Index {
         let may_add = inner.unlisted > 0;
         match inner.entries.get_mut(uid) {
             Some(entry) => f(&mut entry.memory),
-            None if may_add => f(&mut inner.entries.entry(uid.to_string()).or_default().memory),
+            None if may_add => f(&mut inner.entry(uid).1.memory),
             None => f(&mut Memory::default()),
         }
     }
@@ -216,11 +244,10 @@ impl Index {
     /// of that write then wakes no one ([`Index::own_write`]). The last few are kept.
     pub fn wrote(&self, uid: &str, resource_version: Option<&str>) {
         let Some(rv) = resource_version else { return };
+        let written = version_key(rv);
         self.memory(uid, |m| {
-            if m.own_writes.len() >= OWN_WRITES_KEPT {
-                m.own_writes.remove(0);
-            }
-            m.own_writes.push(rv.to_string());
+            m.own_writes.rotate_right(1);
+            m.own_writes[0] = written;
         });
     }
 
@@ -231,14 +258,15 @@ impl Index {
         let Some(rv) = child.resource_version.as_deref() else {
             return false;
         };
+        let seen = version_key(rv);
         let inner = self.inner.lock().unwrap();
         child
             .owner_references
             .iter()
             .flatten()
             .filter(|o| o.controller == Some(true) && o.kind == "Connection")
-            .filter_map(|o| inner.entries.get(&o.uid))
-            .any(|e| e.memory.own_writes.iter().any(|w| w == rv))
+            .filter_map(|o| inner.entries.get(o.uid.as_str()))
+            .any(|e| e.memory.own_writes.contains(&seen))
     }
 
     /// True when the status last seen or written for the connection `uid` has the [`state::digest`]
@@ -263,7 +291,7 @@ impl Index {
         name: &str,
     ) -> Vec<ObjectRef<DeserializeGuard<CachedConnection>>> {
         let inner = self.inner.lock().unwrap();
-        let uids = inner.by_secret.get(&(namespace.to_string(), name.to_string()));
+        let uids = inner.by_secret.get(&(Arc::from(namespace), Arc::from(name)));
         inner.refs(uids).map(Facts::object_ref).collect()
     }
 
@@ -276,7 +304,7 @@ impl Index {
         let inner = self.inner.lock().unwrap();
         inner
             .refs(inner.by_org_key.get(org_key))
-            .filter(|f| f.namespace == namespace)
+            .filter(|f| &*f.namespace == namespace)
             .map(Facts::object_ref)
             .collect()
     }
@@ -291,7 +319,7 @@ impl Index {
         let inner = self.inner.lock().unwrap();
         inner
             .refs(inner.by_remote.get(remote_id))
-            .filter(|f| !(f.namespace == namespace && f.name == name))
+            .filter(|f| !(&*f.namespace == namespace && &*f.name == name))
             .map(Facts::object_ref)
             .collect()
     }
@@ -301,8 +329,8 @@ impl Index {
     pub fn older_waiting(&self, me: &Claimant, namespace: Option<&str>) -> bool {
         let inner = self.inner.lock().unwrap();
         let waiting = inner
-            .refs(inner.by_remote.get(&me.remote_id))
-            .filter(|f| namespace.is_none_or(|ns| f.namespace == ns))
+            .refs(inner.by_remote.get(me.remote_id.as_str()))
+            .filter(|f| namespace.is_none_or(|ns| &*f.namespace == ns))
             .filter_map(|f| f.waiting.as_deref());
         claims::older_waiting(me, waiting)
     }
@@ -348,10 +376,10 @@ impl Writer {
                     Some(facts) => inner.upsert(&uid, facts),
                     // Not a valid Connection: nothing to look up, but it exists.
                     None => {
-                        inner.entries.entry(uid.clone()).or_default();
+                        inner.entry(&uid);
                     }
                 }
-                if let Some(entry) = inner.entries.get_mut(&uid) {
+                if let Some(entry) = inner.entries.get_mut(uid.as_str()) {
                     entry.status = status;
                 }
             }
@@ -369,16 +397,17 @@ impl Writer {
                     inner.unlisted = inner.unlisted.saturating_sub(1);
                 }
                 let everyone_listed = inner.unlisted == 0;
-                let gone: Vec<String> = inner
+                let gone: Vec<Arc<str>> = inner
                     .entries
                     .iter()
                     .filter(|(uid, e)| match &e.facts {
                         Some(f) => {
-                            self.scope.as_deref().is_none_or(|s| s == f.namespace) && !listed.contains(*uid)
+                            self.scope.as_deref().is_none_or(|s| s == &*f.namespace)
+                                && !listed.contains(&***uid)
                         }
                         // Remembered before any watch saw it (a replayed token): kept until every
                         // watch has listed, then only if one listed it.
-                        None => everyone_listed && !listed.contains(*uid) && first,
+                        None => everyone_listed && !listed.contains(&***uid) && first,
                     })
                     .map(|(uid, _)| uid.clone())
                     .collect();
