@@ -313,7 +313,21 @@ async fn reconcile(
             _ => conn.status.as_ref().and_then(|s| s.remote_id.clone()),
         };
         let org_key = remote_id.and_then(|id| crate::api::org_key(conn.spec.provider, &id));
+        // The org's claim is held (or its holder known) before the status can say Active and
+        // before the retriever gets a replica: asked exactly when `decide` asks.
+        let claim = match &validated.check.known {
+            state::Known::Valid(id) if !conn.spec.paused => {
+                Some(org_claim::hold(&ctx, conn, &ns, &id.remote_id).await.map_err(Error::from).at(Step::OrgClaim)?)
+            }
+            _ => None,
+        };
+        // A connection that has just won its org for the first time creates the settings when
+        // there are none, without reading first (a refused create reads them: see
+        // `create_org_settings`); any other reads them, and creates them below once Active.
+        let first_win = matches!(claim, Some(claims::Claim::Won))
+            && conn.status.as_ref().is_none_or(|s| s.remote_id.is_none());
         let mut org = match &org_key {
+            Some(key) if first_win => Some(apply::create_org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?),
             Some(key) => dereference::org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?,
             None => None,
         };
@@ -328,14 +342,6 @@ async fn reconcile(
                 observed.deployment.as_ref(),
                 &children::retriever_deployment(conn, &ctx.config.retriever, jobs.as_ref(), 1),
             )
-        };
-        // The org's claim is held (or its holder known) before the status can say Active and
-        // before the retriever gets a replica: asked exactly when `decide` asks.
-        let claim = match &validated.check.known {
-            state::Known::Valid(id) if !conn.spec.paused => {
-                Some(org_claim::hold(&ctx, conn, &ns, &id.remote_id).await.map_err(Error::from).at(Step::OrgClaim)?)
-            }
-            _ => None,
         };
         let mut status = state::decide(
             conn,

@@ -48,6 +48,10 @@ async fn holder_exists(ctx: &Context, holder: &ClaimHolder) -> Result<bool, kube
 
 /// Holds the org `remote_id` for `conn`, whose tokens were just found valid for it, or says who
 /// holds it. Called before the status says Active and before the retriever gets a replica.
+///
+/// A connection that has never recorded an org (`status.remoteId` unset) holds no claim: it
+/// creates one without reading first (most often none exists; when one does, the create is
+/// refused and it reads and decides as any other). At a cold start that is a read fewer each.
 pub async fn hold(ctx: &Context, conn: &Connection, ns: &str, remote_id: &str) -> Result<Claim, kube::Error> {
     let Some(key) = claim_key(ctx, conn, remote_id) else {
         // Not a usable org ID (the providers' checks make this unreachable): nothing to hold.
@@ -63,8 +67,10 @@ pub async fn hold(ctx: &Context, conn: &Connection, ns: &str, remote_id: &str) -
         created: conn.metadata.creation_timestamp.as_ref().map(|t| t.0),
         remote_id: remote_id.to_string(),
     };
+    let mut read = conn.status.as_ref().is_some_and(|s| s.remote_id.is_some());
     for _ in 0..5 {
-        let existing = api.get_opt(&key).await?;
+        let existing = if read { api.get_opt(&key).await? } else { None };
+        read = true;
         let holder_exists = match &existing {
             Some(c) if c.spec.holder.uid != me.uid => holder_exists(ctx, &c.spec.holder).await?,
             _ => true,
