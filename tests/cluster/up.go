@@ -246,7 +246,9 @@ func run(dir string, port int, timeout time.Duration, node bool) (err error) {
 		"--service-cluster-ip-range=10.0.0.0/24",
 		"--authorization-mode=Node,RBAC",
 		"--cert-dir=" + filepath.Join(work, "apiserver-certs"),
-		"--profiling=false",
+		// CLUSTER_PROFILING=1 serves /debug/pprof (e.g. to see where a benchmark spends the API
+		// server's CPU: kubectl get --raw '/debug/pprof/profile?seconds=20').
+		"--profiling=" + strconv.FormatBool(os.Getenv("CLUSTER_PROFILING") == "1"),
 	}
 	if node {
 		apiserverArgs = append(apiserverArgs,
