@@ -426,6 +426,10 @@ mod tests {
     use crate::controller::state;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+    fn cached(c: Connection) -> DeserializeGuard<CachedConnection> {
+        DeserializeGuard(Ok(c.into()))
+    }
+
     fn conn(
         ns: &str,
         name: &str,
@@ -434,21 +438,6 @@ mod tests {
         remote: Option<&str>,
         state: Option<State>,
     ) -> DeserializeGuard<CachedConnection> {
-        cached(connection(ns, name, uid, secret, remote, state))
-    }
-
-    fn cached(c: Connection) -> DeserializeGuard<CachedConnection> {
-        DeserializeGuard(Ok(c.into()))
-    }
-
-    fn connection(
-        ns: &str,
-        name: &str,
-        uid: &str,
-        secret: &str,
-        remote: Option<&str>,
-        state: Option<State>,
-    ) -> Connection {
         let spec: ConnectionSpec = serde_json::from_value(serde_json::json!({
             "team": "t", "provider": "SalesforceProduction", "credentialsSecretRef": {"name": secret}
         }))
@@ -462,7 +451,7 @@ mod tests {
             state,
             ..Default::default()
         });
-        c
+        cached(c)
     }
 
     fn names(refs: Vec<ObjectRef<DeserializeGuard<CachedConnection>>>) -> Vec<String> {
@@ -573,7 +562,7 @@ mod tests {
             !index.status_is("u1", state::digest(&pending)),
             "an unknown connection has no status"
         );
-        let mut seen = connection("a", "c1", "u1", "s", None, None);
+        let mut seen = conn("a", "c1", "u1", "s", None, None).0.unwrap().to_connection();
         seen.status = None;
         w.apply(&watcher::Event::Apply(cached(seen.clone())));
         assert!(
