@@ -60,27 +60,15 @@ pub async fn observe(ctx: &Context, conn: &Connection, ns: &str) -> Result<Obser
     let token_name = super::tokens::token_secret_name(conn);
     let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
-    // Three at a time: the API client speaks HTTP/1.1, so each request in flight holds a pooled
-    // connection (with its TLS session and buffers); three per reconcile, 32 reconciles at a time,
-    // is the pool the children's writes need anyway (`apply::children`), and two round trips
-    // instead of six.
-    let (credentials, token, session) = futures::try_join!(
-        secrets.get_opt(&conn.spec.credentials_secret_ref.name),
-        secrets.get_opt(&token_name),
-        secrets.get_opt(&session_name),
-    )?;
-    let (deployment, service_account, role_binding) = futures::try_join!(
-        deployments.get_opt(&retriever_name),
-        accounts.get_opt(&retriever_name),
-        bindings.get_opt(&retriever_name),
-    )?;
+    // One after the other: the API client speaks HTTP/1.1, so six at once would hold six
+    // connections (each with its TLS session and buffers) per reconcile, 32 reconciles at a time.
     Ok(Observed {
-        credentials,
-        token,
-        session,
-        deployment,
-        service_account,
-        role_binding,
+        credentials: secrets.get_opt(&conn.spec.credentials_secret_ref.name).await?,
+        token: secrets.get_opt(&token_name).await?,
+        session: secrets.get_opt(&session_name).await?,
+        deployment: deployments.get_opt(&retriever_name).await?,
+        service_account: accounts.get_opt(&retriever_name).await?,
+        role_binding: bindings.get_opt(&retriever_name).await?,
     })
 }
 
