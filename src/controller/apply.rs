@@ -767,6 +767,20 @@ pub async fn children(
     deployment: Deployment,
 ) -> Result<(), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    // The retriever's identity first, so its pod can start: created once (a RoleBinding's roleRef
+    // cannot change), never over an object we did not create (the caller checked).
+    if observed.service_account.is_none() {
+        let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+        let account = children::retriever_service_account(conn);
+        api.patch(&account.name_any(), &params, &Patch::Apply(typed(account)))
+            .await?;
+    }
+    if observed.role_binding.is_none() {
+        let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
+        let binding = children::retriever_role_binding(conn, &ctx.config.retriever);
+        api.patch(&binding.name_any(), &params, &Patch::Apply(typed(binding)))
+            .await?;
+    }
     // Never apply over an object we did not create (the force would take it over).
     let foreign = |existing: Option<&ObjectMeta>| existing.is_some_and(|m| !children::is_ours(conn, m));
     let session = session.filter(|desired| {
@@ -776,40 +790,14 @@ pub async fn children(
                 .as_ref()
                 .is_some_and(|existing| children::session_up_to_date(existing, desired))
     });
-    // The retriever's identity (created once: a RoleBinding's roleRef cannot change; never over an
-    // object we did not create: the caller checked) and its session, before its Deployment, so
-    // that its pod can start. The three do not depend on each other: written at once, so a new
-    // connection's chain of requests is two round trips shorter.
-    let account = async {
-        if observed.service_account.is_none() {
-            let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
-            let account = children::retriever_service_account(conn);
-            api.patch(&account.name_any(), &params, &Patch::Apply(typed(account)))
-                .await?;
-        }
-        Ok::<_, kube::Error>(())
-    };
-    let binding = async {
-        if observed.role_binding.is_none() {
-            let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
-            let binding = children::retriever_role_binding(conn, &ctx.config.retriever);
-            api.patch(&binding.name_any(), &params, &Patch::Apply(typed(binding)))
-                .await?;
-        }
-        Ok(())
-    };
-    let session = async {
-        if let Some(session) = session {
-            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-            let written = api
-                .patch(&session.name_any(), &params, &Patch::Apply(typed(session)))
-                .await?;
-            ctx.index
-                .wrote(&uid(conn), written.metadata.resource_version.as_deref());
-        }
-        Ok(())
-    };
-    futures::try_join!(account, binding, session)?;
+    if let Some(session) = session {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        let written = api
+            .patch(&session.name_any(), &params, &Patch::Apply(typed(session)))
+            .await?;
+        ctx.index
+            .wrote(&uid(conn), written.metadata.resource_version.as_deref());
+    }
     let up_to_date = foreign(observed.deployment.as_ref().map(|d| &d.metadata))
         || observed
             .deployment
