@@ -358,13 +358,6 @@ impl Writer {
     /// Applies one watch event (before the cache and the controller see it). A (re)list replaces
     /// what the scope held: connections deleted while the watch was down are forgotten.
     pub fn apply(&mut self, event: &watcher::Event<DeserializeGuard<CachedConnection>>) {
-        // The status's digest was computed as the object was decoded (see `cached`).
-        let status = match event {
-            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
-                obj.0.as_ref().ok().and_then(CachedConnection::status_digest)
-            }
-            _ => None,
-        };
         let mut inner = self.index.inner.lock().unwrap();
         match event {
             watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
@@ -379,8 +372,9 @@ impl Writer {
                         inner.entry(&uid);
                     }
                 }
+                // Its status's digest, computed as the object was decoded (see `cached`).
                 if let Some(entry) = inner.entries.get_mut(uid.as_str()) {
-                    entry.status = status;
+                    entry.status = obj.0.as_ref().ok().and_then(CachedConnection::status_digest);
                 }
             }
             watcher::Event::Delete(obj) => {
