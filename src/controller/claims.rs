@@ -69,6 +69,12 @@ pub enum Claim {
     Lost { winner: Claimant },
 }
 
+/// True when `conn` has recorded its org (`status.remoteId`). Before that it holds no OrgClaim
+/// and has won no org, so it creates its claim and the org's settings without reading first.
+pub fn org_recorded(conn: &Connection) -> bool {
+    conn.status.as_ref().is_some_and(|s| s.remote_id.is_some())
+}
+
 /// A connection waiting for an org: in Conflict with a known org.
 pub fn waiting_claimant(conn: &Connection) -> Option<Claimant> {
     let status = conn.status.as_ref()?;
@@ -162,6 +168,20 @@ mod tests {
             holder_exists,
             older_waiting,
         }
+    }
+
+    #[test]
+    fn an_org_is_recorded_once_the_status_names_it() {
+        let mut conn: Connection = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "ns"},
+            "spec": {"team": "t", "provider": "SalesforceProduction", "credentialsSecretRef": {"name": "s"}}
+        }))
+        .unwrap();
+        assert!(!org_recorded(&conn), "no status");
+        conn.status = Some(Default::default());
+        assert!(!org_recorded(&conn), "a status without an org");
+        conn.status.as_mut().unwrap().remote_id = Some("00D000000000001AAA".into());
+        assert!(org_recorded(&conn));
     }
 
     #[test]

@@ -324,8 +324,7 @@ async fn reconcile(
         // A connection that has just won its org for the first time creates the settings when
         // there are none, without reading first (a refused create reads them: see
         // `create_org_settings`); any other reads them, and creates them below once Active.
-        let first_win = matches!(claim, Some(claims::Claim::Won))
-            && conn.status.as_ref().is_none_or(|s| s.remote_id.is_none());
+        let first_win = matches!(claim, Some(claims::Claim::Won)) && !claims::org_recorded(conn);
         let mut org = match &org_key {
             Some(key) if first_win => Some(apply::create_org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?),
             Some(key) => dereference::org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?,

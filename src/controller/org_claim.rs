@@ -67,7 +67,7 @@ pub async fn hold(ctx: &Context, conn: &Connection, ns: &str, remote_id: &str) -
         created: conn.metadata.creation_timestamp.as_ref().map(|t| t.0),
         remote_id: remote_id.to_string(),
     };
-    let mut read = conn.status.as_ref().is_some_and(|s| s.remote_id.is_some());
+    let mut read = claims::org_recorded(conn);
     for _ in 0..5 {
         let existing = if read { api.get_opt(&key).await? } else { None };
         read = true;
