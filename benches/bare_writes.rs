@@ -156,7 +156,10 @@ async fn main() {
     };
     let n: usize = n.parse().expect("N");
     let concurrency: usize = concurrency.parse().expect("CONCURRENCY");
-    let client = Client::try_default().await.expect("a kubeconfig");
+    // The operator's own client (HTTP/2 when offered: one connection for the 32 chains).
+    let client = connection_operator::kube_client::infer()
+        .await
+        .expect("a kubeconfig");
     let recorder = Recorder::new(
         client.clone(),
         Reporter {

@@ -510,7 +510,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 
 async fn run_operator(args: RunArgs) -> Result<(), CliError> {
     let config = args.config()?;
-    let client = kube::Client::try_default().await.map_err(CliError::Connect)?;
+    let client = crate::kube_client::infer().await.map_err(CliError::Connect)?;
     if config.namespaces.is_empty() {
         ensure_crd_installed(&client, None).await?;
     }

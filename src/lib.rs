@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crm;
 pub mod events;
 pub mod jobruns;
+pub mod kube_client;
 pub mod plugin;
 pub mod providers;
 pub mod retriever;

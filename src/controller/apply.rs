@@ -21,7 +21,7 @@ use kube::{Api, Resource, ResourceExt};
 use secrecy::ExposeSecret;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 /// The first look again for a credentials Secret the watch cannot see (then doubling).
 const FIRST_SECRET_LOOK: Duration = Duration::from_secs(1);
@@ -767,20 +767,6 @@ pub async fn children(
     deployment: Deployment,
 ) -> Result<(), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    // The retriever's identity first, so its pod can start: created once (a RoleBinding's roleRef
-    // cannot change), never over an object we did not create (the caller checked).
-    if observed.service_account.is_none() {
-        let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
-        let account = children::retriever_service_account(conn);
-        api.patch(&account.name_any(), &params, &Patch::Apply(typed(account)))
-            .await?;
-    }
-    if observed.role_binding.is_none() {
-        let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
-        let binding = children::retriever_role_binding(conn, &ctx.config.retriever);
-        api.patch(&binding.name_any(), &params, &Patch::Apply(typed(binding)))
-            .await?;
-    }
     // Never apply over an object we did not create (the force would take it over).
     let foreign = |existing: Option<&ObjectMeta>| existing.is_some_and(|m| !children::is_ours(conn, m));
     let session = session.filter(|desired| {
@@ -790,14 +776,40 @@ pub async fn children(
                 .as_ref()
                 .is_some_and(|existing| children::session_up_to_date(existing, desired))
     });
-    if let Some(session) = session {
-        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        let written = api
-            .patch(&session.name_any(), &params, &Patch::Apply(typed(session)))
-            .await?;
-        ctx.index
-            .wrote(&uid(conn), written.metadata.resource_version.as_deref());
-    }
+    // What the retriever's pod needs, at once (three streams of the one HTTP/2 connection): its
+    // identity, created once (a RoleBinding's roleRef cannot change) and never over an object we
+    // did not create (the caller checked), and its session.
+    let account = async {
+        if observed.service_account.is_none() {
+            let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+            let account = children::retriever_service_account(conn);
+            api.patch(&account.name_any(), &params, &Patch::Apply(typed(account)))
+                .await?;
+        }
+        Ok::<_, kube::Error>(())
+    };
+    let binding = async {
+        if observed.role_binding.is_none() {
+            let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
+            let binding = children::retriever_role_binding(conn, &ctx.config.retriever);
+            api.patch(&binding.name_any(), &params, &Patch::Apply(typed(binding)))
+                .await?;
+        }
+        Ok(())
+    };
+    let session = async {
+        if let Some(session) = session {
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+            let written = api
+                .patch(&session.name_any(), &params, &Patch::Apply(typed(session)))
+                .await?;
+            ctx.index
+                .wrote(&uid(conn), written.metadata.resource_version.as_deref());
+        }
+        Ok(())
+    };
+    futures::try_join!(account, binding, session)?;
+    // Then the Deployment, so its pod finds them.
     let up_to_date = foreign(observed.deployment.as_ref().map(|d| &d.metadata))
         || observed
             .deployment
@@ -892,7 +904,21 @@ pub async fn status(
         } else {
             EventType::Normal
         };
-        publish(ctx, conn, type_, t.reason, &t.note).await;
+        // Published in a task of its own: the worker is free for the next connection one round
+        // trip sooner (an event is not an input of any decision).
+        let (recorder, event, regarding) = (
+            ctx.recorder.clone(),
+            event(type_, t.reason, &t.note),
+            conn.object_ref(&()),
+        );
+        tokio::spawn(
+            async move {
+                if let Err(e) = recorder.publish(&event, &regarding).await {
+                    warn!(error = %e, "could not publish event");
+                }
+            }
+            .in_current_span(),
+        );
     }
     Ok(())
 }
@@ -902,14 +928,22 @@ pub const REAUTHORIZATION_FAILED: &str = "ReauthorizationFailed";
 
 /// Publishes an event on the connection (a failure to publish is logged, never an error).
 pub(crate) async fn publish(ctx: &Context, conn: &Connection, type_: EventType, reason: &str, note: &str) {
-    let event = Event {
+    if let Err(e) = ctx
+        .recorder
+        .publish(&event(type_, reason, note), &conn.object_ref(&()))
+        .await
+    {
+        warn!(error = %e, "could not publish event");
+    }
+}
+
+/// An event of a reconcile (notes cut at 1000 characters).
+fn event(type_: EventType, reason: &str, note: &str) -> Event {
+    Event {
         type_,
         reason: reason.to_string(),
         note: Some(note.chars().take(1000).collect()),
         action: "Reconcile".into(),
         secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &conn.object_ref(&())).await {
-        warn!(error = %e, "could not publish event");
     }
 }

@@ -314,21 +314,39 @@ async fn reconcile(
         };
         let org_key = remote_id.and_then(|id| crate::api::org_key(conn.spec.provider, &id));
         // The org's claim is held (or its holder known) before the status can say Active and
-        // before the retriever gets a replica: asked exactly when `decide` asks.
-        let claim = match &validated.check.known {
-            state::Known::Valid(id) if !conn.spec.paused => {
-                Some(org_claim::hold(&ctx, conn, &ns, &id.remote_id).await.map_err(Error::from).at(Step::OrgClaim)?)
+        // before the retriever gets a replica: asked exactly when `decide` asks. The org's
+        // settings are read alongside (the claim does not depend on them), except by a connection
+        // that has never recorded its org: it creates them when it wins, without reading first (a
+        // refused create reads them: see `create_org_settings`). Settings still missing are
+        // created below once Active.
+        let read_settings = async {
+            match &org_key {
+                Some(key) => dereference::org_settings(&ctx, &ns, key).await.at(Step::OrgSettings),
+                None => Ok(None),
             }
-            _ => None,
         };
-        // A connection that has just won its org for the first time creates the settings when
-        // there are none, without reading first (a refused create reads them: see
-        // `create_org_settings`); any other reads them, and creates them below once Active.
-        let first_win = matches!(claim, Some(claims::Claim::Won)) && !claims::org_recorded(conn);
-        let mut org = match &org_key {
-            Some(key) if first_win => Some(apply::create_org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?),
-            Some(key) => dereference::org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?,
-            None => None,
+        let hold = async |remote_id: &str| {
+            org_claim::hold(&ctx, conn, &ns, remote_id)
+                .await
+                .map_err(Error::from)
+                .at(Step::OrgClaim)
+        };
+        let (claim, mut org) = match &validated.check.known {
+            state::Known::Valid(id) if !conn.spec.paused && !claims::org_recorded(conn) => {
+                let claim = hold(&id.remote_id).await?;
+                let org = match &org_key {
+                    Some(key) if matches!(claim, claims::Claim::Won) => {
+                        Some(apply::create_org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?)
+                    }
+                    _ => read_settings.await?,
+                };
+                (Some(claim), org)
+            }
+            state::Known::Valid(id) if !conn.spec.paused => {
+                let (claim, org) = futures::try_join!(hold(&id.remote_id), read_settings)?;
+                (Some(claim), org)
+            }
+            _ => (None, read_settings.await?),
         };
         let defaults = crate::api::OrgSettingsSpec::default();
         // 3. build the desired status and children (pure).

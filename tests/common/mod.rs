@@ -58,14 +58,18 @@ pub fn cluster_bin() -> PathBuf {
     env_path("CLUSTER_BIN").unwrap_or_else(|| repo_root().join("target/cluster/bin"))
 }
 
-/// A kube client for the kubeconfig at `path`.
-pub async fn client_for(path: &Path) -> Client {
+/// The client configuration of the kubeconfig at `path`.
+pub async fn config_for(path: &Path) -> Config {
     let kubeconfig = Kubeconfig::read_from(path)
         .unwrap_or_else(|e| panic!("reading kubeconfig {}: {e}; {RUN_HINT}", path.display()));
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", path.display()));
-    Client::try_from(config).expect("kube client")
+        .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", path.display()))
+}
+
+/// A kube client for the kubeconfig at `path`.
+pub async fn client_for(path: &Path) -> Client {
+    Client::try_from(config_for(path).await).expect("kube client")
 }
 
 /// A kube client with admin rights (`$KUBECONFIG`).
@@ -76,20 +80,17 @@ pub async fn client() -> Client {
 /// A kube client with admin credentials impersonating `user` in `groups` (so it has exactly their
 /// rights, e.g. a ServiceAccount bound only by a chart's Roles).
 pub async fn client_as(user: &str, groups: &[&str]) -> Client {
-    let path = kubeconfig_path();
-    let kubeconfig = Kubeconfig::read_from(&path)
-        .unwrap_or_else(|e| panic!("reading kubeconfig {}: {e}; {RUN_HINT}", path.display()));
-    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", path.display()));
+    let mut config = config_for(&kubeconfig_path()).await;
     config.auth_info.impersonate = Some(user.to_string());
     config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
     Client::try_from(config).expect("kube client")
 }
 
-/// A kube client acting as the operator's ServiceAccount (`$OPERATOR_KUBECONFIG`).
+/// A kube client acting as the operator's ServiceAccount (`$OPERATOR_KUBECONFIG`), built as the
+/// operator builds its own (`connection_operator::kube_client`: HTTP/2 when offered).
 pub async fn operator_client() -> Client {
-    client_for(&operator_kubeconfig_path()).await
+    let config = config_for(&operator_kubeconfig_path()).await;
+    connection_operator::kube_client::from_config(config).expect("kube client")
 }
 
 fn tool(name: &str) -> Command {
