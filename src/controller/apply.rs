@@ -656,6 +656,7 @@ async fn write_intent(
     seed_hash: &str,
 ) -> Result<Option<Secret>, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let writing = ctx.index.writing(&uid(conn));
     let result = match existing {
         None => {
             let secret = tokens::new_token_secret(conn, token.expose_secret(), seed_hash, Some(intent));
@@ -669,8 +670,7 @@ async fn write_intent(
     };
     match result {
         Ok(secret) => {
-            ctx.index
-                .wrote(&uid(conn), secret.metadata.resource_version.as_deref());
+            writing.wrote(secret.metadata.resource_version.as_deref());
             Ok(Some(secret))
         }
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
@@ -683,13 +683,12 @@ async fn write_intent(
 async fn withdraw_intent(ctx: &Context, conn: &Connection, ns: &str, secret: &Secret) {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let patch = tokens::withdraw_patch(secret.metadata.resource_version.as_deref());
+    let writing = ctx.index.writing(&uid(conn));
     match api
         .patch(&secret.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
         .await
     {
-        Ok(written) => ctx
-            .index
-            .wrote(&uid(conn), written.metadata.resource_version.as_deref()),
+        Ok(written) => writing.wrote(written.metadata.resource_version.as_deref()),
         Err(e) => {
             warn!(error = %e, secret = %secret.name_any(), "could not withdraw the refresh intent")
         }
@@ -714,6 +713,7 @@ async fn save_pending(
     let mut current = secret.cloned();
     for _ in 0..5 {
         let live = current.as_ref().and_then(tokens::read_live);
+        let writing = ctx.index.writing(key);
         let result = match tokens::save_decision(&pending, live.as_ref()) {
             tokens::Save::Done => {
                 forget_pending(ctx, key);
@@ -742,15 +742,18 @@ async fn save_pending(
         };
         match result {
             Ok(saved) => {
-                ctx.index.wrote(key, saved.metadata.resource_version.as_deref());
+                writing.wrote(saved.metadata.resource_version.as_deref());
                 forget_pending(ctx, key);
                 info!(secret = %name, "saved the refresh token");
                 return Ok(Some(saved));
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => match api.get_opt(&name).await {
-                Ok(fresh) => current = fresh,
-                Err(e) => return Err(e.to_string()),
-            },
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                drop(writing);
+                match api.get_opt(&name).await {
+                    Ok(fresh) => current = fresh,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -800,11 +803,11 @@ pub async fn children(
     let session = async {
         if let Some(session) = session {
             let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+            let writing = ctx.index.writing(&uid(conn));
             let written = api
                 .patch(&session.name_any(), &params, &Patch::Apply(typed(session)))
                 .await?;
-            ctx.index
-                .wrote(&uid(conn), written.metadata.resource_version.as_deref());
+            writing.wrote(written.metadata.resource_version.as_deref());
         }
         Ok(())
     };
@@ -818,6 +821,7 @@ pub async fn children(
     if !up_to_date {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
         let replicas = deployment.spec.replicas;
+        let writing = ctx.index.writing(&uid(conn));
         let written = api
             .patch(
                 &deployment.name_any(),
@@ -825,8 +829,7 @@ pub async fn children(
                 &Patch::Apply(typed(deployment.clone())),
             )
             .await?;
-        ctx.index
-            .wrote(&uid(conn), written.metadata.resource_version.as_deref());
+        writing.wrote(written.metadata.resource_version.as_deref());
         info!(deployment = %deployment.name_any(), ?replicas, "applied retriever");
     }
     Ok(())

@@ -44,6 +44,11 @@ pub struct Memory {
     /// Its last writes of its own children (see [`Index::wrote`]): hashes of the resourceVersions
     /// the API server returned (an array: no allocation per connection), 0 for none yet.
     own_writes: [u64; OWN_WRITES_KEPT],
+    /// Writes of its children sent and not answered yet (see [`Index::writing`]).
+    in_flight: u8,
+    /// Events of its children that came while writes were in flight, not known as its own: hashed
+    /// resourceVersions, decided when the last of those writes is answered.
+    unsettled: Vec<u64>,
 }
 
 /// What the lookups need of a Connection. Shared strings: the reverse maps' keys are the same
@@ -203,6 +208,38 @@ fn drop_uid<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Uids>, key: &K, uid: &
 /// The index, shared by the controllers (one per watched namespace, or one for all).
 pub struct Index {
     inner: Mutex<Inner>,
+    /// Where [`Index::writing`] sends a connection to reconcile: one channel per controller (its
+    /// scope: a namespace, or all).
+    wakes: Mutex<Vec<(Option<String>, Wake)>>,
+}
+
+type Wake = futures::channel::mpsc::UnboundedSender<ObjectRef<DeserializeGuard<CachedConnection>>>;
+
+/// A write of a child of one connection, sent and not answered yet: its watch event may come
+/// first (over HTTP/2 the answer and the event share a connection, and either task may run
+/// first). An event of the connection's children that is not a known own write waits for the
+/// answer instead of waking the connection at once; when the last such write is answered (or
+/// fails, or is dropped), events that were not its writes wake the connection. So its own writes
+/// never wake it, and no other change is missed.
+#[must_use = "a write in flight is settled when this is dropped"]
+pub struct Writing {
+    index: Arc<Index>,
+    uid: String,
+}
+
+impl Writing {
+    /// The write was answered with `resource_version`: its watch event wakes no one.
+    pub fn wrote(self, resource_version: Option<&str>) {
+        if let Some(rv) = resource_version {
+            self.index.remember_write(&self.uid, version_key(rv));
+        }
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.index.settle(&self.uid);
+    }
 }
 
 impl Index {
@@ -213,7 +250,19 @@ impl Index {
                 unlisted: watches,
                 ..Default::default()
             }),
+            wakes: Mutex::default(),
         })
+    }
+
+    /// The connections of `scope` (a namespace, or all when `None`) that a settled write wakes
+    /// (see [`Writing`]), for the controller's `reconcile_on`.
+    pub fn wakes(
+        &self,
+        scope: Option<String>,
+    ) -> futures::channel::mpsc::UnboundedReceiver<ObjectRef<DeserializeGuard<CachedConnection>>> {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        self.wakes.lock().unwrap().push((scope, tx));
+        rx
     }
 
     /// The writer for the Connection watch of `scope` (a namespace, or all when `None`).
@@ -239,34 +288,85 @@ impl Index {
         }
     }
 
-    /// Remembers that this process wrote a child of the connection `uid` (the session Secret,
-    /// `<name>-token`, the retriever Deployment) and got `resource_version` back: the watch event
-    /// of that write then wakes no one ([`Index::own_write`]). The last few are kept.
-    pub fn wrote(&self, uid: &str, resource_version: Option<&str>) {
-        let Some(rv) = resource_version else { return };
-        let written = version_key(rv);
+    /// A write of a child of the connection `uid` (the session Secret, `<name>-token`, the
+    /// retriever Deployment) is about to be sent: [`Writing::wrote`] with the resourceVersion the
+    /// API server returns, so that the write's watch event wakes no one ([`Index::own_write`]).
+    /// The last few writes are kept.
+    pub fn writing(self: &Arc<Self>, uid: &str) -> Writing {
+        self.memory(uid, |m| m.in_flight = m.in_flight.saturating_add(1));
+        Writing {
+            index: self.clone(),
+            uid: uid.to_string(),
+        }
+    }
+
+    fn remember_write(&self, uid: &str, written: u64) {
         self.memory(uid, |m| {
             m.own_writes.rotate_right(1);
             m.own_writes[0] = written;
         });
     }
 
-    /// True when `child` (metadata from a watch) is, as seen, what this process wrote last: its
-    /// owner's reconcile that wrote it already knew everything it says. Any later change (another
-    /// writer, the Deployment's status) has a new resourceVersion and wakes the owner.
+    /// A write in flight was answered, failed or dropped: once none is left, the events that came
+    /// meanwhile and were not its writes wake the connection.
+    fn settle(&self, uid: &str) {
+        let wake = {
+            let mut inner = self.inner.lock().unwrap();
+            let Some(entry) = inner.entries.get_mut(uid) else {
+                return;
+            };
+            let m = &mut entry.memory;
+            m.in_flight = m.in_flight.saturating_sub(1);
+            if m.in_flight > 0 || m.unsettled.is_empty() {
+                return;
+            }
+            let own = m.own_writes;
+            let foreign = std::mem::take(&mut m.unsettled)
+                .into_iter()
+                .any(|seen| !own.contains(&seen));
+            match &entry.facts {
+                Some(facts) if foreign => (facts.namespace.clone(), facts.object_ref()),
+                _ => return,
+            }
+        };
+        let (namespace, object) = wake;
+        for (scope, tx) in self.wakes.lock().unwrap().iter() {
+            if scope.as_deref().is_none_or(|s| s == &*namespace) {
+                let _ = tx.unbounded_send(object.clone());
+            }
+        }
+    }
+
+    /// True when `child` (metadata from a watch) needs no reconcile of its owner now: it is, as
+    /// seen, what this process wrote last (the owner's reconcile that wrote it knew everything it
+    /// says), or it came while the owner had a write in flight, and is then decided when that
+    /// write is answered (see [`Writing`]). Any later change (another writer, the Deployment's
+    /// status) has a new resourceVersion and wakes the owner.
     pub fn own_write(&self, child: &kube::api::ObjectMeta) -> bool {
         let Some(rv) = child.resource_version.as_deref() else {
             return false;
         };
         let seen = version_key(rv);
-        let inner = self.inner.lock().unwrap();
-        child
+        let mut inner = self.inner.lock().unwrap();
+        let owners = child
             .owner_references
             .iter()
             .flatten()
-            .filter(|o| o.controller == Some(true) && o.kind == "Connection")
-            .filter_map(|o| inner.entries.get(o.uid.as_str()))
-            .any(|e| e.memory.own_writes.contains(&seen))
+            .filter(|o| o.controller == Some(true) && o.kind == "Connection");
+        for owner in owners {
+            let Some(entry) = inner.entries.get_mut(owner.uid.as_str()) else {
+                continue;
+            };
+            let m = &mut entry.memory;
+            if m.own_writes.contains(&seen) {
+                return true;
+            }
+            if m.in_flight > 0 {
+                m.unsettled.push(seen);
+                return true;
+            }
+        }
+        false
     }
 
     /// True when the status last seen or written for the connection `uid` has the [`state::digest`]
@@ -506,12 +606,8 @@ mod tests {
         assert_eq!(index.len(), 2);
     }
 
-    #[test]
-    fn the_event_of_its_own_write_is_recognised_and_no_other() {
-        let index = Index::new(1);
-        let mut w = index.writer(None);
-        w.apply(&watcher::Event::Apply(conn("a", "c1", "u1", "s", None, None)));
-        let child = |rv: &str, owner: &str| kube::api::ObjectMeta {
+    fn child(rv: &str, owner: &str) -> kube::api::ObjectMeta {
+        kube::api::ObjectMeta {
             resource_version: Some(rv.into()),
             owner_references: Some(vec![
                 k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
@@ -524,8 +620,15 @@ mod tests {
                 },
             ]),
             ..Default::default()
-        };
-        index.wrote("u1", Some("100"));
+        }
+    }
+
+    #[test]
+    fn the_event_of_its_own_write_is_recognised_and_no_other() {
+        let index = Index::new(1);
+        let mut w = index.writer(None);
+        w.apply(&watcher::Event::Apply(conn("a", "c1", "u1", "s", None, None)));
+        index.writing("u1").wrote(Some("100"));
         assert!(index.own_write(&child("100", "u1")));
         assert!(
             !index.own_write(&child("101", "u1")),
@@ -533,13 +636,56 @@ mod tests {
         );
         assert!(!index.own_write(&child("100", "u2")), "another owner");
         for rv in ["101", "102", "103", "104"] {
-            index.wrote("u1", Some(rv));
+            index.writing("u1").wrote(Some(rv));
         }
         assert!(
             !index.own_write(&child("100", "u1")),
             "only the last few are kept"
         );
         assert!(index.own_write(&child("104", "u1")));
+    }
+
+    #[test]
+    fn an_event_that_comes_before_the_answer_of_a_write_waits_for_it() {
+        let index = Index::new(1);
+        let mut w = index.writer(None);
+        w.apply(&watcher::Event::Apply(conn("a", "c1", "u1", "s", None, None)));
+        let mut wakes = index.wakes(Some("a".into()));
+        let mut elsewhere = index.wakes(Some("b".into()));
+        let woken = |rx: &mut futures::channel::mpsc::UnboundedReceiver<_>| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|r: ObjectRef<_>| r.to_string())
+                .collect::<Vec<_>>()
+        };
+
+        // Its own write's event first, then the answer: no one is woken.
+        let writing = index.writing("u1");
+        assert!(
+            index.own_write(&child("200", "u1")),
+            "decided when the write is answered"
+        );
+        writing.wrote(Some("200"));
+        assert!(woken(&mut wakes).is_empty(), "its own write");
+
+        // Someone else's change while a write is in flight: woken when the write is answered,
+        // not before, and only once both writes in flight are.
+        let (first, second) = (index.writing("u1"), index.writing("u1"));
+        assert!(index.own_write(&child("300", "u1")));
+        first.wrote(Some("301"));
+        assert!(woken(&mut wakes).is_empty(), "a write is still in flight");
+        second.wrote(Some("302"));
+        assert_eq!(woken(&mut wakes).len(), 1, "300 was not ours");
+        assert!(woken(&mut elsewhere).is_empty(), "another scope's controller");
+
+        // A write that fails (or is dropped): whatever came meanwhile was not its.
+        let failed = index.writing("u1");
+        assert!(index.own_write(&child("400", "u1")));
+        drop(failed);
+        assert_eq!(woken(&mut wakes).len(), 1);
+
+        // No write in flight: a change that is not ours wakes at once, as before.
+        assert!(!index.own_write(&child("500", "u1")));
+        assert!(woken(&mut wakes).is_empty());
     }
 
     #[test]

@@ -539,7 +539,10 @@ pub async fn run(
                     .combine(predicates::labels),
                 PredicateConfig::default(),
             );
-            let controller = Controller::for_stream(stream, reader).reconcile_on(rivals_rx);
+            // And a connection whose child changed while it was writing one (see `index::Writing`).
+            let woken = index.wakes(scope.clone());
+            let controller = Controller::for_stream(stream, reader)
+                .reconcile_on(futures::stream::select(rivals_rx, woken));
             (scope.clone(), controller)
         })
         .collect();
