@@ -43,6 +43,8 @@ helm template connection-operator charts/connection-operator --namespace connect
 cleanup() {
 	[[ -n ${op:-} ]] && kill "$op" 2>/dev/null || true
 	[[ -n ${fk:-} ]] && kill "$fk" 2>/dev/null || true
+	# BENCH_KEEP=1 keeps the namespaces (e.g. to profile restarts of the operator by hand).
+	[[ ${BENCH_KEEP:-0} == 1 ]] && return
 	kubectl delete namespace "$ns" "$bare_ns" "$bare_ns-reauth" --wait=false >/dev/null 2>&1 || true
 	kubectl delete orgclaims --all --wait=false >/dev/null 2>&1 || true
 }
