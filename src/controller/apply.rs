@@ -9,9 +9,10 @@ use super::schedule::{self, Due, Memo};
 use super::state::{self, Check, Identity, Known};
 use super::{Context, Error, jitter, tokens, uid};
 use crate::api::{Connection, ConnectionStatus, OrgSettings, OrgSettingsSpec};
+use crate::events::Recorder;
 use crate::providers::{Credentials, Failure, FailureKind, with_tenant};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -914,14 +915,7 @@ pub async fn status(
             event(type_, t.reason, &t.note),
             conn.object_ref(&()),
         );
-        tokio::spawn(
-            async move {
-                if let Err(e) = recorder.publish(&event, &regarding).await {
-                    warn!(error = %e, "could not publish event");
-                }
-            }
-            .in_current_span(),
-        );
+        tokio::spawn(async move { send(&recorder, &event, &regarding).await }.in_current_span());
     }
     Ok(())
 }
@@ -931,11 +925,12 @@ pub const REAUTHORIZATION_FAILED: &str = "ReauthorizationFailed";
 
 /// Publishes an event on the connection (a failure to publish is logged, never an error).
 pub(crate) async fn publish(ctx: &Context, conn: &Connection, type_: EventType, reason: &str, note: &str) {
-    if let Err(e) = ctx
-        .recorder
-        .publish(&event(type_, reason, note), &conn.object_ref(&()))
-        .await
-    {
+    send(&ctx.recorder, &event(type_, reason, note), &conn.object_ref(&())).await;
+}
+
+/// Publishes `event` about `regarding`; a failure is logged, never an error.
+async fn send(recorder: &Recorder, event: &Event, regarding: &ObjectReference) {
+    if let Err(e) = recorder.publish(event, regarding).await {
         warn!(error = %e, "could not publish event");
     }
 }
