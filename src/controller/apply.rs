@@ -714,8 +714,7 @@ async fn save_pending(
     let mut current = secret.cloned();
     for _ in 0..5 {
         let live = current.as_ref().and_then(tokens::read_live);
-        let writing = ctx.index.writing(key);
-        let result = match tokens::save_decision(&pending, live.as_ref()) {
+        match tokens::save_decision(&pending, live.as_ref()) {
             tokens::Save::Done => {
                 forget_pending(ctx, key);
                 return Ok(current);
@@ -725,21 +724,23 @@ async fn save_pending(
                 forget_pending(ctx, key);
                 return Ok(None);
             }
-            tokens::Save::Write => match &current {
-                None => {
-                    let secret = tokens::new_token_secret(conn, &pending.token, &pending.seed_hash, None);
-                    api.create(&kube::api::PostParams::default(), &secret).await
-                }
-                Some(s) => {
-                    let patch = tokens::settled_patch(
-                        &pending.token,
-                        &pending.seed_hash,
-                        s.metadata.resource_version.as_deref(),
-                    );
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                        .await
-                }
-            },
+            tokens::Save::Write => {}
+        }
+        let writing = ctx.index.writing(key);
+        let result = match &current {
+            None => {
+                let secret = tokens::new_token_secret(conn, &pending.token, &pending.seed_hash, None);
+                api.create(&kube::api::PostParams::default(), &secret).await
+            }
+            Some(s) => {
+                let patch = tokens::settled_patch(
+                    &pending.token,
+                    &pending.seed_hash,
+                    s.metadata.resource_version.as_deref(),
+                );
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+            }
         };
         match result {
             Ok(saved) => {

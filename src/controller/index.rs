@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 /// How many of a connection's own writes are remembered (a reconcile makes at most four).
 const OWN_WRITES_KEPT: usize = 4;
 
-/// What [`Index::wrote`] keeps of a resourceVersion: a 64-bit hash, never 0 (0 is "none").
+/// What [`Writing::wrote`] keeps of a resourceVersion: a 64-bit hash, never 0 (0 is "none").
 fn version_key(resource_version: &str) -> u64 {
     use std::hash::Hasher;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -41,7 +41,7 @@ pub struct Memory {
     pub retriever_revalidated: Option<Timestamp>,
     /// Consecutive failed reconciles (API errors), for the backoff.
     pub failures: u32,
-    /// Its last writes of its own children (see [`Index::wrote`]): hashes of the resourceVersions
+    /// Its last writes of its own children (see [`Index::writing`]): hashes of the resourceVersions
     /// the API server returned (an array: no allocation per connection), 0 for none yet.
     own_writes: [u64; OWN_WRITES_KEPT],
     /// Writes of its children sent and not answered yet (see [`Index::writing`]).
@@ -107,8 +107,8 @@ type Uids = Vec<Arc<str>>;
 
 #[derive(Default)]
 struct Inner {
-    /// Boxed: an `Entry` is 400 bytes, and a map grows by doubling its buckets, each the size of
-    /// its value (at 10,000 connections 16,384 of them: 6 MiB inline, 10 MiB while it grew).
+    /// Boxed: an `Entry` is 432 bytes, and a map grows by doubling its buckets, each the size of
+    /// its value (at 10,000 connections 16,384 of them: 7 MiB inline, 10 MiB while it grew).
     /// The UID is shared with the reverse maps' values.
     entries: HashMap<Arc<str>, Box<Entry>>,
     /// (namespace, Secret name) → UIDs. A `Vec`: almost every key has one UID, and a one-element
