@@ -102,10 +102,12 @@ pub fn connections_using_org_settings(
     }
 }
 
-/// The other connections claiming the same org as `changed` (so they re-decide who holds it).
+/// The other connections claiming the same org as `changed` (so they re-decide who holds it):
+/// in its namespace only when `namespaced` (claims are then per namespace).
 pub fn rivals_of(
     index: &Index,
     changed: &DeserializeGuard<CachedConnection>,
+    namespaced: bool,
 ) -> Vec<ObjectRef<DeserializeGuard<CachedConnection>>> {
     let Ok(changed) = &changed.0 else { return vec![] };
     let Some(remote) = changed.remote_id() else {
@@ -115,5 +117,6 @@ pub fn rivals_of(
         remote,
         &changed.namespace().unwrap_or_default(),
         &changed.name_any(),
+        namespaced,
     )
 }

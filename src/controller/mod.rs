@@ -405,10 +405,12 @@ async fn reconcile(
         apply::status(&ctx, conn, &ns, status).await.at(Step::Status)?;
         ctx.index.memory(&uid(conn), |m| m.failures = 0);
         ctx.metrics.reconciled(started.elapsed().as_secs_f64());
-        Ok(match validated.recheck_in {
-            Some(d) => Action::requeue(d.max(Duration::from_millis(100))),
-            None => Action::await_change(),
-        })
+        // The next recheck waits in the index, not in kube's scheduler (see `Index::recheck_in`).
+        ctx.index.recheck_in(
+            &uid(conn),
+            validated.recheck_in.map(|d| d.max(Duration::from_millis(100))),
+        );
+        Ok(Action::await_change())
     }
     .instrument(span)
     .await
@@ -508,7 +510,7 @@ pub async fn run(
             // rivals: found from this same watch (every event, status changes included), so the
             // Connections are not listed and watched twice.
             let (rivals_tx, rivals_rx) = futures::channel::mpsc::unbounded();
-            let peers = index.clone();
+            let (peers, namespaced) = (index.clone(), scope.is_some());
             let stream = watcher(
                 connections,
                 watcher::Config::default().any_semantic().page_size(PAGE_SIZE),
@@ -520,7 +522,7 @@ pub async fn run(
                     | watcher::Event::InitApply(c)
                     | watcher::Event::Delete(c) = event
                     {
-                        for rival in dereference::rivals_of(&peers, c) {
+                        for rival in dereference::rivals_of(&peers, c, namespaced) {
                             let _ = rivals_tx.unbounded_send(rival);
                         }
                     }
@@ -539,7 +541,8 @@ pub async fn run(
                     .combine(predicates::labels),
                 PredicateConfig::default(),
             );
-            // And a connection whose child changed while it was writing one (see `index::Writing`).
+            // And a connection whose child changed while it was writing one (see `index::Writing`),
+            // or whose recheck is due (see `Index::recheck_in`).
             let woken = index.wakes(scope.clone());
             let controller = Controller::for_stream(stream, reader)
                 .reconcile_on(futures::stream::select(rivals_rx, woken));
@@ -623,6 +626,16 @@ pub async fn run(
         config.instance.clone(),
         stopped(),
     );
+    // The connections' rechecks, sent to their controllers when due (see `Index::rechecks`).
+    let rechecks = {
+        let (index, stop) = (index.clone(), stopped());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = index.rechecks() => {}
+                _ = stop => {}
+            }
+        })
+    };
     let connections_done = futures::future::join_all(controllers.into_iter().map(|(scope, controller)| {
         let (credentials_index, settings_index) = (index.clone(), index.clone());
         let (own_secrets, own_deployments) = (index.clone(), index.clone());
@@ -688,6 +701,7 @@ pub async fn run(
             })
     }));
     let (_, job_runs) = futures::join!(connections_done, job_runs);
+    rechecks.abort();
     if let Err(e) = job_runs {
         warn!(error = %e, "the JobRun controller could not start");
     }
