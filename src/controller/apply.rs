@@ -208,7 +208,7 @@ async fn validate_when_due(
         && let Some(held) = held_session(observed.session.as_ref(), &fingerprint)
         && !schedule::refresh_due(Some(held.granted_at), held.expires_at, now, policy)
     {
-        let previous_remote = memo.check.last_identity.as_ref().map(|id| id.remote_id.as_str());
+        let previous_remote = memo.check.last_identity().map(|id| id.remote_id.as_str());
         let checked = match ctx.validator.current(
             &conn.spec,
             held.access_token.into(),
@@ -336,7 +336,7 @@ async fn validate_when_due(
     let fingerprint = fingerprint_with(live_after.as_ref());
 
     // 7. Who the token belongs to.
-    let previous_remote = memo.check.last_identity.as_ref().map(|id| id.remote_id.as_str());
+    let previous_remote = memo.check.last_identity().map(|id| id.remote_id.as_str());
     let identity_url = granted
         .as_ref()
         .ok()
@@ -596,16 +596,14 @@ fn not_saved(ctx: &Context, conn: &Connection, memo: &Memo, message: String, now
         jitter(),
         &message,
     );
-    retry.check = Check {
-        last_identity: memo.check.last_identity.clone(),
-        ..Check::invalid(
-            REFRESH_TOKEN_NOT_SAVED,
-            format!(
-                "the provider issued a new refresh token that could not be saved to Secret {}: {message}; the operator keeps it (in memory and its journal) and retries",
-                tokens::token_secret_name(conn)
-            ),
-        )
-    };
+    retry.check = Check::invalid(
+        REFRESH_TOKEN_NOT_SAVED,
+        format!(
+            "the provider issued a new refresh token that could not be saved to Secret {}: {message}; the operator keeps it (in memory and its journal) and retries",
+            tokens::token_secret_name(conn)
+        ),
+    )
+    .remembering(memo.check.last_identity());
     retry
 }
 

@@ -222,10 +222,7 @@ impl Policy {
             fingerprint,
             outcome: Outcome::Rejected,
             next_check_at: None,
-            check: Check {
-                last_identity: previous.last_identity.clone(),
-                ..Check::invalid(reason, message)
-            },
+            check: Check::invalid(reason, message).remembering(previous.last_identity()),
         }
     }
 
@@ -260,14 +257,11 @@ impl Policy {
             fingerprint,
             outcome: Outcome::Unavailable { attempt },
             next_check_at: Some(plus(now, delay)),
-            check: Check {
-                unavailable: Some(format!(
-                    "{message} ({tries} failed attempt{} in a row; next try in {}s)",
-                    if tries == 1 { "" } else { "s" },
-                    delay.as_secs().max(1)
-                )),
-                ..before.clone()
-            },
+            check: before.clone().unavailable(format!(
+                "{message} ({tries} failed attempt{} in a row; next try in {}s)",
+                if tries == 1 { "" } else { "s" },
+                delay.as_secs().max(1)
+            )),
         }
     }
 }
@@ -696,7 +690,11 @@ mod tests {
         assert!(wait_s(&again, at(905)) > wait_s(&down, at(900)), "backoff grows");
         let rejected = p.after_rejection(&down.check, "g".into(), "TokenRevoked", "revoked");
         assert_eq!(rejected.check.unavailable, None);
-        assert_eq!(rejected.check.last_identity, Some(ident()), "the org stays known");
+        assert_eq!(
+            rejected.check.last_identity(),
+            Some(&ident()),
+            "the org stays known"
+        );
     }
 
     const LONGEST: Duration = Duration::from_secs(990);

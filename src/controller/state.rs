@@ -42,17 +42,50 @@ pub struct Check {
     /// Set while the provider cannot be reached: the message of the last transient failure.
     pub unavailable: Option<String>,
     /// The identity of the last success, kept through failures (an inactive connection still
-    /// shows which org it was connected to).
-    pub last_identity: Option<Identity>,
+    /// shows which org it was connected to), when `known` is not `Valid` (then it is that one:
+    /// see [`Check::last_identity`]). Not kept twice: 10,000 memos' three strings.
+    previous: Option<Identity>,
 }
 
 impl Check {
     pub fn valid(id: Identity) -> Self {
         Check {
-            known: Known::Valid(id.clone()),
+            known: Known::Valid(id),
             unavailable: None,
-            last_identity: Some(id),
+            previous: None,
         }
+    }
+
+    /// A check that concludes `known`, nothing else known.
+    pub fn of(known: Known) -> Self {
+        Check {
+            known,
+            unavailable: None,
+            previous: None,
+        }
+    }
+
+    /// The identity of the last success (the current one while the tokens are valid).
+    pub fn last_identity(&self) -> Option<&Identity> {
+        match &self.known {
+            Known::Valid(id) => Some(id),
+            _ => self.previous.as_ref(),
+        }
+    }
+
+    /// This check, while the provider cannot be reached (`message`: the last failure's).
+    pub fn unavailable(mut self, message: String) -> Self {
+        self.unavailable = Some(message);
+        self
+    }
+
+    /// This check, remembering `identity` as the last success's (unless it is valid itself).
+    pub fn remembering(mut self, identity: Option<&Identity>) -> Self {
+        self.previous = match self.known {
+            Known::Valid(_) => None,
+            _ => identity.cloned(),
+        };
+        self
     }
 
     pub fn invalid(reason: impl Into<String>, message: impl Into<String>) -> Self {
@@ -62,7 +95,7 @@ impl Check {
                 message: message.into(),
             },
             unavailable: None,
-            last_identity: None,
+            previous: None,
         }
     }
 
@@ -70,11 +103,7 @@ impl Check {
     /// status, which is then fresh.
     pub fn from_status(status: Option<&ConnectionStatus>) -> Self {
         let Some(prior) = status else {
-            return Check {
-                known: Known::Unknown,
-                unavailable: None,
-                last_identity: None,
-            };
+            return Check::of(Known::Unknown);
         };
         let last_identity = match (&prior.remote_id, &prior.instance_url) {
             (Some(remote_id), Some(instance_url)) => Some(Identity {
@@ -103,11 +132,7 @@ impl Check {
             },
             Some(State::Pending) | None => Known::Unknown,
         };
-        Check {
-            known,
-            unavailable: None,
-            last_identity,
-        }
+        Check::of(known).remembering(last_identity.as_ref())
     }
 }
 
@@ -155,7 +180,7 @@ pub fn agreement_check(conn: &Connection, required: Option<&RequiredAgreement>) 
             ),
         },
         unavailable: None,
-        last_identity: None,
+        previous: None,
     })
 }
 
@@ -305,7 +330,7 @@ pub fn decide(
     // connected to (kept from its status).
     let identity = match &check.known {
         Known::Valid(id) => Some(id.clone()),
-        Known::Invalid { .. } => check.last_identity.clone(),
+        Known::Invalid { .. } => check.last_identity().cloned(),
         Known::Unknown | Known::Waiting { .. } => None,
     };
     if let Some(id) = identity {
@@ -514,26 +539,16 @@ mod tests {
     }
 
     fn revoked() -> Check {
-        Check {
-            last_identity: Some(id()),
-            ..Check::invalid("TokenRevoked", "the refresh token was revoked")
-        }
+        Check::invalid("TokenRevoked", "the refresh token was revoked").remembering(Some(&id()))
     }
 
     /// The provider is down; what was known before still stands.
     fn outage(before: Check) -> Check {
-        Check {
-            unavailable: Some("HTTP 503".into()),
-            ..before
-        }
+        before.unavailable("HTTP 503".into())
     }
 
     fn unknown() -> Check {
-        Check {
-            known: Known::Unknown,
-            unavailable: None,
-            last_identity: None,
-        }
+        Check::of(Known::Unknown)
     }
 
     /// Applies a check to a connection and stores the resulting status on it.
@@ -726,13 +741,11 @@ mod tests {
         let line = one_line(&long);
         assert_eq!(line.chars().count(), 160 + " (status.message has the rest)".len());
         let c = conn(Provider::SalesforceProduction);
-        let check = Check {
-            last_identity: Some(id()),
-            ..Check::invalid(
-                "TokenRevoked",
-                "the refresh token was revoked. Re-authorize: put a new refresh token in the Secret.",
-            )
-        };
+        let check = Check::invalid(
+            "TokenRevoked",
+            "the refresh token was revoked. Re-authorize: put a new refresh token in the Secret.",
+        )
+        .remembering(Some(&id()));
         let s = decide(&c, &check, no_claim_asked, AVAILABLE, &t(1));
         let message = s.message.clone().unwrap();
         assert!(
