@@ -309,10 +309,7 @@ impl Index {
     }
 
     /// Takes the rechecks due at `now`, earliest first, and when the next one is.
-    fn take_due(
-        &self,
-        now: tokio::time::Instant,
-    ) -> (Vec<(Arc<str>, ConnectionRef)>, Option<tokio::time::Instant>) {
+    fn take_due(&self, now: tokio::time::Instant) -> (Vec<ConnectionRef>, Option<tokio::time::Instant>) {
         let now = self.tick(now);
         let mut inner = self.inner.lock().unwrap();
         let mut due = vec![];
@@ -323,7 +320,7 @@ impl Index {
             if let Some(entry) = inner.entries.get_mut(&uid) {
                 entry.recheck = 0;
                 if let Some(facts) = &entry.facts {
-                    due.push((facts.namespace.clone(), facts.object_ref()));
+                    due.push(facts.object_ref());
                 }
             }
         }
@@ -341,8 +338,8 @@ impl Index {
         loop {
             let earlier = self.earlier.notified();
             let (due, next) = self.take_due(tokio::time::Instant::now());
-            for (namespace, object) in due {
-                self.wake(&namespace, object);
+            for object in due {
+                self.wake(object);
             }
             match next {
                 Some(at) => {
@@ -356,17 +353,18 @@ impl Index {
         }
     }
 
-    /// Sends `object` (in `namespace`) to the controller whose scope holds it.
-    fn wake(&self, namespace: &str, object: ConnectionRef) {
+    /// Sends the connection `object` to reconcile, to the controller whose scope holds its
+    /// namespace (see [`Index::wakes`]).
+    pub fn wake(&self, object: ConnectionRef) {
         for (scope, tx) in self.wakes.lock().unwrap().iter() {
-            if scope.as_deref().is_none_or(|s| s == namespace) {
+            if scope.is_none() || scope.as_deref() == object.namespace.as_deref() {
                 let _ = tx.unbounded_send(object.clone());
             }
         }
     }
 
-    /// The connections of `scope` (a namespace, or all when `None`) that a settled write wakes
-    /// (see [`Writing`]), for the controller's `reconcile_on`.
+    /// The connections of `scope` (a namespace, or all when `None`) that are woken ([`Index::wake`]:
+    /// rivals, a settled write, a recheck due), for the controller's `reconcile_on`.
     pub fn wakes(
         &self,
         scope: Option<String>,
@@ -436,12 +434,11 @@ impl Index {
                 .into_iter()
                 .any(|seen| !own.contains(&seen));
             match &entry.facts {
-                Some(facts) if foreign => (facts.namespace.clone(), facts.object_ref()),
+                Some(facts) if foreign => facts.object_ref(),
                 _ => return,
             }
         };
-        let (namespace, object) = wake;
-        self.wake(&namespace, object);
+        self.wake(wake);
     }
 
     /// True when `child` (metadata from a watch) needs no reconcile of its owner now: it is, as

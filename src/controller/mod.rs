@@ -508,8 +508,8 @@ pub async fn run(
             let mut indexer = index.writer(scope.clone());
             // A connection's claim changing (new org ID, gone inactive, deleted) re-decides its
             // rivals: found from this same watch (every event, status changes included), so the
-            // Connections are not listed and watched twice.
-            let (rivals_tx, rivals_rx) = futures::channel::mpsc::unbounded();
+            // Connections are not listed and watched twice; woken through the index, like the
+            // rest (below).
             let (peers, namespaced) = (index.clone(), scope.is_some());
             let stream = watcher(
                 connections,
@@ -523,7 +523,7 @@ pub async fn run(
                     | watcher::Event::Delete(c) = event
                     {
                         for rival in dereference::rivals_of(&peers, c, namespaced) {
-                            let _ = rivals_tx.unbounded_send(rival);
+                            peers.wake(rival);
                         }
                     }
                     indexer.apply(event);
@@ -541,11 +541,10 @@ pub async fn run(
                     .combine(predicates::labels),
                 PredicateConfig::default(),
             );
-            // And a connection whose child changed while it was writing one (see `index::Writing`),
-            // or whose recheck is due (see `Index::recheck_in`).
-            let woken = index.wakes(scope.clone());
-            let controller = Controller::for_stream(stream, reader)
-                .reconcile_on(futures::stream::select(rivals_rx, woken));
+            // And a connection woken through the index: a rival's claim changed (above), a child
+            // changed while it was writing one (see `index::Writing`), its recheck is due (see
+            // `Index::recheck_in`).
+            let controller = Controller::for_stream(stream, reader).reconcile_on(index.wakes(scope.clone()));
             (scope.clone(), controller)
         })
         .collect();
