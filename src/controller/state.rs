@@ -49,11 +49,7 @@ pub struct Check {
 
 impl Check {
     pub fn valid(id: Identity) -> Self {
-        Check {
-            known: Known::Valid(id),
-            unavailable: None,
-            previous: None,
-        }
+        Check::of(Known::Valid(id))
     }
 
     /// A check that concludes `known`, nothing else known.
@@ -89,14 +85,10 @@ impl Check {
     }
 
     pub fn invalid(reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Check {
-            known: Known::Invalid {
-                reason: reason.into(),
-                message: message.into(),
-            },
-            unavailable: None,
-            previous: None,
-        }
+        Check::of(Known::Invalid {
+            reason: reason.into(),
+            message: message.into(),
+        })
     }
 
     /// What is known about a connection the operator has no memory of (after a restart): its
@@ -171,17 +163,13 @@ pub fn agreement_check(conn: &Connection, required: Option<&RequiredAgreement>) 
         ),
         None => String::new(),
     };
-    Some(Check {
-        known: Known::Waiting {
-            reason: reasons::AGREEMENT_NOT_ACCEPTED.to_string(),
-            message: format!(
-                "accept the {} version {} ({}) to connect{before}: `kubectl crm connect` asks, or set spec.agreement.version: \"{}\"",
-                required.name, required.version, required.url, required.version
-            ),
-        },
-        unavailable: None,
-        previous: None,
-    })
+    Some(Check::of(Known::Waiting {
+        reason: reasons::AGREEMENT_NOT_ACCEPTED.to_string(),
+        message: format!(
+            "accept the {} version {} ({}) to connect{before}: `kubectl crm connect` asks, or set spec.agreement.version: \"{}\"",
+            required.name, required.version, required.url, required.version
+        ),
+    }))
 }
 
 fn what(provider: Provider) -> &'static str {
