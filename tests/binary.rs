@@ -84,6 +84,15 @@ async fn run_reconciles_and_exits_cleanly_on_sigterm() {
         metrics.contains("connection_operator_reconcile_duration_seconds_bucket"),
         "{metrics}"
     );
+    // Each step of that reconcile, timed.
+    for step in ["dereference", "validate", "org_claim", "apply_children", "status"] {
+        assert!(
+            metrics.contains(&format!(
+                "connection_operator_reconcile_step_duration_seconds_count{{step=\"{step}\"}}"
+            )),
+            "{step}: {metrics}"
+        );
+    }
 
     let started = Instant::now();
     let term = Command::new("kill")

@@ -397,6 +397,46 @@ async fn updating_the_secret_reauthorizes_an_inactive_connection_within_seconds(
             .await
             .contains(&"Reauthorized".to_string())
     );
+    // The org released on Inactive is held again.
+    let claim = kubectl_ok(&[
+        "get",
+        "orgclaim",
+        &format!("{}.sf-{}", env.ns(), ORG.to_lowercase()),
+        "-o",
+        "jsonpath={.spec.holder.name} {.spec.held}",
+    ]);
+    assert_eq!(claim, "acme true");
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_released_its_org_holds_it_again_when_reauthorized() {
+    let env = Env::new().await;
+    env.put_credentials("creds", ORG).await;
+    let op = Operator::start(env.ns(), &env.fake, slow()).await;
+    env.create_salesforce("acme", "sales", "creds").await;
+    env.wait_state("acme", State::Active).await;
+    let claim = || {
+        kubectl_ok(&[
+            "get",
+            "orgclaim",
+            &format!("{}.sf-{}", env.ns(), ORG.to_lowercase()),
+            "-o",
+            "jsonpath={.spec.holder.name} {.spec.held}",
+        ])
+    };
+    assert_eq!(claim(), "acme true");
+    // Its tokens refused: Inactive, the org released.
+    let live = env.secret_value("acme-token", "refresh_token").await.unwrap();
+    env.fake.revoke(live.trim());
+    env.revalidate("acme", "revoked");
+    env.wait_state("acme", State::Inactive).await;
+    assert_eq!(claim(), "acme false");
+    // Re-authorized: held again (written on the version its release left, without a read).
+    env.put_credentials("creds", ORG).await;
+    env.wait_state("acme", State::Active).await;
+    env.wait_replicas("acme", 1).await;
+    assert_eq!(claim(), "acme true");
     op.stop().await;
 }
 
@@ -787,6 +827,21 @@ async fn a_forged_status_does_not_move_the_org_and_the_holder_keeps_it_against_o
     assert!(reasons.contains(&"OrgClaimTakenOver".to_string()), "{reasons:?}");
     let reasons = env.event_reasons("first").await;
     assert!(reasons.contains(&"OrgClaimReleased".to_string()), "{reasons:?}");
+
+    // Re-authorized, the first connection finds the claim changed since its release (the operator
+    // remembers the claim it released and writes on that version): it waits, the holder keeps it.
+    env.put_credentials("first-creds", ORG).await;
+    let c = env.wait_state("first", State::Conflict).await;
+    assert_eq!(reason(&c), "OrgClaimedByAnotherTeam");
+    assert_eq!(state_of(&env.get("second").await), Some(State::Active));
+    let holder = kubectl_ok(&[
+        "get",
+        "orgclaim",
+        &format!("{}.sf-{}", env.ns(), ORG.to_lowercase()),
+        "-o",
+        "jsonpath={.spec.holder.name} {.spec.held}",
+    ]);
+    assert_eq!(holder, "second true");
     op.stop().await;
 }
 

@@ -35,6 +35,11 @@ pub struct Memory {
     /// A rotated refresh token not yet saved to `<name>-token` (also in the journal, when there
     /// is one). Boxed, as it is rare: 8 bytes instead of 120 in every connection's entry.
     pub pending: Option<Box<tokens::Pending>>,
+    /// The OrgClaim as this connection's release wrote it (held: false), while Inactive: its
+    /// re-authorization holds it again with a write conditional on that version, without reading
+    /// it first (any change since makes the write fail, and the claim is read). Boxed, as it is
+    /// rare (see `pending`).
+    pub released_claim: Option<Box<crate::api::OrgClaim>>,
     /// Consecutive looks for a credentials Secret the watch cannot see.
     pub secret_polls: u32,
     /// When it was last revalidated because its retriever was down.

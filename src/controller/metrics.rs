@@ -17,6 +17,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ValidationLabels {
     provider: &'static str,
     outcome: &'static str,
@@ -32,6 +37,7 @@ pub struct Metrics {
     registry: Registry,
     reconciles: Family<ResultLabels, Counter>,
     reconcile_seconds: Histogram,
+    step_seconds: Family<StepLabels, Histogram>,
     validations: Family<ValidationLabels, Counter>,
     connections: Family<StateLabels, Gauge>,
     /// The JobRun controller's (registered here, served together).
@@ -53,6 +59,14 @@ impl Default for Metrics {
             "Duration of successful reconciles",
             reconcile_seconds.clone(),
         );
+        let step_seconds = Family::<StepLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        });
+        registry.register(
+            "reconcile_step_duration_seconds",
+            "Duration of each step of successful reconciles (dereference, validate, org_claim, apply_children, status)",
+            step_seconds.clone(),
+        );
         let validations = Family::<ValidationLabels, Counter>::default();
         registry.register(
             "provider_validations",
@@ -68,6 +82,7 @@ impl Default for Metrics {
             registry,
             reconciles,
             reconcile_seconds,
+            step_seconds,
             validations,
             connections,
         }
@@ -80,6 +95,15 @@ impl Metrics {
             .get_or_create(&ResultLabels { result: "ok" })
             .inc();
         self.reconcile_seconds.observe(seconds);
+    }
+
+    /// How long each step of a successful reconcile took.
+    pub fn steps(&self, steps: &[(super::Step, std::time::Duration)]) {
+        for (step, took) in steps {
+            self.step_seconds
+                .get_or_create(&StepLabels { step: step.label() })
+                .observe(took.as_secs_f64());
+        }
     }
 
     pub fn reconcile_failed(&self) {

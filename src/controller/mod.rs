@@ -38,7 +38,7 @@ use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watc
 use kube::{Api, Client, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Operator settings (from CLI flags / Helm values).
 #[derive(Clone, Debug)]
@@ -232,10 +232,44 @@ fn jitter() -> f64 {
     rand::random::<f64>()
 }
 
-/// One reconcile of one Connection.
+/// How long each step of a reconcile took (for the metrics and a debug line).
+struct Took {
+    last: std::time::Instant,
+    steps: Vec<(Step, Duration)>,
+}
+
+impl From<std::time::Instant> for Took {
+    fn from(started: std::time::Instant) -> Self {
+        Took {
+            last: started,
+            steps: Vec::with_capacity(5),
+        }
+    }
+}
+
+impl Took {
+    /// `step` ended now (it began where the previous one ended).
+    fn mark(&mut self, step: Step) {
+        let now = std::time::Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Took {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, took)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{}={}ms", step.label(), took.as_millis())?;
+        }
+        Ok(())
+    }
+}
+
 /// How often a connection whose child name is taken looks again (the foreign object is not watched).
 const CHILD_CONFLICT_RECHECK: Duration = Duration::from_secs(30);
 
+/// One reconcile of one Connection.
 async fn reconcile(
     guard: Arc<DeserializeGuard<CachedConnection>>,
     ctx: Arc<Context>,
@@ -261,6 +295,8 @@ async fn reconcile(
         let now = Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid time");
         // 1. dereference: the credentials Secret, the current children, the competing connections.
         let observed = dereference::observe(&ctx, conn, &ns).await.at(Step::Dereference)?;
+        let mut took = Took::from(started);
+        took.mark(Step::Dereference);
         // 2. validate against the provider, when due — unless a child's name is taken by an object
         // that is not ours: then nothing is validated, written or taken over.
         let foreign = children::foreign_children(conn, &observed.children());
@@ -304,6 +340,7 @@ async fn reconcile(
                 recheck_in: Some(CHILD_CONFLICT_RECHECK),
             }
         };
+        took.mark(Step::Validate);
         if let Some(wait) = schedule::wait(&retriever_down, now).filter(|_| !early) {
             validated.recheck_in = Some(validated.recheck_in.map_or(wait, |d| d.min(wait)));
         }
@@ -376,6 +413,7 @@ async fn reconcile(
         if let (Some(key), None, Some(State::Active)) = (&org_key, &org, status.state) {
             org = Some(apply::create_org_settings(&ctx, &ns, key).await.at(Step::OrgSettings)?);
         }
+        took.mark(Step::OrgClaim);
         if status.state != Some(State::Conflict) {
             status.org_settings = org.as_ref().map(|o| o.name_any());
         }
@@ -401,10 +439,14 @@ async fn reconcile(
         apply::children(&ctx, conn, &ns, &observed, session, deployment)
             .await
             .at(Step::ApplyChildren)?;
+        took.mark(Step::ApplyChildren);
         // 5. update status (skipped when nothing changed) and tell the user about transitions.
         apply::status(&ctx, conn, &ns, status).await.at(Step::Status)?;
+        took.mark(Step::Status);
         ctx.index.memory(&uid(conn), |m| m.failures = 0);
         ctx.metrics.reconciled(started.elapsed().as_secs_f64());
+        ctx.metrics.steps(&took.steps);
+        debug!(took = %took, "reconciled");
         // The next recheck waits in the index, not in kube's scheduler (see `Index::recheck_in`).
         ctx.index.recheck_in(
             &uid(conn),

@@ -68,8 +68,21 @@ pub async fn hold(ctx: &Context, conn: &Connection, ns: &str, remote_id: &str) -
         remote_id: remote_id.to_string(),
     };
     let mut read = claims::org_recorded(conn);
+    // Released by this connection (its tokens were refused, and now are valid again): the claim as
+    // that release left it, instead of reading it. Only a write is decided on it, conditional on
+    // its version (below); a claim that changed since is read.
+    let mut remembered = ctx
+        .index
+        .memory(&me.uid, |m| m.released_claim.take())
+        .filter(|c| read && c.metadata.name.as_deref() == Some(key.as_str()));
     for _ in 0..5 {
-        let existing = if read { api.get_opt(&key).await? } else { None };
+        let from_memory = remembered.take().map(|c| *c);
+        let recalled = from_memory.is_some();
+        let existing = match from_memory {
+            Some(claim) => Some(claim),
+            None if read => api.get_opt(&key).await?,
+            None => None,
+        };
         read = true;
         let holder_exists = match &existing {
             Some(c) if c.spec.holder.uid != me.uid => holder_exists(ctx, &c.spec.holder).await?,
@@ -87,7 +100,12 @@ pub async fn hold(ctx: &Context, conn: &Connection, ns: &str, remote_id: &str) -
             holder: me.clone(),
             held: true,
         };
-        let written = match claims::next(&me, seen) {
+        let step = claims::next(&me, seen);
+        if recalled && !matches!(step, Step::Reassert) {
+            // Not the write expected: decide on the claim as it is now.
+            continue;
+        }
+        let written = match step {
             Step::Keep => return Ok(Claim::Won),
             Step::Wait(holder) => {
                 return Ok(Claim::Lost {
@@ -121,8 +139,9 @@ pub async fn hold(ctx: &Context, conn: &Connection, ns: &str, remote_id: &str) -
                 taken_over(ctx, conn, &key, &previous, holder_exists).await;
                 return Ok(Claim::Won);
             }
-            // Another connection wrote first: read again and decide again.
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            // Another connection wrote first, or the claim was deleted meanwhile: read again and
+            // decide again.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => continue,
             Err(e) => return Err(e),
         }
     }
@@ -205,8 +224,11 @@ pub async fn release(ctx: &Context, conn: &Connection, remote_id: &str) -> Resul
         }
         claim.spec.held = false;
         match api.replace(&key, &PostParams::default(), &claim).await {
-            Ok(_) => {
+            Ok(mut released) => {
                 info!(org = %key, "released the org: the tokens were refused");
+                released.metadata.managed_fields = None;
+                ctx.index
+                    .memory(&uid(conn), |m| m.released_claim = Some(Box::new(released)));
                 super::apply::publish(
                     ctx,
                     conn,
