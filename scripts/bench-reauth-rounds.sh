@@ -81,36 +81,12 @@ for run in "$@"; do
 	cpu "$state/cpu-before"
 	window=$(date +%s.%N)
 	latency=$(python3 - "$ns" "$k" "$next" <<'PY'
-import json, subprocess, sys, time, urllib.request
-from concurrent.futures import ThreadPoolExecutor
+import sys
 sys.path.insert(0, "scripts")
-from bench_watch import watch_states
-ns, k, r = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-names = [f"c{i}" for i in range(k)]
-active, started = {}, {}
-def seen(name, state, at):
-    if name in started and name not in active and state == "Active":
-        active[name] = at
-watch = watch_states(ns, seen)
-time.sleep(2)
-proxy = subprocess.Popen(["kubectl", "proxy", "--port=18001"], stdout=subprocess.DEVNULL)
-time.sleep(1)
-def update(i):
-    body = json.dumps({"stringData": {"refresh_token": f"rt{r}-{i}"}}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:18001/api/v1/namespaces/{ns}/secrets/c{i}", data=body,
-                                     method="PATCH", headers={"Content-Type": "application/merge-patch+json"})
-    started[f"c{i}"] = time.monotonic()
-    urllib.request.urlopen(request).read()
-with ThreadPoolExecutor(max_workers=k) as pool:
-    list(pool.map(update, range(k)))
-deadline = time.monotonic() + 120
-while len(active) < k and time.monotonic() < deadline:
-    time.sleep(0.1)
-watch.kill()
-proxy.kill()
-lat = sorted(active[n] - started[n] for n in names if n in active)
-pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
-print(f"p50 {pick(0.5):.2f} s, p99 {pick(0.99):.2f} s, max {pick(1.0):.2f} s, not Active: {k - len(lat)}")
+from bench_watch import reauthorize
+round = sys.argv[3]
+p50, p99, most, missing = reauthorize(sys.argv[1], int(sys.argv[2]), lambda i: f"rt{round}-{i}", timeout=120)
+print(f"p50 {p50:.2f} s, p99 {p99:.2f} s, max {most:.2f} s, not Active: {missing}")
 PY
 )
 	cpu "$state/cpu-after"

@@ -227,39 +227,13 @@ kubectl annotate conn -n "$ns" $names crmconnect.io/revalidate=bench-revoke --ov
 inactive() { kubectl get conn -n "$ns" $names -o jsonpath='{range .items[*]}{.status.state}{"\n"}{end}' | grep -c '^Inactive$' || true; }
 until (($(inactive) == k)); do sleep 0.5; done
 python3 - "$ns" "$k" <<'PY' >"$state/reauth.txt"
-# All Secrets are updated at once (a thread each, through `kubectl proxy`: no kubectl start-up per
-# update); a watch, read as it arrives, timestamps each connection's first Active. Latency: from
-# the moment its Secret's update is sent to Active.
-import json, subprocess, sys, time, urllib.request
-from concurrent.futures import ThreadPoolExecutor
+# All Secrets are updated at once; a watch, read as it arrives, timestamps each connection's first
+# Active. Latency: from the moment its Secret's update is sent to Active.
+import sys
 sys.path.insert(0, "scripts")
-from bench_watch import watch_states
-ns, k = sys.argv[1], int(sys.argv[2])
-names = [f"c{i}" for i in range(k)]
-active, started = {}, {}
-def seen(name, state, at):
-    if name in started and name not in active and state == "Active":
-        active[name] = at
-watch = watch_states(ns, seen)
-time.sleep(2)  # the watch is open
-proxy = subprocess.Popen(["kubectl", "proxy", "--port=18001"], stdout=subprocess.DEVNULL)
-time.sleep(1)
-def update(i):
-    body = json.dumps({"stringData": {"refresh_token": f"rt2-{i}"}}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:18001/api/v1/namespaces/{ns}/secrets/c{i}", data=body,
-                                     method="PATCH", headers={"Content-Type": "application/merge-patch+json"})
-    started[f"c{i}"] = time.monotonic()
-    urllib.request.urlopen(request).read()
-with ThreadPoolExecutor(max_workers=k) as pool:
-    list(pool.map(update, range(k)))
-deadline = time.monotonic() + 300
-while len(active) < k and time.monotonic() < deadline:
-    time.sleep(0.1)
-watch.kill()
-proxy.kill()
-lat = sorted(active[n] - started[n] for n in names if n in active)
-pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
-print(f"{pick(0.5):.2f} {pick(0.99):.2f} {pick(1.0):.2f} {k - len(lat)}")
+from bench_watch import reauthorize
+p50, p99, most, missing = reauthorize(sys.argv[1], int(sys.argv[2]), lambda i: f"rt2-{i}")
+print(f"{p50:.2f} {p99:.2f} {most:.2f} {missing}")
 PY
 read -r reauth_p50 reauth_p99 reauth_max reauth_missing <"$state/reauth.txt"
 # The floor under that latency: the bare client making a new connection's writes for K connections

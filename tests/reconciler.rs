@@ -134,6 +134,17 @@ impl Env {
         (env, op)
     }
 
+    /// The OrgClaim of `ORG` in this namespace, as "holder held" (e.g. "acme true").
+    fn org_claim(&self) -> String {
+        kubectl_ok(&[
+            "get",
+            "orgclaim",
+            &format!("{}.sf-{}", self.ns(), ORG.to_lowercase()),
+            "-o",
+            "jsonpath={.spec.holder.name} {.spec.held}",
+        ])
+    }
+
     /// A Secret with a fresh refresh token for `org`; returns the token.
     async fn put_credentials(&self, name: &str, org: &str) -> String {
         let token = self.fake.issue_refresh_token(org);
@@ -398,14 +409,7 @@ async fn updating_the_secret_reauthorizes_an_inactive_connection_within_seconds(
             .contains(&"Reauthorized".to_string())
     );
     // The org released on Inactive is held again.
-    let claim = kubectl_ok(&[
-        "get",
-        "orgclaim",
-        &format!("{}.sf-{}", env.ns(), ORG.to_lowercase()),
-        "-o",
-        "jsonpath={.spec.holder.name} {.spec.held}",
-    ]);
-    assert_eq!(claim, "acme true");
+    assert_eq!(env.org_claim(), "acme true");
     op.stop().await;
 }
 
@@ -416,27 +420,18 @@ async fn a_connection_that_released_its_org_holds_it_again_when_reauthorized() {
     let op = Operator::start(env.ns(), &env.fake, slow()).await;
     env.create_salesforce("acme", "sales", "creds").await;
     env.wait_state("acme", State::Active).await;
-    let claim = || {
-        kubectl_ok(&[
-            "get",
-            "orgclaim",
-            &format!("{}.sf-{}", env.ns(), ORG.to_lowercase()),
-            "-o",
-            "jsonpath={.spec.holder.name} {.spec.held}",
-        ])
-    };
-    assert_eq!(claim(), "acme true");
+    assert_eq!(env.org_claim(), "acme true");
     // Its tokens refused: Inactive, the org released.
     let live = env.secret_value("acme-token", "refresh_token").await.unwrap();
     env.fake.revoke(live.trim());
     env.revalidate("acme", "revoked");
     env.wait_state("acme", State::Inactive).await;
-    assert_eq!(claim(), "acme false");
+    assert_eq!(env.org_claim(), "acme false");
     // Re-authorized: held again (written on the version its release left, without a read).
     env.put_credentials("creds", ORG).await;
     env.wait_state("acme", State::Active).await;
     env.wait_replicas("acme", 1).await;
-    assert_eq!(claim(), "acme true");
+    assert_eq!(env.org_claim(), "acme true");
     op.stop().await;
 }
 
@@ -834,14 +829,7 @@ async fn a_forged_status_does_not_move_the_org_and_the_holder_keeps_it_against_o
     let c = env.wait_state("first", State::Conflict).await;
     assert_eq!(reason(&c), "OrgClaimedByAnotherTeam");
     assert_eq!(state_of(&env.get("second").await), Some(State::Active));
-    let holder = kubectl_ok(&[
-        "get",
-        "orgclaim",
-        &format!("{}.sf-{}", env.ns(), ORG.to_lowercase()),
-        "-o",
-        "jsonpath={.spec.holder.name} {.spec.held}",
-    ]);
-    assert_eq!(holder, "second true");
+    assert_eq!(env.org_claim(), "second true");
     op.stop().await;
 }
 
