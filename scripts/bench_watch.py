@@ -1,9 +1,13 @@
-"""What scripts/bench-scale.sh reads from a watch of Connections: (name, state) of every change, as
-it arrives. One kubectl watch, without its initial list (at 10,000 connections that list alone took
-seconds to print and parse, and every event behind it was timestamped late)."""
+"""What scripts/bench-scale.sh and scripts/bench-reauth-rounds.sh read from a watch of Connections:
+(name, state) of every change, as it arrives. One kubectl watch, without its initial list (at 10,000
+connections that list alone took seconds to print and parse, and every event behind it was
+timestamped late)."""
+import json
 import subprocess
 import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 
 def watch_states(namespace, on_change):
@@ -28,10 +32,6 @@ def reauthorize(namespace, k, token, proxy_port=18001, timeout=300):
     """Puts token(i) as the refresh token of Secrets c0..c{k-1} at once (a thread each, through
     `kubectl proxy`: no kubectl start-up per update) and times each connection from the moment its
     update is sent to its first Active on the watch. Returns (p50, p99, max, not Active)."""
-    import json
-    import urllib.request
-    from concurrent.futures import ThreadPoolExecutor
-
     names = [f"c{i}" for i in range(k)]
     active, started = {}, {}
 

@@ -408,7 +408,7 @@ async fn updating_the_secret_reauthorizes_an_inactive_connection_within_seconds(
             .await
             .contains(&"Reauthorized".to_string())
     );
-    // The org released on Inactive is held again.
+    // Its first valid tokens: the org is claimed (it never held it before).
     assert_eq!(env.org_claim(), "acme true");
     op.stop().await;
 }

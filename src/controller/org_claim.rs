@@ -76,12 +76,10 @@ pub async fn hold(ctx: &Context, conn: &Connection, ns: &str, remote_id: &str) -
         .memory(&me.uid, |m| m.released_claim.take())
         .filter(|c| read && c.metadata.name.as_deref() == Some(key.as_str()));
     for _ in 0..5 {
-        let from_memory = remembered.take().map(|c| *c);
-        let recalled = from_memory.is_some();
-        let existing = match from_memory {
-            Some(claim) => Some(claim),
-            None if read => api.get_opt(&key).await?,
-            None => None,
+        let (existing, recalled) = match remembered.take() {
+            Some(claim) => (Some(*claim), true),
+            None if read => (api.get_opt(&key).await?, false),
+            None => (None, false),
         };
         read = true;
         let holder_exists = match &existing {
