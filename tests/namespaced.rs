@@ -54,6 +54,8 @@ async fn an_operator_with_the_roles_of_two_namespaces_manages_both_and_nothing_e
             &format!("watchNamespaces={{{a},{b}}}"),
             "--set",
             "serviceAccount.name=multi-operator",
+            "--set",
+            &ALLOW_ABSENT_RETRIEVER_IMAGE,
             "--show-only",
             "templates/serviceaccount.yaml",
             "--show-only",

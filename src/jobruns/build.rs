@@ -63,7 +63,12 @@ pub fn batch_job(
             .get_or_insert_with(Vec::new)
             .extend(host_aliases.iter().cloned());
     }
+    // No Kubernetes identity at all: no token, and no ServiceAccount named (a workload-identity
+    // webhook hands cloud credentials to a named one without any token); the admission policy
+    // refuses a Job that has either.
     pod.automount_service_account_token = Some(false);
+    pod.service_account_name = None;
+    pod.service_account = None;
     pod.enable_service_links = Some(false);
     pod.security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
         fs_group: Some(RUN_AS),

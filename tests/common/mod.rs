@@ -309,6 +309,8 @@ pub fn ensure_operator_rbac() {
                 "charts/connection-operator",
                 "--namespace",
                 "connection-operator",
+                "--set",
+                &ALLOW_ABSENT_RETRIEVER_IMAGE,
                 "--show-only",
                 "templates/serviceaccount.yaml",
                 "--show-only",
@@ -324,6 +326,35 @@ pub fn ensure_operator_rbac() {
             kubectl().args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
             Some(&rendered),
         );
+        // The API server compiles a new admission policy a moment after it is stored: until then
+        // the operator identity may write what the policy denies (a probe that changed a user's
+        // Secret while waiting for a denial made the next probe a no-op that the policy allows).
+        // Wait for its first denial of a server dry-run, which changes nothing.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let probe = run(
+                kubectl()
+                    .env("KUBECONFIG", operator_kubeconfig_path())
+                    .args([
+                        "create",
+                        "secret",
+                        "generic",
+                        "policy-probe",
+                        "--from-literal=k=v",
+                    ])
+                    .args(["-n", "connection-operator", "--dry-run=server"]),
+                None,
+            );
+            if probe.stderr.contains("ValidatingAdmissionPolicy") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the operator's admission policy denies nothing 60 s after it was applied: {}",
+                probe.stderr
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     });
 }
 
@@ -338,6 +369,11 @@ pub struct InProcessOperator {
 /// Those tests check the reconciler's objects and conditions; a retriever pod that became Ready
 /// would race their assertions. Real retriever pods run in `tests/e2e_pods.rs`.
 pub const ABSENT_RETRIEVER_IMAGE: &str = "connection-operator.test/absent-retriever:never";
+
+/// The chart value that lets the admission policy admit retriever Deployments of
+/// [`ABSENT_RETRIEVER_IMAGE`] (it admits only the chart's retriever image otherwise).
+pub static ALLOW_ABSENT_RETRIEVER_IMAGE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("admissionPolicy.extraRetrieverImages={{{ABSENT_RETRIEVER_IMAGE}}}"));
 
 impl InProcessOperator {
     pub async fn start(mut config: connection_operator::controller::Config) -> Self {

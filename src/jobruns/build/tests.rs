@@ -40,6 +40,8 @@ fn template() -> JobTemplateSpec {
                     ..Default::default()
                 }],
                 automount_service_account_token: Some(true),
+                service_account_name: Some("kustomize-controller".into()),
+                service_account: Some("kustomize-controller".into()),
                 ..Default::default()
             }),
         },
@@ -83,6 +85,14 @@ fn the_job_is_the_templates_pod_made_safe_with_the_session_and_the_crm_environme
         pod.automount_service_account_token,
         Some(false),
         "the template cannot turn it on"
+    );
+    assert_eq!(
+        (
+            pod.service_account_name.as_deref(),
+            pod.service_account.as_deref()
+        ),
+        (None, None),
+        "the template cannot name a ServiceAccount (a workload-identity webhook needs no token)"
     );
     assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
     assert_eq!(
