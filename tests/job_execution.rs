@@ -84,9 +84,15 @@ async fn crm_job(env: &Env, remote: &str, id: &str, status: JobStatus) -> FakeJo
     .await
 }
 
+/// The JobRun of the first claim of CRM job `id`, once it is in `phase`.
 async fn run_phase(env: &Env, key: &str, id: &str, phase: JobPhase) -> JobRun {
+    run_phase_at(env, key, id, 1, phase).await
+}
+
+/// The JobRun of claim `attempt` of CRM job `id`, once it is in `phase`.
+async fn run_phase_at(env: &Env, key: &str, id: &str, attempt: i64, phase: JobPhase) -> JobRun {
     let api: Api<JobRun> = Api::namespaced(env.client.clone(), env.ns());
-    let name = jobrun_name(key, id);
+    let name = jobrun_name(key, id, attempt);
     let reached = tokio::time::timeout(WAIT, async {
         loop {
             if let Ok(Some(run)) = api.get_opt(&name).await
@@ -220,7 +226,10 @@ async fn outcomes_reach_the_crm_and_the_history_and_a_job_that_can_never_succeed
         "{failed:?}"
     );
     let jobs: Api<Job> = Api::namespaced(env.client.clone(), env.ns());
-    let failed_job = jobs.get(&job_name(&jobrun_name(SF_KEY, &sf[1]))).await.unwrap();
+    let failed_job = jobs
+        .get(&job_name(&jobrun_name(SF_KEY, &sf[1], 1)))
+        .await
+        .unwrap();
     let job_status = failed_job.status.clone().unwrap();
     assert_eq!(job_status.failed, Some(1), "no retry: {job_status:?}");
     assert!(
@@ -261,7 +270,7 @@ async fn outcomes_reach_the_crm_and_the_history_and_a_job_that_can_never_succeed
             .into_iter()
             .filter_map(|r| r.metadata.name)
             .collect();
-        (left == [jobrun_name(SF_KEY, &sf[1])]).then_some(())
+        (left == [jobrun_name(SF_KEY, &sf[1], 1)]).then_some(())
     })
     .await;
 
@@ -281,7 +290,7 @@ async fn outcomes_reach_the_crm_and_the_history_and_a_job_that_can_never_succeed
     let pod = Api::<Pod>::namespaced(env.client.clone(), env.ns())
         .list(&ListParams::default().labels(&format!(
             "batch.kubernetes.io/job-name={}",
-            job_name(&jobrun_name(SF_KEY, &sf[1]))
+            job_name(&jobrun_name(SF_KEY, &sf[1], 1))
         )))
         .await
         .unwrap()
@@ -312,7 +321,7 @@ async fn a_job_aborted_in_the_crm_is_stopped_and_stays_aborted() {
     claim(&env, "acme", SF_KEY).await;
     let queries = env.fake.stats().job_queries;
     crm_job(&env, SF_ORG, &ids[0], JobStatus::Running).await;
-    let job = job_name(&jobrun_name(SF_KEY, &ids[0]));
+    let job = job_name(&jobrun_name(SF_KEY, &ids[0], 1));
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), env.ns());
     let selector = format!("batch.kubernetes.io/job-name={job}");
     let worker_counting = || async {
@@ -367,7 +376,7 @@ async fn an_inactive_connection_starts_nothing_keeps_outcomes_and_re_authorizing
 
     // No template for the first: it stays Claimed, with a condition and an event naming it.
     let api: Api<JobRun> = Api::namespaced(env.client.clone(), env.ns());
-    let waiting = jobrun_name(SF_KEY, &ids[0]);
+    let waiting = jobrun_name(SF_KEY, &ids[0], 1);
     let condition = eventually("the TemplateFound condition", WAIT, || async {
         let run = api.get(&waiting).await.ok()?;
         let status = run.status?;
@@ -530,4 +539,155 @@ async fn pausing_releases_runs_not_started_reports_the_running_one_and_activatin
         assert_eq!(done.attempt, 2, "{done:?}");
     }
     drop(templates);
+}
+
+/// The fence (issue 30): the Job is created only after a conditional write on the record just
+/// read. A rival processor that claims the job right after that read makes the write fail, and
+/// nothing runs.
+#[tokio::test]
+async fn a_rival_claim_after_the_check_wins_and_no_job_is_created() {
+    let Some(env) = node_env().await else {
+        return;
+    };
+    let raced = job_type(&env, "raced");
+    let _templates = JobTemplates::apply(&[(&raced, record_count())]);
+    let ids = seed(&env, SF_ORG, &[&raced]);
+    // The first read of the record (the operator's, before it starts the run) is answered, then a
+    // desktop processor claims the job.
+    env.fake
+        .rival_claims_after_next_read(&ids[0], "desktop/ops-laptop");
+    claim(&env, "acme", SF_KEY).await;
+    let run = run_phase(&env, SF_KEY, &ids[0], JobPhase::Aborted).await;
+    let status = run.status.unwrap();
+    assert_eq!(status.job, None, "no Job was recorded: {status:?}");
+    let jobs: Api<Job> = Api::namespaced(env.client.clone(), env.ns());
+    assert!(
+        jobs.get_opt(&job_name(&jobrun_name(SF_KEY, &ids[0], 1)))
+            .await
+            .unwrap()
+            .is_none(),
+        "the run's Job was created although the rival holds the job"
+    );
+    let record = env.fake.job(SF_ORG, &ids[0]).unwrap();
+    assert_eq!(
+        (record.status, record.claimed_by.as_deref()),
+        (JobStatus::Claimed, Some("desktop/ops-laptop")),
+        "the rival's claim stands: {record:?}"
+    );
+}
+
+/// A Job deleted in Kubernetes while it runs is reported Failed to the CRM (the record does not
+/// stay Running for ever), and is never created again.
+#[tokio::test]
+async fn a_job_deleted_while_it_runs_is_reported_failed_and_never_run_again() {
+    let Some(env) = node_env().await else {
+        return;
+    };
+    env.fake.set_count_delay(Duration::from_secs(600));
+    let slow = job_type(&env, "deleted");
+    let _templates = JobTemplates::apply(&[(
+        &slow,
+        JobTemplates::worker(&image(), &["worker", "record-count", "--timeout", "15m"]),
+    )]);
+    let ids = seed(&env, SF_ORG, &[&slow]);
+    claim(&env, "acme", SF_KEY).await;
+    crm_job(&env, SF_ORG, &ids[0], JobStatus::Running).await;
+    run_phase(&env, SF_KEY, &ids[0], JobPhase::Running).await;
+    let job = job_name(&jobrun_name(SF_KEY, &ids[0], 1));
+    kubectl_ok(&["delete", "job", &job, "-n", env.ns(), "--wait=false"]);
+
+    let failed = crm_job(&env, SF_ORG, &ids[0], JobStatus::Failed).await;
+    assert_eq!(
+        failed.result.as_deref(),
+        Some(connection_operator::jobruns::JOB_DELETED),
+        "{failed:?}"
+    );
+    let run = run_phase(&env, SF_KEY, &ids[0], JobPhase::Failed).await;
+    let status = run.status.unwrap();
+    assert_eq!(status.reported, Some(JobPhase::Failed));
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "JobDeleted" && c.status == "True"),
+        "{status:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let jobs: Api<Job> = Api::namespaced(env.client.clone(), env.ns());
+    assert!(
+        jobs.get_opt(&job).await.unwrap().is_none(),
+        "the deleted Job was created again"
+    );
+    assert_eq!(env.fake.job(SF_ORG, &ids[0]).unwrap().status, JobStatus::Failed);
+}
+
+/// A running job carries a lease in the CRM (`ClaimExpires__c`), renewed while it runs: it never
+/// lapses under a live job, and another processor can tell a dead one.
+#[tokio::test]
+async fn a_running_job_s_lease_is_renewed_while_it_runs() {
+    let Some(env) = node_env().await else {
+        return;
+    };
+    // The count takes 45 s; the claim's lease is 20 s (renewed once less than half is left,
+    // looked at every 2 s here).
+    env.fake.set_count_delay(Duration::from_secs(45));
+    let long = job_type(&env, "leased");
+    let _templates = JobTemplates::apply(&[(
+        &long,
+        JobTemplates::worker(&image(), &["worker", "record-count", "--timeout", "15m"]),
+    )]);
+    let ids = seed(&env, SF_ORG, &[&long]);
+    claim_with(&env, "acme", SF_KEY, &["--claim-lease", "20s"]).await;
+    let claimed = env.fake.job(SF_ORG, &ids[0]).unwrap();
+    let first_expiry = claimed.claim_expires.expect("the claim has an expiry");
+    crm_job(&env, SF_ORG, &ids[0], JobStatus::Running).await;
+    // Past the claim's own expiry, while the worker still counts: the lease was renewed.
+    let past = first_expiry + Duration::from_secs(5);
+    if let Ok(wait) = past.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    let running = env.fake.job(SF_ORG, &ids[0]).unwrap();
+    assert_eq!(running.status, JobStatus::Running, "{running:?}");
+    assert_eq!(running.claimed_by, claimed.claimed_by, "still our claim");
+    let expires = running.claim_expires.expect("a running job has a lease");
+    assert!(
+        expires > SystemTime::now(),
+        "the lease lapsed under a running job: {running:?}"
+    );
+    let done = crm_job(&env, SF_ORG, &ids[0], JobStatus::Completed).await;
+    assert_eq!(done.result.as_deref(), Some("Account: 42 records"));
+}
+
+/// A job queued again in the CRM after it succeeded runs again, as a new JobRun (one per claim),
+/// and its outcome reaches the CRM again.
+#[tokio::test]
+async fn a_job_queued_again_after_it_succeeded_runs_again() {
+    let Some(env) = node_env().await else {
+        return;
+    };
+    let again = job_type(&env, "again");
+    let _templates = JobTemplates::apply(&[(&again, record_count())]);
+    let ids = seed(&env, SF_ORG, &[&again]);
+    claim(&env, "acme", SF_KEY).await;
+    let first = crm_job(&env, SF_ORG, &ids[0], JobStatus::Completed).await;
+    assert_eq!(first.attempt, 1);
+    run_phase(&env, SF_KEY, &ids[0], JobPhase::Succeeded).await;
+
+    // A CRM user queues it again.
+    assert!(
+        env.fake
+            .requeue_job(SF_ORG, &ids[0], SystemTime::now() - Duration::from_secs(60))
+    );
+    claim(&env, "acme", SF_KEY).await;
+    let second = run_phase_at(&env, SF_KEY, &ids[0], 2, JobPhase::Succeeded).await;
+    assert_eq!(second.status.unwrap().reported, Some(JobPhase::Succeeded));
+    let done = crm_job(&env, SF_ORG, &ids[0], JobStatus::Completed).await;
+    assert_eq!(
+        (done.attempt, done.result.as_deref()),
+        (2, Some("Account: 42 records"))
+    );
+    eventually("both runs in the history", WAIT, || async {
+        (history(&env, SF_KEY).await.counts.succeeded == 2).then_some(())
+    })
+    .await;
 }

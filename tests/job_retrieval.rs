@@ -93,7 +93,7 @@ async fn claims_jobs_up_to_max_concurrent_across_pages(dynamics: bool) {
         assert!(claimed.iter().any(|j| j.id == run.spec.crm_job_id), "{run:?}");
         assert_eq!(
             run.metadata.name.as_deref().unwrap(),
-            format!("{key}-{}", run.spec.crm_job_id.to_ascii_lowercase())
+            format!("{key}-{}-1", run.spec.crm_job_id.to_ascii_lowercase())
         );
         assert_eq!(
             run.labels().get("crmconnect.io/org").map(String::as_str),
@@ -583,7 +583,7 @@ async fn pausing_gives_claimed_jobs_back_to_holding_and_activating_claims_them_a
     })
     .await;
 
-    // Activated: the retriever's next poll claims them again (the same JobRuns, attempt 2).
+    // Activated: the retriever's next poll claims them again (attempt 2).
     pause(false).await;
     env.wait_state("acme", State::Active).await;
     tokio::time::sleep(Duration::from_secs(3)).await; // the 2-second rule on the release's write
@@ -597,11 +597,24 @@ async fn pausing_gives_claimed_jobs_back_to_holding_and_activating_claims_them_a
         let job = env.fake.job(SF_ORG, id).unwrap();
         assert_eq!((job.status, job.attempt), (JobStatus::Claimed, 2), "{job:?}");
     }
+    // Each claim is a JobRun of its own: the first attempts' stay Holding (their record), the
+    // second attempts' are Claimed.
     let runs = env.jobruns().await;
-    assert_eq!(runs.len(), 2, "the same JobRuns, adopted");
+    assert_eq!(runs.len(), 4, "a JobRun per claim");
     for run in &runs {
         let status = run.status.as_ref().unwrap();
-        assert_eq!((status.phase, status.attempt), (Some(JobPhase::Claimed), Some(2)));
+        let want = match status.attempt {
+            Some(1) => JobPhase::Holding,
+            _ => JobPhase::Claimed,
+        };
+        assert_eq!(status.phase, Some(want), "{run:?}");
+        assert!(run.name_any().ends_with(&format!("-{}", status.attempt.unwrap())));
     }
+    assert_eq!(
+        runs.iter()
+            .filter(|r| r.status.as_ref().unwrap().attempt == Some(2))
+            .count(),
+        2
+    );
     env.op.stop().await;
 }

@@ -8,8 +8,8 @@ use super::Provider;
 
 /// One job queued in a CRM org that a connection's retriever claimed, and what became of it.
 ///
-/// Named `<org key>-<CRM job ID, lowercased>` (the org key is the name of the org's OrgSettings), so
-/// the same CRM job always maps to the same JobRun. Not owned by the Connection: deleting or
+/// Named `<org key>-<CRM job ID, lowercased>-<attempt>` (the org key is the name of the org's
+/// OrgSettings): one JobRun per claim of a CRM job. Not owned by the Connection: deleting or
 /// pausing the connection keeps the job history.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -177,7 +177,10 @@ impl JobPhase {
     }
 }
 
-/// The name of the JobRun of CRM job `crm_job_id` in the org `org_key`.
-pub fn jobrun_name(org_key: &str, crm_job_id: &str) -> String {
-    format!("{org_key}-{}", crm_job_id.to_ascii_lowercase())
+/// The name of the JobRun of attempt `attempt` (the CRM job's attempt counter after the claim) at
+/// CRM job `crm_job_id` in the org `org_key`: each claim is a run of its own, so a job queued again
+/// (after it finished, was aborted before it started, or its claim lapsed) runs again and reports
+/// again, while a retriever that created the run and crashed before its status write adopts it.
+pub fn jobrun_name(org_key: &str, crm_job_id: &str, attempt: i64) -> String {
+    format!("{org_key}-{}-{attempt}", crm_job_id.to_ascii_lowercase())
 }

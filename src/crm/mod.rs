@@ -134,6 +134,21 @@ pub struct Answer<T> {
     /// The CRM's clock (`Date`).
     pub server_time: Option<Timestamp>,
     pub usage: Option<ApiUsage>,
+    /// How long the request took, from sending it to the answer's headers.
+    pub took: Duration,
+}
+
+impl<T> Answer<T> {
+    /// The latest the CRM can have read the data this answer holds, by its own clock: its `Date`
+    /// is stamped when the answer is sent, so the read happened at most the request's duration
+    /// (rounded up to whole seconds) before it. `None` without a `Date`: the CRM's clock is
+    /// unknown, and a local clock is no substitute for it.
+    pub fn read_by(&self) -> Option<Timestamp> {
+        let took = self.took.as_secs() + u64::from(self.took.subsec_nanos() > 0);
+        let date = self.server_time?;
+        date.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(took as i64))
+            .ok()
+    }
 }
 
 /// Why a request failed. None of these is a reason to change a Connection's state.
@@ -504,6 +519,10 @@ pub struct Record {
     pub version: Version,
     /// Who holds the claim (`<namespace>/<connection>/<pod>` for us), if anyone.
     pub claimed_by: Option<String>,
+    /// When the claim (or a running job's lease) lapses, if it is set.
+    pub claim_expires: Option<Timestamp>,
+    /// The attempt counter (raised by each claim), if it is set.
+    pub attempt: Option<i64>,
 }
 
 /// Parses a job record (the answer to a GET of [`record_url`]).
@@ -528,6 +547,11 @@ pub fn parse_record(api: Api, body: &[u8]) -> Result<Record, String> {
                         .get(sf::CLAIMED_BY)
                         .and_then(Value::as_str)
                         .map(str::to_string),
+                    claim_expires: value
+                        .get(sf::CLAIM_EXPIRES)
+                        .and_then(Value::as_str)
+                        .and_then(parse_datetime),
+                    attempt: value.get(sf::ATTEMPT).and_then(Value::as_f64).map(|n| n as i64),
                 }),
                 _ => Err(format!("no usable {} or {}", sf::STATUS, sf::LAST_MODIFIED)),
             }
@@ -546,6 +570,11 @@ pub fn parse_record(api: Api, body: &[u8]) -> Result<Record, String> {
                         .get(dv::CLAIMED_BY)
                         .and_then(Value::as_str)
                         .map(str::to_string),
+                    claim_expires: value
+                        .get(dv::CLAIM_EXPIRES)
+                        .and_then(Value::as_str)
+                        .and_then(parse_datetime),
+                    attempt: value.get(dv::ATTEMPT).and_then(Value::as_f64).map(|n| n as i64),
                 }),
                 _ => Err(format!("no usable {} or {}", dv::STATUS, dv::ETAG)),
             }
@@ -556,8 +585,13 @@ pub fn parse_record(api: Api, body: &[u8]) -> Result<Record, String> {
 /// What a report writes into a job record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Report {
-    /// The job started.
-    Started { at: Timestamp },
+    /// The job started; its lease (the claim's expiry) runs until `lease`, so another processor
+    /// can tell a job whose processor died from one still running.
+    Started { at: Timestamp, lease: Timestamp },
+    /// The claim (or a running job's lease) is renewed until `until`; the status stays `status`
+    /// (Claimed or Running). Before a Job is created this is the fence: it lands only on the version
+    /// just read, so a rival that claimed the job in between makes it fail.
+    Renew { status: JobStatus, until: Timestamp },
     /// The job ended; `result` is the worker's termination message (at most 4 KiB kept).
     Ended {
         succeeded: bool,
@@ -583,9 +617,16 @@ pub fn report_request(
 ) -> Result<Prepared, String> {
     let url = record_url(api, base, id)?;
     let (status, fields) = match report {
-        Report::Started { at } => (
+        Report::Started { at, lease } => (
             JobStatus::Running,
-            vec![(started_field(api), json!(datetime_literal(*at)))],
+            vec![
+                (started_field(api), json!(datetime_literal(*at))),
+                (claim_expires_field(api), json!(datetime_literal(*lease))),
+            ],
+        ),
+        Report::Renew { status, until } => (
+            *status,
+            vec![(claim_expires_field(api), json!(datetime_literal(*until)))],
         ),
         Report::Ended {
             succeeded,
@@ -797,6 +838,7 @@ impl JobQueue {
             value: page,
             server_time: meta.server_time,
             usage: meta.usage,
+            took: meta.took,
         })
     }
 
@@ -814,6 +856,7 @@ impl JobQueue {
                 value: outcome,
                 server_time: meta.server_time,
                 usage: meta.usage,
+                took: meta.took,
             }),
             None => Err(classify(status, meta.retry_after, &body)),
         }
@@ -838,6 +881,7 @@ impl JobQueue {
             value,
             server_time: meta.server_time,
             usage: meta.usage,
+            took: meta.took,
         })
     }
 
@@ -877,14 +921,17 @@ impl JobQueue {
         if let Some(body) = prepared.body {
             request = request.json(&body);
         }
+        let sent = std::time::Instant::now();
         let mut response = request
             .send()
             .await
             .map_err(|e| CrmError::Transport(describe(&host, &e)))?;
+        let took = sent.elapsed();
         let status = response.status().as_u16();
         let headers = response.headers();
         let now = Timestamp::now();
         let meta = Meta {
+            took,
             server_time: headers
                 .get(reqwest::header::DATE)
                 .and_then(|v| v.to_str().ok())
@@ -927,6 +974,7 @@ impl JobQueue {
 }
 
 struct Meta {
+    took: Duration,
     server_time: Option<Timestamp>,
     usage: Option<ApiUsage>,
     retry_after: Option<Duration>,

@@ -278,15 +278,29 @@ fn reports_are_conditional_writes_of_the_contracts_fields() {
         &seen,
         &Report::Started {
             at: t("2026-11-28T10:00:05Z"),
+            lease: t("2026-11-28T10:15:05Z"),
         },
     );
     assert_eq!(
-        started.headers,
+        started.headers.clone(),
         vec![("If-Unmodified-Since", "Sat, 28 Nov 2026 10:00:00 GMT".to_string())]
     );
     assert_eq!(
         started.body.unwrap(),
-        json!({"Status__c": "Running", "Started__c": "2026-11-28T10:00:05Z"})
+        json!({"Status__c": "Running", "Started__c": "2026-11-28T10:00:05Z", "ClaimExpires__c": "2026-11-28T10:15:05Z"})
+    );
+    let renewed = claim_request_like(
+        Api::Salesforce,
+        &seen,
+        &Report::Renew {
+            status: JobStatus::Claimed,
+            until: t("2026-11-28T10:20:00Z"),
+        },
+    );
+    assert_eq!(renewed.headers, started.headers, "a renewal is conditional too");
+    assert_eq!(
+        renewed.body.unwrap(),
+        json!({"Status__c": "Claimed", "ClaimExpires__c": "2026-11-28T10:20:00Z"})
     );
     let long = "é".repeat(3000); // 6000 bytes: cut at 4 KiB on a character boundary
     let ended = claim_request_like(
@@ -334,12 +348,15 @@ fn records_parse_for_both_crms() {
             status: JobStatus::Aborted,
             version: Version::LastModified(t("2026-11-28T10:00:00Z")),
             claimed_by: None,
+            claim_expires: None,
+            attempt: None,
         }
     );
-    let dv = br#"{"@odata.etag":"W/\"9\"","crmc_status":4}"#;
+    let dv = br#"{"@odata.etag":"W/\"9\"","crmc_status":4,"crmc_claimexpires":"2026-11-28T10:15:00Z","crmc_attempt":3}"#;
+    let running = parse_record(Api::Dataverse, dv).unwrap();
     assert_eq!(
-        parse_record(Api::Dataverse, dv).unwrap().status,
-        JobStatus::Running
+        (running.status, running.claim_expires, running.attempt),
+        (JobStatus::Running, Some(t("2026-11-28T10:15:00Z")), Some(3))
     );
     assert!(parse_record(Api::Dataverse, b"{}").is_err());
 }

@@ -1,13 +1,15 @@
 //! The JobRun controller: runs each claimed CRM job as a batch Job from the JobTemplate of its
 //! type, and writes the outcome back to the CRM job record (the system of record).
 //!
-//! A `Claimed` JobRun of an Active connection becomes a Job (same name; the JobRun is then owned
-//! by it); `Running`, then `Succeeded` or `Failed` from the Job's status, each written once to the
+//! A `Claimed` JobRun of an Active connection becomes a Job (same name) once a conditional write
+//! renewing its claim landed on the record just read (the fence); `Running`, then `Succeeded` or `Failed` from the Job's status, each written once to the
 //! CRM with a conditional write (never over `Aborted`: a job aborted or deleted in the CRM
 //! suspends the Job and the JobRun is `Aborted`). A paused connection's runs that have not started
 //! go back to `Holding` in the CRM; an inactive connection's outcomes wait for its
 //! re-authorization. A run whose connection was deleted is served by the Active connection that
-//! now holds its org. A missing template is a condition and an event. Finished runs go into the
+//! now holds its org. A missing template is a condition and an event. A Job deleted before its
+//! outcome was written is reported `Failed` and never created again (the JobRun is its Job's only
+//! once the outcome is written). Finished runs go into the
 //! org's history (`OrgSettings.status`). See `docs/jobs.md`.
 
 pub mod build;
@@ -21,7 +23,7 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
@@ -250,6 +252,11 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let name = run.name_any();
     let status = run.status.clone().unwrap_or_default();
     if status.phase.is_some_and(JobPhase::is_terminal) && status.reported == status.phase {
+        // Done. A run whose Job outlived the report without owning it (the write after the
+        // report failed) is handed to the Job now.
+        if run.owner_references().is_empty() && status.job.is_some() {
+            finish(&ctx, &ns, &build::job_name(&run.name_any()), &run).await?;
+        }
         return Ok(Action::await_change());
     }
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
@@ -260,6 +267,11 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .unwrap_or_else(|| run.spec.connection.clone());
     let job_name = build::job_name(&name);
     let Some(job) = jobs.get_opt(&job_name).await? else {
+        if status.job.is_some() {
+            // Created once and gone before its outcome was reported (`kubectl delete job`): never
+            // created again (that would run the job twice); the CRM is told.
+            return job_deleted(&ctx, &run, &ns, &status, connection.as_ref()).await;
+        }
         return start(&ctx, &run, &ns, &status, connection.as_ref()).await;
     };
 
@@ -285,12 +297,11 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 if let Some(result) = result {
                     next.result = Some(build::summary(&result));
                 }
-                if phase.is_terminal() {
-                    if let (Some(started), Some(finished)) = (progress.started, progress.finished) {
-                        let seconds = (finished.as_millisecond() - started.as_millisecond()) as f64 / 1000.0;
-                        ctx.metrics.finished(&run.spec.job_type, phase, seconds);
-                    }
-                    finish(&ctx, &ns, &job_name, &run).await?;
+                if phase.is_terminal()
+                    && let (Some(started), Some(finished)) = (progress.started, progress.finished)
+                {
+                    let seconds = (finished.as_millisecond() - started.as_millisecond()) as f64 / 1000.0;
+                    ctx.metrics.finished(&run.spec.job_type, phase, seconds);
                 }
             }
             Reported::Aborted => {
@@ -309,31 +320,39 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     {
         next.phase = Some(phase);
     }
-    // A running job is looked up in the CRM every minute: aborted or deleted there, its Job is
-    // suspended (which deletes its pods).
-    if next.phase == Some(JobPhase::Running)
-        && next.reported == Some(JobPhase::Running)
-        && can_report(connection.as_ref())
-    {
+    // A job whose Job exists and whose outcome is not written yet (claimed and starting, or
+    // running) is looked up in the CRM every minute: aborted or deleted there, its Job is
+    // suspended (which deletes its pods); else its lease is renewed once half of it is gone, so
+    // the claim never lapses under a job that runs (and a dead processor's lease does).
+    let in_flight = matches!(
+        (next.phase, next.reported),
+        (Some(JobPhase::Running), Some(JobPhase::Running)) | (Some(JobPhase::Claimed), None)
+    );
+    if in_flight && can_report(connection.as_ref()) {
         if let Ok((base, token)) = crm_session(&ctx, &serving, &ns).await {
             let target = Target {
                 api: crm::Api::of(run.spec.provider),
                 base: &base,
                 token: &token,
             };
-            let read = ctx.queue.read(&target, &run.spec.crm_job_id).await;
-            let aborted =
-                matches!(&read, Ok(a) if a.value.as_ref().is_none_or(|r| r.status == JobStatus::Aborted));
-            if aborted {
-                info!(jobrun = %name, "the job was aborted or deleted in the CRM: suspending its Job");
-                abort(&jobs, &job_name, &mut next).await?;
+            match check_in_flight(&ctx, &run, &target).await {
+                InFlight::Aborted => {
+                    info!(jobrun = %name, "the job was aborted or deleted in the CRM: suspending its Job");
+                    abort(&jobs, &job_name, &mut next).await?;
+                }
+                InFlight::Held => {}
+                InFlight::Unknown(why) => warn!(jobrun = %name, "cannot check the CRM job: {why}"),
             }
         }
-        if next.phase == Some(JobPhase::Running) {
+        if matches!(next.phase, Some(JobPhase::Running | JobPhase::Claimed)) {
             action = Action::requeue(ctx.settings.abort_check);
         }
     }
+    let finished = next.reported.is_some_and(JobPhase::is_terminal);
     write_status(&ctx, &run, &status, next).await?;
+    if finished {
+        finish(&ctx, &ns, &job_name, &run).await?;
+    }
     Ok(action)
 }
 
@@ -420,8 +439,10 @@ async fn start(
         write_status(ctx, run, status, next).await?;
         return Ok(Action::await_change());
     };
-    // Still ours in the CRM? (A claim held while the connection was inactive may have lapsed, and
-    // another processor may have taken the job.)
+    // The fence: the job is still ours in the CRM, proven by a conditional write (the claim
+    // renewed) on the version just read, before anything runs. (A claim held while the connection
+    // was inactive may have lapsed, and another processor may have taken the job; one that takes it
+    // after this read makes the write fail.)
     let verdict = match crm_session(ctx, &serving, ns).await {
         Ok((base, token)) => {
             let target = Target {
@@ -429,7 +450,7 @@ async fn start(
                 base: &base,
                 token: &token,
             };
-            ownership(ctx, run, &target).await
+            fence(ctx, run, &target).await
         }
         Err(why) => Err(why),
     };
@@ -476,23 +497,8 @@ async fn start(
         Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&build::job_name(&name)).await?,
         Err(e) => return Err(e.into()),
     };
-    // The JobRun belongs to its Job from now on: the Job's TTL, set once the outcome is
-    // reported, collects both.
-    let owner = OwnerReference {
-        api_version: "batch/v1".into(),
-        kind: "Job".into(),
-        name: job.name_any(),
-        uid: job.uid().unwrap_or_default(),
-        controller: Some(false),
-        block_owner_deletion: Some(false),
-    };
-    Api::<JobRun>::namespaced(ctx.client.clone(), ns)
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"metadata": {"ownerReferences": [owner]}})),
-        )
-        .await?;
+    // Not owned by its Job until the outcome is reported (`finish`): a Job deleted before that
+    // leaves the run, which tells the CRM.
     let mut next = status.clone();
     next.job = Some(job.name_any());
     set_condition(
@@ -520,9 +526,29 @@ async fn abort(jobs: &Api<Job>, job_name: &str, next: &mut JobRunStatus) -> Resu
     Ok(())
 }
 
-/// After the final report: the Job gets its TTL (the TTL controller then deletes it, and garbage
-/// collection the JobRun). No delete verb is needed.
+/// After the final report: the JobRun becomes its Job's, and the Job gets its TTL (the TTL
+/// controller then deletes it, and garbage collection the JobRun). No delete verb is needed.
 async fn finish(ctx: &Ctx, ns: &str, name: &str, run: &JobRun) -> Result<(), Error> {
+    if let Some(job) = Api::<Job>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await?
+    {
+        let owner = OwnerReference {
+            api_version: "batch/v1".into(),
+            kind: "Job".into(),
+            name: job.name_any(),
+            uid: job.uid().unwrap_or_default(),
+            controller: Some(false),
+            block_owner_deletion: Some(false),
+        };
+        Api::<JobRun>::namespaced(ctx.client.clone(), ns)
+            .patch(
+                &run.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"ownerReferences": [owner]}})),
+            )
+            .await?;
+    }
     let ttl = Api::<JobTemplate>::all(ctx.client.clone())
         .get_opt(&template_name(&run.spec.job_type))
         .await?
@@ -579,7 +605,7 @@ async fn crm_session(ctx: &Ctx, connection: &str, ns: &str) -> Result<(url::Url,
 
 /// What the CRM says of a run's job before it starts.
 enum Ownership {
-    /// Still claimed by this run: it may start.
+    /// Still claimed by this run, and the claim renewed on the version read: it may start.
     Ours,
     /// Back in the queue (the claim lapsed): the retriever claims it again.
     Queued,
@@ -595,26 +621,196 @@ fn claimed_by(run: &JobRun) -> Option<&str> {
         .map(|c| c.by.as_str())
 }
 
-/// Reads the job record and compares its claim with the run's.
-async fn ownership(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership, String> {
+/// Whether `record` is held by this run's claim: its claimant, and (when the CRM keeps one) its
+/// attempt. The same retriever pod claims a job again after a lapsed claim, so the claimant alone
+/// cannot tell this run from the next attempt's.
+fn holds(run: &JobRun, record: &crm::Record) -> bool {
     let ours = claimed_by(run);
-    let read = ctx
-        .queue
-        .read(target, &run.spec.crm_job_id)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(match read.value {
-        None => Ownership::Lost("the job was deleted in the CRM".into()),
-        Some(r) => match r.status {
-            JobStatus::Aborted => Ownership::Lost("the job was aborted in the CRM".into()),
-            JobStatus::Holding | JobStatus::Waiting => Ownership::Queued,
-            JobStatus::Claimed if ours.is_some() && r.claimed_by.as_deref() == ours => Ownership::Ours,
-            other => Ownership::Lost(format!(
-                "the job is {other:?} in the CRM under another processor's claim (this claim lapsed)"
-            )),
-        },
-    })
+    let attempt = run.status.as_ref().and_then(|s| s.attempt);
+    ours.is_some()
+        && record.claimed_by.as_deref() == ours
+        && (record.attempt.is_none() || attempt.is_none() || record.attempt == attempt)
 }
+
+/// How long a lease (the claim, or a running job's) lasts: as long as the retriever's claim did.
+fn lease_of(run: &JobRun) -> SignedDuration {
+    let claimed = run.status.as_ref().and_then(|s| s.claim.as_ref());
+    claimed
+        .map(|c| c.expires.0.duration_since(c.at.0))
+        .filter(|d| d.is_positive())
+        .unwrap_or(SignedDuration::from_mins(15))
+}
+
+/// The CRM's clock at a read: its `Date` less the request's duration, else ours.
+fn crm_now<T>(read: &crm::Answer<T>) -> Timestamp {
+    read.read_by().unwrap_or_else(Timestamp::now)
+}
+
+/// The fence before a run's Job is created: reads the job record and, if this run's claim still
+/// holds it, renews the claim with a conditional write on the version read. Only when that write
+/// lands is the job ours to run; a rival that claimed it after the read makes it fail (412), and the
+/// record is read again.
+async fn fence(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership, String> {
+    for _ in 0..3 {
+        let read = ctx
+            .queue
+            .read(target, &run.spec.crm_job_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let record = match &read.value {
+            None => return Ok(Ownership::Lost("the job was deleted in the CRM".into())),
+            Some(r) => r,
+        };
+        match record.status {
+            JobStatus::Aborted => return Ok(Ownership::Lost("the job was aborted in the CRM".into())),
+            JobStatus::Holding | JobStatus::Waiting => return Ok(Ownership::Queued),
+            JobStatus::Claimed if holds(run, record) => {}
+            other => {
+                return Ok(Ownership::Lost(format!(
+                    "the job is {other:?} in the CRM under another processor's claim (this claim lapsed)"
+                )));
+            }
+        }
+        if !crate::retriever::plan::settled(&record.version, read.read_by()) {
+            // Changed within the last 2 s (Salesforce's whole-second versions), or no Date:
+            // a conditional write could not tell a rival's change from it yet.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        }
+        let until = crm_now(&read)
+            .saturating_add(lease_of(run))
+            .unwrap_or(Timestamp::now());
+        let renew = Report::Renew {
+            status: JobStatus::Claimed,
+            until,
+        };
+        match ctx
+            .queue
+            .report(target, &run.spec.crm_job_id, record, &renew)
+            .await
+        {
+            Ok(ClaimOutcome::Claimed) => return Ok(Ownership::Ours),
+            Ok(ClaimOutcome::Gone) => return Ok(Ownership::Lost("the job was deleted in the CRM".into())),
+            Ok(ClaimOutcome::Lost) => continue, // changed since the read: read again
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err("the CRM job record kept changing".into())
+}
+
+/// What a look at a job in flight found.
+enum InFlight {
+    /// Still held (its lease renewed when half of it was gone).
+    Held,
+    /// Aborted or deleted in the CRM.
+    Aborted,
+    /// Cannot tell now: why.
+    Unknown(String),
+}
+
+/// Reads the record of a job in flight: aborted or gone, or still held; a lease with less than half
+/// of its length left is renewed (a conditional write; if it loses, the next look tries again).
+async fn check_in_flight(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> InFlight {
+    let read = match ctx.queue.read(target, &run.spec.crm_job_id).await {
+        Ok(read) => read,
+        Err(e) => return InFlight::Unknown(e.to_string()),
+    };
+    let Some(record) = &read.value else {
+        return InFlight::Aborted;
+    };
+    if record.status == JobStatus::Aborted {
+        return InFlight::Aborted;
+    }
+    let held = matches!(record.status, JobStatus::Claimed | JobStatus::Running) && holds(run, record);
+    let now = crm_now(&read);
+    let lease = lease_of(run);
+    let due = record
+        .claim_expires
+        .is_none_or(|expires| expires.duration_since(now) < lease / 2);
+    if held && due && crate::retriever::plan::settled(&record.version, read.read_by()) {
+        let renew = Report::Renew {
+            status: record.status,
+            until: now.saturating_add(lease).unwrap_or(now),
+        };
+        match ctx
+            .queue
+            .report(target, &run.spec.crm_job_id, record, &renew)
+            .await
+        {
+            Ok(ClaimOutcome::Claimed | ClaimOutcome::Lost) => {}
+            Ok(ClaimOutcome::Gone) => return InFlight::Aborted,
+            Err(e) => return InFlight::Unknown(format!("cannot renew the lease: {e}")),
+        }
+    }
+    InFlight::Held
+}
+
+/// A run whose Job was created and then deleted before its outcome was reported: the CRM is told
+/// (Failed if it had started, else the job goes back to the queue), and it is never run again by
+/// this run. Held while the connection cannot write to the CRM.
+async fn job_deleted(
+    ctx: &Ctx,
+    run: &JobRun,
+    ns: &str,
+    status: &JobRunStatus,
+    connection: Option<&Connection>,
+) -> Result<Action, Error> {
+    let name = run.name_any();
+    let settled = status.phase.is_some_and(JobPhase::is_terminal) || status.phase == Some(JobPhase::Holding);
+    if settled && status.reported == status.phase {
+        return Ok(Action::await_change());
+    }
+    if !can_report(connection) {
+        return Ok(Action::await_change());
+    }
+    let serving = connection
+        .map(|c| c.name_any())
+        .unwrap_or_else(|| run.spec.connection.clone());
+    let started = status.started.is_some() || status.reported == Some(JobPhase::Running);
+    let mut next = status.clone();
+    let phase = match (status.phase, started) {
+        // Its outcome was known (held for an inactive connection) and is still reported.
+        (Some(done), _) if done.is_terminal() => done,
+        (_, true) => JobPhase::Failed,
+        (_, false) => JobPhase::Holding,
+    };
+    let progress = build::Progress {
+        phase: Some(phase),
+        started: status.started.as_ref().map(|t| t.0),
+        finished: status.finished.as_ref().map(|t| t.0).or(Some(Timestamp::now())),
+    };
+    let fallback = (phase == JobPhase::Failed).then(|| JOB_DELETED.to_string());
+    match report_or(ctx, run, ns, &serving, phase, &progress, fallback).await {
+        Reported::Done(result) => {
+            info!(jobrun = %name, ?phase, "its Job was deleted before the outcome was reported: reported to the CRM");
+            next.phase = Some(phase);
+            next.reported = Some(phase);
+            if let Some(result) = result {
+                next.result = Some(build::summary(&result));
+            }
+            set_condition(
+                &mut next.conditions,
+                "JobDeleted",
+                "True",
+                "JobDeleted",
+                &format!("its Job was deleted before the outcome was reported; the CRM was told {phase:?}"),
+            );
+        }
+        Reported::Aborted => {
+            next.phase = Some(JobPhase::Aborted);
+            next.reported = Some(JobPhase::Aborted);
+        }
+        Reported::Later(why) => {
+            warn!(jobrun = %name, "its Job was deleted; cannot tell the CRM yet: {why}");
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    }
+    write_status(ctx, run, status, next).await?;
+    Ok(Action::await_change())
+}
+
+/// The result reported for a job whose Job was deleted while it ran.
+pub const JOB_DELETED: &str = "its Kubernetes Job was deleted before it finished";
 
 /// Writes `phase` into the CRM job record: read it, then a conditional write on that version.
 async fn report(
@@ -625,7 +821,20 @@ async fn report(
     phase: JobPhase,
     progress: &build::Progress,
 ) -> Reported {
-    let reported = write_report(ctx, run, ns, connection, phase, progress).await;
+    report_or(ctx, run, ns, connection, phase, progress, None).await
+}
+
+/// [`report`], with the result to write when the worker left none.
+async fn report_or(
+    ctx: &Ctx,
+    run: &JobRun,
+    ns: &str,
+    connection: &str,
+    phase: JobPhase,
+    progress: &build::Progress,
+    fallback: Option<String>,
+) -> Reported {
+    let reported = write_report(ctx, run, ns, connection, phase, progress, fallback).await;
     let outcome = match reported {
         Reported::Done(_) => metrics::ReportOutcome::Written,
         Reported::Aborted => metrics::ReportOutcome::Aborted,
@@ -642,6 +851,7 @@ async fn write_report(
     connection: &str,
     phase: JobPhase,
     progress: &build::Progress,
+    fallback: Option<String>,
 ) -> Reported {
     let (base, token) = match crm_session(ctx, connection, ns).await {
         Ok(session) => session,
@@ -653,38 +863,41 @@ async fn write_report(
         token: &token,
     };
     let result = if phase.is_terminal() {
-        termination_message(ctx, ns, &build::job_name(&run.name_any())).await
+        termination_message(ctx, ns, &build::job_name(&run.name_any()))
+            .await
+            .or(fallback)
     } else {
         None
-    };
-    let report = match phase {
-        JobPhase::Running => Report::Started {
-            at: progress.started.unwrap_or_else(Timestamp::now),
-        },
-        JobPhase::Holding => Report::Release,
-        _ => Report::Ended {
-            succeeded: phase == JobPhase::Succeeded,
-            at: progress.finished.unwrap_or_else(Timestamp::now),
-            result: result.clone(),
-        },
     };
     for _ in 0..3 {
         let read = match ctx.queue.read(&target, &run.spec.crm_job_id).await {
             Ok(read) => read,
             Err(e) => return Reported::Later(e.to_string()),
         };
-        let record = match read.value {
+        let report = match phase {
+            // A running job carries a lease from the CRM's clock, renewed while it runs.
+            JobPhase::Running => Report::Started {
+                at: progress.started.unwrap_or_else(Timestamp::now),
+                lease: crm_now(&read)
+                    .saturating_add(lease_of(run))
+                    .unwrap_or(Timestamp::now()),
+            },
+            JobPhase::Holding => Report::Release,
+            _ => Report::Ended {
+                succeeded: phase == JobPhase::Succeeded,
+                at: progress.finished.unwrap_or_else(Timestamp::now),
+                result: result.clone(),
+            },
+        };
+        let record = match &read.value {
             None => return Reported::Aborted,
             Some(r) if r.status == JobStatus::Aborted => return Reported::Aborted,
             Some(r) => r,
         };
         // Only a record this run still holds is written.
-        let ours = claimed_by(run);
-        let held = matches!(record.status, JobStatus::Claimed | JobStatus::Running)
-            && ours.is_some()
-            && record.claimed_by.as_deref() == ours;
+        let held = matches!(record.status, JobStatus::Claimed | JobStatus::Running) && holds(run, record);
         if !held {
-            let ours_already = ours.is_some() && record.claimed_by.as_deref() == ours;
+            let ours_already = holds(run, record);
             return match (phase, record.status) {
                 // Nothing to give back: it is in the queue already.
                 (JobPhase::Holding, JobStatus::Holding | JobStatus::Waiting) => Reported::Done(None),
@@ -698,16 +911,15 @@ async fn write_report(
             };
         }
         // One-second resolution of If-Unmodified-Since: a change in the same second as ours
-        // would not be seen, so a record changed under 2 s ago is read again after a moment.
-        if let (crm::Version::LastModified(modified), Some(now)) = (&record.version, read.server_time)
-            && now.as_second() - modified.as_second() < 2
-        {
+        // would not be seen, so a record changed under 2 s before the CRM read it is read again
+        // after a moment.
+        if !crate::retriever::plan::settled(&record.version, read.read_by()) {
             tokio::time::sleep(Duration::from_secs(2)).await;
             continue;
         }
         match ctx
             .queue
-            .report(&target, &run.spec.crm_job_id, &record, &report)
+            .report(&target, &run.spec.crm_job_id, record, &report)
             .await
         {
             Ok(ClaimOutcome::Claimed) => return Reported::Done(result),

@@ -16,10 +16,11 @@ pub fn jobrun(
     provider: Provider,
     crm_job_id: &str,
     job_type: &str,
+    attempt: i64,
 ) -> JobRun {
     JobRun {
         metadata: ObjectMeta {
-            name: Some(jobrun_name(org_key, crm_job_id)),
+            name: Some(jobrun_name(org_key, crm_job_id, attempt)),
             labels: Some(
                 [
                     (labels::CONNECTION.to_string(), connection.to_string()),
@@ -65,8 +66,8 @@ pub async fn held(api: &Api<JobRun>, org_key: &str) -> Result<usize, kube::Error
         .count())
 }
 
-/// Records a claim: creates the JobRun (an existing one of the same name is the same CRM job, and
-/// is adopted) and writes its status.
+/// Records a claim: creates the JobRun (an existing one of the same name is the same claim of the
+/// same CRM job, created before a crash, and is adopted) and writes its status.
 pub async fn record(api: &Api<JobRun>, run: &JobRun, status: &JobRunStatus) -> Result<String, kube::Error> {
     let name = run.metadata.name.clone().unwrap_or_default();
     match api.create(&PostParams::default(), run).await {

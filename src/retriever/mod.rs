@@ -357,19 +357,28 @@ impl Retriever {
             usage: first.usage,
             ..Default::default()
         };
-        let server_time = first.server_time.unwrap_or(now);
+        // The CRM's clock at the query, for the 2-second rule (none without a `Date`: then no
+        // Salesforce job is claimed, a local clock proves nothing about the CRM's).
+        let server_time = first.read_by();
+        if server_time.is_none() && target.api == crm::Api::Salesforce {
+            warn!(org = %self.settings.org_key, "the CRM's answer has no Date header: claiming nothing this poll");
+        }
         let mut next = first.value.next;
         let mut jobs = first.value.jobs;
         let mut skipped = first.value.skipped;
-        // More pages only while they could add a job to claim.
+        // More pages only while they could add a job to claim, and never more than MAX_PAGES (a
+        // CRM answering `done: false` with empty pages for ever ends the loop).
+        let mut pages = 1;
         while let Some(url) = next.take() {
             if capacity == 0
                 || plan::choose(&jobs, server_time, capacity).len() >= capacity
                 || jobs.len() >= plan::QUERY_LIMIT as usize
+                || pages >= plan::MAX_PAGES
                 || self.stopping()
             {
                 break;
             }
+            pages += 1;
             let page = self.queue.next_page(&target, &url, plan::QUERY_LIMIT).await?;
             report.usage = page.usage.or(report.usage);
             jobs.extend(page.value.jobs);
@@ -415,6 +424,7 @@ impl Retriever {
                         session.provider,
                         &job.id,
                         &job.job_type,
+                        claim.attempt,
                     );
                     let status = jobruns::claimed_status(&claim.by, at, expires, claim.attempt);
                     // If this fails the claim lapses with its lease and the job is claimed again.

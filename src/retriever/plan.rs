@@ -48,27 +48,37 @@ pub fn capacity(settings: &JobSettings, held: usize) -> usize {
     free.min(settings.max_claims_per_poll as usize)
 }
 
-/// Whether `job` may be claimed now. `server_time` is the CRM's clock (its `Date` header).
-pub fn claimable(job: &QueuedJob, server_time: Timestamp) -> bool {
+/// The most pages one poll reads.
+pub const MAX_PAGES: usize = 10;
+
+/// Whether `job` may be claimed now. `read_by` is the latest the CRM can have read the queue by its
+/// own clock ([`crate::crm::Answer::read_by`]: its `Date` less the query's duration); without it no
+/// Salesforce job is claimable (Dataverse's ETags involve no clock).
+pub fn claimable(job: &QueuedJob, read_by: Option<Timestamp>) -> bool {
     let queued = matches!(
         job.status,
         JobStatus::Holding | JobStatus::Waiting | JobStatus::Claimed
     );
-    let aged = match &job.version {
-        // Whole seconds: what If-Unmodified-Since compares.
+    queued && settled(&job.version, read_by)
+}
+
+/// Whether a conditional write on `version` can tell a rival's later change from it: always for
+/// an ETag (it names the exact version); for Salesforce's whole-second `LastModifiedDate`, only
+/// when the record is at least [`MIN_AGE`] older than the CRM's clock at the read, so any change
+/// after the read lands in a later second. `read_by`: as for [`claimable`].
+pub fn settled(version: &Version, read_by: Option<Timestamp>) -> bool {
+    match version {
         Version::LastModified(modified) => {
-            server_time.as_second() - modified.as_second() >= MIN_AGE.as_secs() as i64
+            read_by.is_some_and(|at| at.as_second() - modified.as_second() >= MIN_AGE.as_secs() as i64)
         }
-        // An ETag names the exact version: no clock involved.
         Version::ETag(_) => true,
-    };
-    queued && aged
+    }
 }
 
 /// The jobs to claim this poll, oldest first (the queue's order), at most `capacity`.
-pub fn choose(jobs: &[QueuedJob], server_time: Timestamp, capacity: usize) -> Vec<&QueuedJob> {
+pub fn choose(jobs: &[QueuedJob], read_by: Option<Timestamp>, capacity: usize) -> Vec<&QueuedJob> {
     jobs.iter()
-        .filter(|j| claimable(j, server_time))
+        .filter(|j| claimable(j, read_by))
         .take(capacity)
         .collect()
 }
@@ -141,7 +151,7 @@ mod tests {
 
     #[test]
     fn a_salesforce_job_changed_within_two_seconds_waits() {
-        let now = t("2026-11-28T09:55:05.900Z");
+        let now = Some(t("2026-11-28T09:55:05.900Z"));
         // Same whole second as 09:55:04 → 1 s old: too young, whatever the milliseconds.
         assert!(!claimable(
             &sf_job("a", JobStatus::Holding, "2026-11-28T09:55:04Z"),
@@ -159,8 +169,40 @@ mod tests {
     }
 
     #[test]
+    fn the_two_second_rule_counts_the_query_s_duration_and_needs_the_crm_s_clock() {
+        use crate::crm::Answer;
+        let answer = |date: Option<&str>, took_ms: u64| Answer {
+            value: (),
+            server_time: date.map(t),
+            usage: None,
+            took: Duration::from_millis(took_ms),
+        };
+        let job = sf_job("a", JobStatus::Holding, "2026-11-28T09:55:03Z");
+        // Date 2 s after the change: claimable after a quick query ...
+        let quick = answer(Some("2026-11-28T09:55:05Z"), 0);
+        assert!(claimable(&job, quick.read_by()));
+        // ... not after one that took 1.2 s: the CRM may have read the queue at 09:55:03.8, and a
+        // rival's claim at 09:55:03.9 would share the record's second.
+        let slow = answer(Some("2026-11-28T09:55:05Z"), 1200);
+        assert_eq!(slow.read_by(), Some(t("2026-11-28T09:55:03Z")));
+        assert!(!claimable(&job, slow.read_by()));
+        assert!(claimable(
+            &job,
+            answer(Some("2026-11-28T09:55:07Z"), 1200).read_by()
+        ));
+        // No Date: no Salesforce job is claimed (the local clock is not the CRM's) ...
+        assert!(!claimable(&job, answer(None, 0).read_by()));
+        // ... while an ETag needs no clock.
+        let dv = QueuedJob {
+            version: Version::ETag("W/\"1\"".into()),
+            ..job.clone()
+        };
+        assert!(claimable(&dv, None));
+    }
+
+    #[test]
     fn only_queued_statuses_are_claimable() {
-        let now = t("2026-11-28T10:00:00Z");
+        let now = Some(t("2026-11-28T10:00:00Z"));
         for (status, want) in [
             (JobStatus::Holding, true),
             (JobStatus::Waiting, true),
@@ -179,7 +221,7 @@ mod tests {
 
     #[test]
     fn choose_keeps_queue_order_and_capacity() {
-        let now = t("2026-11-28T10:00:00Z");
+        let now = Some(t("2026-11-28T10:00:00Z"));
         let jobs = vec![
             sf_job("young", JobStatus::Holding, "2026-11-28T09:59:59Z"),
             sf_job("a", JobStatus::Holding, "2026-11-28T09:00:00Z"),

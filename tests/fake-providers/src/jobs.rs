@@ -276,6 +276,9 @@ pub(crate) struct JobQueues {
     usage: HashMap<String, ApiUsage>,
     /// Requests left to throttle, Retry-After seconds.
     throttle: Option<(u32, u64)>,
+    /// Salesforce job IDs (lowercase) that a rival processor claims right after the next read of
+    /// their record is answered, and the rival's `ClaimedBy`.
+    rival_after_read: HashMap<String, String>,
 }
 
 impl JobQueues {
@@ -681,6 +684,31 @@ impl FakeProviders {
     /// Sets a job `Aborted` (as a user in the CRM would): modified now, new version. False if unknown.
     pub fn abort_job(&self, remote_id: &str, id: &str) -> bool {
         abort(&mut self.shared.lock(), remote_id, id)
+    }
+
+    /// The next read of Salesforce job `id`'s record is answered, then a rival processor claims the
+    /// job as `by` (modified now, new version): the reader's conditional write after it must fail.
+    pub fn rival_claims_after_next_read(&self, id: &str, by: &str) {
+        self.shared
+            .lock()
+            .jobs
+            .rival_after_read
+            .insert(id.to_ascii_lowercase(), by.to_string());
+    }
+
+    /// Queues a job again (as a CRM user would): Holding, no claim, modified `modified`, new
+    /// version; the attempt counter stays. False if unknown.
+    pub fn requeue_job(&self, remote_id: &str, id: &str, modified: SystemTime) -> bool {
+        with_job(&mut self.shared.lock(), remote_id, id, |queues, i| {
+            let version = queues.bump_version();
+            let job = &mut queues.jobs[i];
+            job.status = JobStatus::Holding;
+            job.claimed_by = None;
+            job.claim_expires = None;
+            job.modified = to_secs(modified);
+            job.version = version;
+        })
+        .is_some()
     }
 
     /// Deletes a job. False if unknown.
@@ -1205,11 +1233,23 @@ pub(crate) async fn sf_read(
         Ok(ctx) => ctx,
         Err(response) => return response,
     };
-    let state = shared.lock();
-    let record = (object == SF_OBJECT)
+    let mut state = shared.lock();
+    let index = (object == SF_OBJECT)
         .then(|| state.jobs.find(&ctx.key, &id))
-        .flatten()
-        .map(|i| sf_record(&state.jobs.jobs[i], &SF_FIELDS));
+        .flatten();
+    let record = index.map(|i| sf_record(&state.jobs.jobs[i], &SF_FIELDS));
+    if let Some(i) = index
+        && let Some(by) = state.jobs.rival_after_read.remove(&id.to_ascii_lowercase())
+    {
+        // A rival processor claims the job between this read and the reader's next write.
+        let version = state.jobs.bump_version();
+        let job = &mut state.jobs.jobs[i];
+        job.status = JobStatus::Claimed;
+        job.claimed_by = Some(by);
+        job.claim_expires = Some(now_secs() + 900);
+        job.modified = now_secs();
+        job.version = version;
+    }
     drop(state);
     match record {
         Some(record) => finish(json_response(200, record), &ctx),
