@@ -144,7 +144,7 @@ async fn claims_jobs_up_to_max_concurrent_across_pages(dynamics: bool) {
     })
     .await;
 
-    // The org is at its maximum: the next poll claims nothing more.
+    // The runs wait for a template (holding no slot), and no more jobs of their type are claimed.
     let again = retrieve_once(
         &kubeconfig,
         &session,
@@ -616,5 +616,131 @@ async fn pausing_gives_claimed_jobs_back_to_holding_and_activating_claims_them_a
             .count(),
         2
     );
+    env.op.stop().await;
+}
+
+/// Issue 30: runs that cannot start (no JobTemplate for their type) hold no slot, block their type
+/// rather than the org, and give their job back once their claim's lease is over; the template
+/// appearing lets the type be claimed again.
+#[tokio::test]
+async fn runs_without_a_template_hold_no_slot_and_give_their_job_back() {
+    let env = Env::new().await;
+    env.connect("acme", false).await;
+    let (mystery, known) = (
+        format!("mystery-{}", &env.ns()[2..]),
+        format!("known-{}", &env.ns()[2..]),
+    );
+    let ids = env.fake.seed_jobs(
+        SF_ORG,
+        &[
+            NewJob::new(&mystery),
+            NewJob::new(&mystery),
+            NewJob::new(&mystery),
+            NewJob::new(&known),
+        ],
+    );
+    let past = SystemTime::now() - Duration::from_secs(60);
+    for id in &ids {
+        assert!(env.fake.set_job_modified(SF_ORG, id, past));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
+    let session = env.session_dir("acme", dir.path()).await;
+    // The defaults (maxConcurrentJobs 2) and a claim lease of 6 s.
+    let lease = ["--claim-lease", "6s"];
+    let first = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &lease).await;
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("claimed 2,"),
+        "{}",
+        text(&first)
+    );
+    let jobruns: Api<JobRun> = Api::namespaced(env.client.clone(), env.ns());
+    for id in &ids[..2] {
+        let name = connection_operator::api::jobrun_name(SF_KEY, id, 1);
+        eventually("TemplateFound=False", Duration::from_secs(30), || async {
+            let status = jobruns.get(&name).await.ok()?.status?;
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "TemplateFound" && c.status == "False")
+                .then_some(())
+        })
+        .await;
+    }
+
+    // Both slots are free again: the next poll skips the third job of that type and claims the
+    // other type's.
+    let second = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &lease).await;
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains("claimed 1,"),
+        "{}",
+        text(&second)
+    );
+    assert_eq!(env.fake.job(SF_ORG, &ids[3]).unwrap().status, JobStatus::Claimed);
+    assert_eq!(env.fake.job(SF_ORG, &ids[2]).unwrap().status, JobStatus::Holding);
+
+    // Once the lease is over the job goes back to the CRM queue, for any processor.
+    for id in &ids[..2] {
+        eventually("given back to Holding", Duration::from_secs(60), || async {
+            let job = env.fake.job(SF_ORG, id)?;
+            (job.status == JobStatus::Holding && job.claimed_by.is_none()).then_some(())
+        })
+        .await;
+        let name = connection_operator::api::jobrun_name(SF_KEY, id, 1);
+        let run = eventually("the run Holding", Duration::from_secs(30), || async {
+            let run = jobruns.get(&name).await.ok()?;
+            (run.status.as_ref()?.phase == Some(JobPhase::Holding)).then_some(run)
+        })
+        .await;
+        let status = run.status.unwrap();
+        let condition = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "TemplateFound")
+            .unwrap();
+        assert!(condition.message.contains("given back"), "{}", condition.message);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await; // the 2-second rule on the release's write
+    let third = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &lease).await;
+    assert!(
+        String::from_utf8_lossy(&third.stdout).contains("claimed 0,"),
+        "the type is still blocked: {}",
+        text(&third)
+    );
+
+    // The template appears (its pods never start here): the type is claimed again.
+    let _templates = JobTemplates::apply(&[(
+        &mystery,
+        JobTemplates::worker("absent.invalid/none:0", &["never"]),
+    )]);
+    for id in &ids[..2] {
+        let name = connection_operator::api::jobrun_name(SF_KEY, id, 1);
+        eventually("TemplateFound=True", Duration::from_secs(30), || async {
+            let status = jobruns.get(&name).await.ok()?.status?;
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "TemplateFound" && c.status == "True")
+                .then_some(())
+        })
+        .await;
+    }
+    let fourth = retrieve_once(
+        &kubeconfig,
+        &session,
+        env.ns(),
+        "acme",
+        SF_KEY,
+        &["--max-concurrent-jobs", "10"],
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&fourth.stdout).contains("claimed 3,"),
+        "{}",
+        text(&fourth)
+    );
+    for id in &ids[..2] {
+        assert_eq!(env.fake.job(SF_ORG, id).unwrap().attempt, 2);
+    }
     env.op.stop().await;
 }

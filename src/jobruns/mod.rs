@@ -42,6 +42,18 @@ pub const TEMPLATE_FOUND: &str = "TemplateFound";
 /// Reason and event reason: no usable JobTemplate for the run's type.
 pub const TEMPLATE_MISSING: &str = "TemplateMissing";
 
+/// How often a run given back for want of a JobTemplate looks for it again (besides the template
+/// watch).
+const RECHECK_TEMPLATE: Duration = Duration::from_secs(600);
+
+/// Whether the run's condition says it waits for its JobTemplate.
+fn waits_for_template(status: &JobRunStatus) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == TEMPLATE_FOUND && c.status == "False")
+}
+
 /// Settings of the JobRun controller.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -393,6 +405,10 @@ async fn start(
             Reported::Done(_) => {
                 info!(jobrun = %name, "connection paused: released the job back to Holding in the CRM");
                 next.phase = Some(JobPhase::Holding);
+                // No longer this run's job: whether its type has a template is asked again at the
+                // next claim (a run given back for the pause blocks nothing).
+                next.conditions
+                    .retain(|c| !(c.type_ == TEMPLATE_FOUND && c.status == "False"));
             }
             Reported::Aborted => {
                 next.phase = Some(JobPhase::Aborted);
@@ -403,6 +419,30 @@ async fn start(
                 return Ok(Action::requeue(Duration::from_secs(30)));
             }
         }
+        write_status(ctx, run, status, next).await?;
+        return Ok(Action::await_change());
+    }
+    if status.phase == Some(JobPhase::Holding) && waits_for_template(status) {
+        // Given back for want of a template: rechecked on a timer (and when a template appears);
+        // once it exists the condition says so, and the retriever claims the type again.
+        let template_name = template_name(&run.spec.job_type);
+        let found = Api::<JobTemplate>::all(ctx.client.clone())
+            .get_opt(&template_name)
+            .await?
+            .is_some_and(|t| t.spec.providers.is_empty() || t.spec.providers.contains(&run.spec.provider));
+        if !found {
+            return Ok(Action::requeue(RECHECK_TEMPLATE));
+        }
+        let mut next = status.clone();
+        set_condition(
+            &mut next.conditions,
+            TEMPLATE_FOUND,
+            "True",
+            "TemplateFound",
+            &format!(
+                "JobTemplate {template_name} exists now: the job is claimed again at the retriever's next poll"
+            ),
+        );
         write_status(ctx, run, status, next).await?;
         return Ok(Action::await_change());
     }
@@ -421,11 +461,56 @@ async fn start(
         .await?
         .filter(|t| t.spec.providers.is_empty() || t.spec.providers.contains(&run.spec.provider));
     let Some(template) = template else {
+        // Nothing can run it: it holds no slot, and the retriever claims no more jobs of its type
+        // (the condition says so); once its claim's lease is over, the job is given back to the
+        // CRM queue (Holding) for any processor.
+        let expires = status.claim.as_ref().map(|c| c.expires.0);
+        let lapsed = expires.is_none_or(|e| e <= Timestamp::now());
         let message = format!(
-            "no JobTemplate {template_name} for job type {:?} and provider {}: the job stays claimed until a cluster administrator creates one (kubectl get jobtemplates)",
-            run.spec.job_type, run.spec.provider
+            "no JobTemplate {template_name} for job type {:?} and provider {}: the job {} (kubectl get jobtemplates); no more jobs of the type are claimed until a cluster administrator creates one",
+            run.spec.job_type,
+            run.spec.provider,
+            if lapsed {
+                "was given back to the CRM queue (Holding)"
+            } else {
+                "holds no slot and goes back to the CRM queue when its claim lapses"
+            }
         );
         let mut next = status.clone();
+        let mut action = match expires {
+            Some(e) if !lapsed => Action::requeue(
+                Duration::try_from(e.duration_since(Timestamp::now())).unwrap_or_default()
+                    + Duration::from_secs(1),
+            ),
+            _ => Action::await_change(),
+        };
+        if lapsed {
+            match report(
+                ctx,
+                run,
+                ns,
+                &serving,
+                JobPhase::Holding,
+                &build::Progress::default(),
+            )
+            .await
+            {
+                Reported::Done(_) => {
+                    info!(jobrun = %name, "no JobTemplate: gave the job back to Holding in the CRM");
+                    next.phase = Some(JobPhase::Holding);
+                    next.reported = Some(JobPhase::Holding);
+                    action = Action::requeue(RECHECK_TEMPLATE);
+                }
+                Reported::Aborted => {
+                    next.phase = Some(JobPhase::Aborted);
+                    next.reported = Some(JobPhase::Aborted);
+                }
+                Reported::Later(why) => {
+                    warn!(jobrun = %name, "cannot give the job back yet: {why}");
+                    action = Action::requeue(Duration::from_secs(30));
+                }
+            }
+        }
         let changed = set_condition(
             &mut next.conditions,
             TEMPLATE_FOUND,
@@ -437,7 +522,7 @@ async fn start(
             publish(ctx, run, EventType::Warning, TEMPLATE_MISSING, &message).await;
         }
         write_status(ctx, run, status, next).await?;
-        return Ok(Action::await_change());
+        return Ok(action);
     };
     // The fence: the job is still ours in the CRM, proven by a conditional write (the claim
     // renewed) on the version just read, before anything runs. (A claim held while the connection

@@ -337,8 +337,9 @@ impl Retriever {
 
     async fn poll_with(&self, session: &Session) -> Result<Report, PollError> {
         let jobs_settings = &self.settings.jobs;
-        let held = jobruns::held(&self.jobruns, &self.settings.org_key).await?;
-        let capacity = plan::capacity(jobs_settings, held);
+        let held = jobruns::held(&self.jobruns, &self.settings.org_key, jobs_settings.claim_lease).await?;
+        let capacity = plan::capacity(jobs_settings, held.slots);
+        let blocked = &held.blocked;
         let target = Target {
             api: crm::Api::of(session.provider),
             base: &session.instance_url,
@@ -371,7 +372,7 @@ impl Retriever {
         let mut pages = 1;
         while let Some(url) = next.take() {
             if capacity == 0
-                || plan::choose(&jobs, server_time, capacity).len() >= capacity
+                || plan::choose(&jobs, server_time, blocked, capacity).len() >= capacity
                 || jobs.len() >= plan::QUERY_LIMIT as usize
                 || pages >= plan::MAX_PAGES
                 || self.stopping()
@@ -395,7 +396,7 @@ impl Retriever {
             self.metrics.api_usage(usage.ratio());
         }
 
-        for job in plan::choose(&jobs, server_time, capacity) {
+        for job in plan::choose(&jobs, server_time, blocked, capacity) {
             if self.stopping() {
                 break;
             }

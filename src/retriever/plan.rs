@@ -1,5 +1,6 @@
 //! What one poll does, decided purely: how many jobs to claim, which ones, and when to poll next.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
@@ -75,10 +76,16 @@ pub fn settled(version: &Version, read_by: Option<Timestamp>) -> bool {
     }
 }
 
-/// The jobs to claim this poll, oldest first (the queue's order), at most `capacity`.
-pub fn choose(jobs: &[QueuedJob], read_by: Option<Timestamp>, capacity: usize) -> Vec<&QueuedJob> {
+/// The jobs to claim this poll, oldest first (the queue's order), at most `capacity`, none of a
+/// `blocked` type (one waiting for its JobTemplate).
+pub fn choose<'a>(
+    jobs: &'a [QueuedJob],
+    read_by: Option<Timestamp>,
+    blocked: &BTreeSet<String>,
+    capacity: usize,
+) -> Vec<&'a QueuedJob> {
     jobs.iter()
-        .filter(|j| claimable(j, read_by))
+        .filter(|j| claimable(j, read_by) && !blocked.contains(&j.job_type))
         .take(capacity)
         .collect()
 }
@@ -228,10 +235,23 @@ mod tests {
             sf_job("b", JobStatus::Waiting, "2026-11-28T09:00:00Z"),
             sf_job("c", JobStatus::Holding, "2026-11-28T09:00:00Z"),
         ];
-        let ids: Vec<&str> = choose(&jobs, now, 2).iter().map(|j| j.id.as_str()).collect();
+        let none = BTreeSet::new();
+        let ids: Vec<&str> = choose(&jobs, now, &none, 2)
+            .iter()
+            .map(|j| j.id.as_str())
+            .collect();
         assert_eq!(ids, ["a", "b"]);
-        assert!(choose(&jobs, now, 0).is_empty());
-        assert_eq!(holding(&jobs), 4);
+        assert!(choose(&jobs, now, &none, 0).is_empty());
+        let mut other = sf_job("d", JobStatus::Holding, "2026-11-28T09:00:00Z");
+        other.job_type = "import".into();
+        let jobs = [jobs, vec![other]].concat();
+        let blocked = BTreeSet::from(["export".to_string()]);
+        let ids: Vec<&str> = choose(&jobs, now, &blocked, 2)
+            .iter()
+            .map(|j| j.id.as_str())
+            .collect();
+        assert_eq!(ids, ["d"], "a blocked type is skipped, not the queue behind it");
+        assert_eq!(holding(&jobs), 5);
     }
 
     #[test]
