@@ -198,6 +198,51 @@ pub fn report_due(progress: &Progress, reported: Option<JobPhase>) -> Option<Job
     }
 }
 
+/// A worker's result made safe to write anywhere (the CRM record, the JobRun, the history): each
+/// of `secrets` (the session's access token) replaced, whatever follows `Bearer ` up to the next
+/// space replaced, and control characters but newline and tab dropped.
+pub fn scrub(result: &str, secrets: &[&str]) -> String {
+    let mut out = result.to_string();
+    for secret in secrets.iter().filter(|s| s.len() >= 8) {
+        out = out.replace(secret, "[redacted]");
+    }
+    let mut scrubbed = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(at) = rest.find("Bearer ") {
+        let (before, after) = rest.split_at(at + "Bearer ".len());
+        scrubbed.push_str(before);
+        let end = after.find(char::is_whitespace).unwrap_or(after.len());
+        if end > 0 {
+            scrubbed.push_str("[redacted]");
+        }
+        rest = &after[end..];
+    }
+    scrubbed.push_str(rest);
+    scrubbed
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect()
+}
+
+/// The termination message of the pod's first container (the template's worker), whatever the
+/// order of its container statuses.
+pub fn worker_message(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    let first = &pod.spec.as_ref()?.containers.first()?.name;
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|s| &s.name == first)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .clone()
+        .filter(|m| !m.trim().is_empty())
+}
+
 /// A short form of a worker's result for the JobRun's status (the CRM gets up to 4 KiB).
 pub fn summary(result: &str) -> String {
     let line = result.trim();

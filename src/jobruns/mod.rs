@@ -30,7 +30,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tracing::{info, warn};
 
 use crate::api::{Connection, JobPhase, JobRun, JobRunStatus, JobTemplate, State, template_name};
@@ -950,6 +950,7 @@ async fn write_report(
     let result = if phase.is_terminal() {
         termination_message(ctx, ns, &build::job_name(&run.name_any()))
             .await
+            .map(|m| build::scrub(&m, &[token.expose_secret()]))
             .or(fallback)
     } else {
         None
@@ -1026,19 +1027,7 @@ async fn termination_message(ctx: &Ctx, ns: &str, job: &str) -> Option<String> {
         .items
         .iter()
         .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0))?;
-    newest
-        .status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .first()?
-        .state
-        .as_ref()?
-        .terminated
-        .as_ref()?
-        .message
-        .clone()
-        .filter(|m| !m.trim().is_empty())
+    build::worker_message(newest)
 }
 
 /// Sets a condition; true when it changed (status or reason).

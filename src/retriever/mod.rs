@@ -184,7 +184,7 @@ pub async fn run(
         (None, None) => None,
     };
     let retriever = Retriever {
-        claimed_by: format!("{connection}/{}", settings.pod),
+        claimed_by: plan::claimant(&connection, &settings.pod),
         queue: JobQueue::new(settings.request_timeout, extra_roots.as_ref()).map_err(Error::Http)?,
         jobruns: Api::namespaced(client, &namespace),
         metrics,

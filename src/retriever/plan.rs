@@ -49,6 +49,25 @@ pub fn capacity(settings: &JobSettings, held: usize) -> usize {
     free.min(settings.max_claims_per_poll as usize)
 }
 
+/// The longest `ClaimedBy` (a Salesforce Text(255) field).
+pub const MAX_CLAIMANT: usize = 255;
+
+/// The claimant written to `ClaimedBy`: `<namespace>/<connection>/<pod>`, or, when longer than
+/// [`MAX_CLAIMANT`], its start and a hash of the whole (still unique and stable per pod).
+pub fn claimant(connection: &str, pod: &str) -> String {
+    let full = format!("{connection}/{pod}");
+    if full.len() <= MAX_CLAIMANT {
+        return full;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, full.as_bytes());
+    let hash: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut cut = MAX_CLAIMANT - hash.len() - 1;
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash}", &full[..cut])
+}
+
 /// The most pages one poll reads.
 pub const MAX_PAGES: usize = 10;
 
@@ -205,6 +224,20 @@ mod tests {
             ..job.clone()
         };
         assert!(claimable(&dv, None));
+    }
+
+    #[test]
+    fn a_claimant_fits_the_crm_field_and_stays_unique() {
+        assert_eq!(
+            claimant("ns/acme", "acme-retriever-5d9f-x2"),
+            "ns/acme/acme-retriever-5d9f-x2"
+        );
+        let connection = format!("team-a/{}", "c".repeat(253));
+        let (one, two) = (claimant(&connection, "pod-1"), claimant(&connection, "pod-2"));
+        assert_eq!(one.len(), MAX_CLAIMANT);
+        assert_eq!(two.len(), MAX_CLAIMANT);
+        assert_ne!(one, two);
+        assert_eq!(one, claimant(&connection, "pod-1"), "stable");
     }
 
     #[test]

@@ -228,3 +228,32 @@ fn job_names_fit_63_characters_and_are_deterministic() {
         "{name}"
     );
 }
+
+#[test]
+fn results_are_scrubbed_of_the_token_bearer_values_and_control_characters() {
+    let token = "00Dxx0000001gPL!AR8AQJXg5oH";
+    let raw = format!(
+        "exported 3\u{1b}[31m rows\r\nAuthorization: Bearer abc.def-123 then {token} again\n\ttab\u{0}"
+    );
+    assert_eq!(
+        scrub(&raw, &[token]),
+        "exported 3[31m rows\nAuthorization: Bearer [redacted] then [redacted] again\n\ttab"
+    );
+    assert_eq!(scrub("Bearer", &[]), "Bearer");
+    assert_eq!(scrub("no secrets here", &[token]), "no secrets here");
+}
+
+#[test]
+fn the_result_is_the_templates_first_container_s_message() {
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "spec": {"containers": [{"name": "worker"}, {"name": "a-sidecar"}]},
+        "status": {"containerStatuses": [
+            {"name": "a-sidecar", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"terminated": {"exitCode": 0, "message": "sidecar says hi"}}},
+            {"name": "worker", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"terminated": {"exitCode": 0, "message": "Account: 42 records"}}},
+        ]},
+    }))
+    .unwrap();
+    assert_eq!(worker_message(&pod).as_deref(), Some("Account: 42 records"));
+}
