@@ -132,6 +132,9 @@ pub struct RunRecord {
     pub phase: super::JobPhase,
     /// The connection whose retriever claimed it.
     pub connection: String,
+    /// Which claim of the CRM job it was (1 for the first); a job queued again runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i64>,
     /// When it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
@@ -162,7 +165,7 @@ pub fn record_run(status: &OrgSettingsStatus, run: RunRecord, limit: i32) -> Org
     let again = next
         .recent_runs
         .iter()
-        .any(|r| r.crm_job_id == run.crm_job_id && r.phase == run.phase);
+        .any(|r| r.crm_job_id == run.crm_job_id && r.attempt == run.attempt && r.phase == run.phase);
     next.recent_runs.retain(|r| r.crm_job_id != run.crm_job_id);
     if !again {
         match run.phase {
@@ -316,6 +319,7 @@ mod tests {
             job_type: "export".into(),
             phase,
             connection: "acme".into(),
+            attempt: Some(1),
             started: None,
             finished: None,
             summary: None,
@@ -343,6 +347,15 @@ mod tests {
         let again = record_run(&status, record("j3", Aborted), 3);
         assert_eq!(again.counts, status.counts);
         assert_eq!(again.recent_runs.len(), 3);
+        // The job queued again and run again (attempt 2) is counted, and replaces its record.
+        let rerun = RunRecord {
+            attempt: Some(2),
+            ..record("j3", Aborted)
+        };
+        let rerun = record_run(&again, rerun, 3);
+        assert_eq!(rerun.counts.aborted, 2);
+        assert_eq!(rerun.recent_runs.len(), 3);
+        assert_eq!(rerun.recent_runs[0].attempt, Some(2));
     }
 
     #[test]

@@ -1106,6 +1106,7 @@ async fn record_history(ctx: &Ctx, run: &JobRun, ns: &str, status: &JobRunStatus
         job_type: run.spec.job_type.clone(),
         phase,
         connection: run.spec.connection.clone(),
+        attempt: status.attempt,
         started: status.started.clone(),
         finished: status.finished.clone(),
         summary: status.result.clone(),
