@@ -406,6 +406,14 @@ async fn an_inactive_connection_starts_nothing_keeps_outcomes_and_re_authorizing
         (env.fake.stats().job_queries > queries).then_some(())
     })
     .await;
+    // The Running report is recorded on the run too (the CRM write comes first, then the status
+    // write: on a busy machine the revocation must not land between the two).
+    let running = jobrun_name(SF_KEY, &ids[1], 1);
+    eventually("the run's Running report recorded", WAIT, || async {
+        let status = api.get(&running).await.ok()?.status?;
+        (status.reported == Some(JobPhase::Running)).then_some(())
+    })
+    .await;
     revoke(&env, "acme").await;
 
     // Inactive: its outcome is kept (the CRM still says Running) ...
@@ -654,6 +662,8 @@ async fn a_running_job_s_lease_is_renewed_while_it_runs() {
         expires > SystemTime::now(),
         "the lease lapsed under a running job: {running:?}"
     );
+    // (The run first: on a timeout it shows the run, its Job and pods, and the record.)
+    run_phase(&env, SF_KEY, &ids[0], JobPhase::Succeeded).await;
     let done = crm_job(&env, SF_ORG, &ids[0], JobStatus::Completed).await;
     assert_eq!(done.result.as_deref(), Some("Account: 42 records"));
 }

@@ -392,33 +392,15 @@ async fn start(
         // Paused with valid tokens: the claim is given back, the job waits in the CRM as Holding
         // (for any processor); the retriever claims it again once the connection is active.
         let mut next = status.clone();
-        match report(
-            ctx,
-            run,
-            ns,
-            &serving,
-            JobPhase::Holding,
-            &build::Progress::default(),
-        )
-        .await
-        {
-            Reported::Done(_) => {
-                info!(jobrun = %name, "connection paused: released the job back to Holding in the CRM");
-                next.phase = Some(JobPhase::Holding);
-                // No longer this run's job: whether its type has a template is asked again at the
-                // next claim (a run given back for the pause blocks nothing).
-                next.conditions
-                    .retain(|c| !(c.type_ == TEMPLATE_FOUND && c.status == "False"));
-            }
-            Reported::Aborted => {
-                next.phase = Some(JobPhase::Aborted);
-                next.reported = Some(JobPhase::Aborted);
-            }
-            Reported::Later(why) => {
-                warn!(jobrun = %name, "cannot release the job yet: {why}");
-                return Ok(Action::requeue(Duration::from_secs(30)));
-            }
+        if let Err(why) = give_back(ctx, run, ns, &serving, &mut next).await {
+            warn!(jobrun = %name, "cannot release the job yet: {why}");
+            return Ok(Action::requeue(Duration::from_secs(30)));
         }
+        info!(jobrun = %name, phase = ?next.phase, "connection paused: released the job back to Holding in the CRM");
+        // No longer this run's job: whether its type has a template is asked again at the next
+        // claim (a run given back for the pause blocks nothing).
+        next.conditions
+            .retain(|c| !(c.type_ == TEMPLATE_FOUND && c.status == "False"));
         write_status(ctx, run, status, next).await?;
         return Ok(Action::await_change());
     }
@@ -485,31 +467,16 @@ async fn start(
             _ => Action::await_change(),
         };
         if lapsed {
-            match report(
-                ctx,
-                run,
-                ns,
-                &serving,
-                JobPhase::Holding,
-                &build::Progress::default(),
-            )
-            .await
-            {
-                Reported::Done(_) => {
-                    info!(jobrun = %name, "no JobTemplate: gave the job back to Holding in the CRM");
-                    next.phase = Some(JobPhase::Holding);
-                    next.reported = Some(JobPhase::Holding);
-                    action = Action::requeue(RECHECK_TEMPLATE);
+            action = match give_back(ctx, run, ns, &serving, &mut next).await {
+                Ok(()) => {
+                    info!(jobrun = %name, phase = ?next.phase, "no JobTemplate: gave the job back to Holding in the CRM");
+                    Action::requeue(RECHECK_TEMPLATE)
                 }
-                Reported::Aborted => {
-                    next.phase = Some(JobPhase::Aborted);
-                    next.reported = Some(JobPhase::Aborted);
-                }
-                Reported::Later(why) => {
+                Err(why) => {
                     warn!(jobrun = %name, "cannot give the job back yet: {why}");
-                    action = Action::requeue(Duration::from_secs(30));
+                    Action::requeue(Duration::from_secs(30))
                 }
-            }
+            };
         }
         let changed = set_condition(
             &mut next.conditions,
@@ -781,6 +748,35 @@ async fn fence(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership
         }
     }
     Err("the CRM job record kept changing".into())
+}
+
+/// Gives a claimed job that has not started back to the CRM queue (Holding, claim cleared): `next`
+/// is then `Holding`, or `Aborted` when the job was aborted, deleted or taken meanwhile. `Err`: the
+/// CRM cannot be told now (why).
+async fn give_back(
+    ctx: &Ctx,
+    run: &JobRun,
+    ns: &str,
+    connection: &str,
+    next: &mut JobRunStatus,
+) -> Result<(), String> {
+    let phase = match report(
+        ctx,
+        run,
+        ns,
+        connection,
+        JobPhase::Holding,
+        &build::Progress::default(),
+    )
+    .await
+    {
+        Reported::Done(_) => JobPhase::Holding,
+        Reported::Aborted => JobPhase::Aborted,
+        Reported::Later(why) => return Err(why),
+    };
+    next.phase = Some(phase);
+    next.reported = Some(phase);
+    Ok(())
 }
 
 /// What a look at a job in flight found.

@@ -84,6 +84,15 @@ pub fn age(from: Option<Timestamp>, now: Timestamp) -> String {
     }
 }
 
+/// Text from the cluster or the CRM made safe for a terminal: control characters (escape
+/// sequences, carriage returns, newlines) become spaces, so a job type or a message cannot rewrite
+/// the screen or forge a line.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 fn columns(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
@@ -93,7 +102,7 @@ fn columns(rows: &[Vec<String>]) -> String {
         let line: Vec<String> = row
             .iter()
             .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
+            .map(|(cell, w)| format!("{:<w$}", printable(cell)))
             .collect();
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
@@ -146,7 +155,7 @@ pub fn details(
     let mut out = String::new();
     let mut line = |k: &str, v: String| {
         if !v.is_empty() {
-            out.push_str(&format!("{:<15}{v}\n", format!("{k}:")));
+            out.push_str(&format!("{:<15}{}\n", format!("{k}:"), printable(&v)));
         }
     };
     line("Name", c.metadata.name.clone().unwrap_or_default());
@@ -317,6 +326,34 @@ mod tests {
         assert!(text.contains("run kubectl crm reauthorize acme"), "{text}");
         assert!(text.contains("Retriever:     none\n"), "{text}");
         assert!(text.contains("Recent jobs:    none\n"), "{text}");
+    }
+
+    #[test]
+    fn crm_text_cannot_reach_the_terminal_raw() {
+        let now: Timestamp = "2026-11-28T10:05:00Z".parse().unwrap();
+        let mut c = conn();
+        c.status.as_mut().unwrap().message = Some("bad\u{1b}]0;pwned\u{7}\r\nState:  Active".into());
+        let mut run = JobRun::new(
+            "sf-org-a0b-1",
+            crate::api::JobRunSpec {
+                connection: "acme".into(),
+                crm_job_id: "a0B000000000001AAA".into(),
+                job_type: "ex\u{1b}[2Jport".into(),
+                provider: Provider::SalesforceSandbox,
+            },
+        );
+        run.metadata.creation_timestamp = Some(Time(now));
+        let text = details(&c, None, &[run], &[], now);
+        assert!(!text.chars().any(|ch| ch.is_control() && ch != '\n'), "{text:?}");
+        assert!(
+            text.contains("Message:       bad ]0;pwned   State:  Active\n"),
+            "{text:?}"
+        );
+        assert!(text.contains("ex [2Jport"), "{text:?}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("State:  Active")),
+            "a forged line: {text}"
+        );
     }
 
     #[test]
