@@ -593,10 +593,10 @@ async fn a_job_deleted_while_it_runs_is_reported_failed_and_never_run_again() {
     };
     env.fake.set_count_delay(Duration::from_secs(600));
     let slow = job_type(&env, "deleted");
-    let _templates = JobTemplates::apply(&[(
-        &slow,
-        JobTemplates::worker(&image(), &["worker", "record-count", "--timeout", "15m"]),
-    )]);
+    // With a TTL: after the report there is no Job to give it to (and none to hand the run over).
+    let mut spec = JobTemplates::worker(&image(), &["worker", "record-count", "--timeout", "15m"]);
+    spec["ttlSecondsAfterFinished"] = 5.into();
+    let _templates = JobTemplates::apply(&[(&slow, spec)]);
     let ids = seed(&env, SF_ORG, &[&slow]);
     claim(&env, "acme", SF_KEY).await;
     crm_job(&env, SF_ORG, &ids[0], JobStatus::Running).await;
@@ -627,6 +627,14 @@ async fn a_job_deleted_while_it_runs_is_reported_failed_and_never_run_again() {
         "the deleted Job was created again"
     );
     assert_eq!(env.fake.job(SF_ORG, &ids[0]).unwrap().status, JobStatus::Failed);
+    let kept = Api::<JobRun>::namespaced(env.client.clone(), env.ns())
+        .get(&jobrun_name(SF_KEY, &ids[0], 1))
+        .await
+        .unwrap();
+    assert!(
+        kept.metadata.owner_references.is_none(),
+        "owned by no Job: {kept:?}"
+    );
 }
 
 /// A running job carries a lease in the CRM (`ClaimExpires__c`), renewed while it runs: it never
@@ -636,21 +644,21 @@ async fn a_running_job_s_lease_is_renewed_while_it_runs() {
     let Some(env) = node_env().await else {
         return;
     };
-    // The count takes 45 s; the claim's lease is 20 s (renewed once less than half is left,
-    // looked at every 2 s here).
-    env.fake.set_count_delay(Duration::from_secs(45));
+    // The count takes 25 s (a worker request that outlives 30 s is cut here); the claim's lease
+    // is 12 s (renewed once less than half is left, looked at every 2 s here).
+    env.fake.set_count_delay(Duration::from_secs(25));
     let long = job_type(&env, "leased");
     let _templates = JobTemplates::apply(&[(
         &long,
         JobTemplates::worker(&image(), &["worker", "record-count", "--timeout", "15m"]),
     )]);
     let ids = seed(&env, SF_ORG, &[&long]);
-    claim_with(&env, "acme", SF_KEY, &["--claim-lease", "20s"]).await;
+    claim_with(&env, "acme", SF_KEY, &["--claim-lease", "12s"]).await;
     let claimed = env.fake.job(SF_ORG, &ids[0]).unwrap();
     let first_expiry = claimed.claim_expires.expect("the claim has an expiry");
     crm_job(&env, SF_ORG, &ids[0], JobStatus::Running).await;
     // Past the claim's own expiry, while the worker still counts: the lease was renewed.
-    let past = first_expiry + Duration::from_secs(5);
+    let past = first_expiry + Duration::from_secs(4);
     if let Ok(wait) = past.duration_since(SystemTime::now()) {
         tokio::time::sleep(wait).await;
     }

@@ -581,38 +581,37 @@ async fn abort(jobs: &Api<Job>, job_name: &str, next: &mut JobRunStatus) -> Resu
 /// After the final report: the JobRun becomes its Job's, and the Job gets its TTL (the TTL
 /// controller then deletes it, and garbage collection the JobRun). No delete verb is needed.
 async fn finish(ctx: &Ctx, ns: &str, name: &str, run: &JobRun) -> Result<(), Error> {
-    if let Some(job) = Api::<Job>::namespaced(ctx.client.clone(), ns)
-        .get_opt(name)
-        .await?
-    {
-        let owner = OwnerReference {
-            api_version: "batch/v1".into(),
-            kind: "Job".into(),
-            name: job.name_any(),
-            uid: job.uid().unwrap_or_default(),
-            controller: Some(false),
-            block_owner_deletion: Some(false),
-        };
-        Api::<JobRun>::namespaced(ctx.client.clone(), ns)
-            .patch(
-                &run.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({"metadata": {"ownerReferences": [owner]}})),
-            )
-            .await?;
-    }
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), ns);
+    // Gone already (deleted before the outcome was written, or collected): nothing to hand over.
+    let Some(job) = jobs.get_opt(name).await? else {
+        return Ok(());
+    };
+    let owner = OwnerReference {
+        api_version: "batch/v1".into(),
+        kind: "Job".into(),
+        name: job.name_any(),
+        uid: job.uid().unwrap_or_default(),
+        controller: Some(false),
+        block_owner_deletion: Some(false),
+    };
+    Api::<JobRun>::namespaced(ctx.client.clone(), ns)
+        .patch(
+            &run.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"ownerReferences": [owner]}})),
+        )
+        .await?;
     let ttl = Api::<JobTemplate>::all(ctx.client.clone())
         .get_opt(&template_name(&run.spec.job_type))
         .await?
         .and_then(|t| t.spec.ttl_seconds_after_finished);
     if let Some(ttl) = ttl {
-        Api::<Job>::namespaced(ctx.client.clone(), ns)
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({"spec": {"ttlSecondsAfterFinished": ttl}})),
-            )
-            .await?;
+        jobs.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"ttlSecondsAfterFinished": ttl}})),
+        )
+        .await?;
     }
     Ok(())
 }
