@@ -335,15 +335,9 @@ async fn the_operator_identity_cannot_start_pods_with_another_identity_or_host_a
     let retriever_only = |what: &str, f: &dyn Fn(&mut k8s_openapi::api::core::v1::PodSpec)| {
         let mut bad = deployment.clone();
         f(bad.spec.template.spec.as_mut().unwrap());
-        let (deployments, dry_run) = (&deployments, &dry_run);
+        let deployments = &deployments;
         let what = what.to_string();
-        async move {
-            let err = deployments.create(dry_run, &bad).await.unwrap_err();
-            assert!(
-                err.to_string().contains("runs the retriever only"),
-                "{what}: {err}"
-            );
-        }
+        async move { assert_denied(deployments, &what, &bad, "runs the retriever only").await }
     };
     retriever_only("another image", &|pod| {
         pod.containers[0].image = Some("evil/miner:1".into())
@@ -404,6 +398,20 @@ async fn the_operator_identity_cannot_start_pods_with_another_identity_or_host_a
     assert!(err.to_string().contains("run restricted"), "{err}");
 }
 
+/// Creates `object` with a server dry-run (as `api`'s identity) and asserts the admission policy
+/// denies it, saying `message`.
+async fn assert_denied<K>(api: &Api<K>, what: &str, object: &K, message: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let err = api.create(&dry_run, object).await.unwrap_err();
+    assert!(err.to_string().contains(message), "{what}: {err}");
+}
+
 /// The Connection `acme` of `ns` (with a UID, for owner references), as the operator sees it.
 fn acme(ns: &str) -> Connection {
     let mut conn = Connection::new(
@@ -453,14 +461,15 @@ async fn the_operator_identity_cannot_mint_service_account_tokens_or_bind_other_
         },
     );
     let denied_secret = |what: &'static str, secret: Secret| {
-        let (secrets, dry_run) = (&secrets, &dry_run);
+        let secrets = &secrets;
         async move {
-            let err = secrets.create(dry_run, &secret).await.unwrap_err();
-            assert!(
-                err.to_string()
-                    .contains("own Secrets are Opaque, named <connection>-token or <connection>-session"),
-                "{what}: {err}"
-            );
+            assert_denied(
+                secrets,
+                what,
+                &secret,
+                "own Secrets are Opaque, named <connection>-token or <connection>-session",
+            )
+            .await
         }
     };
     // The policy takes effect within moments of being created: wait for the first denial.
@@ -519,14 +528,15 @@ async fn the_operator_identity_cannot_mint_service_account_tokens_or_bind_other_
         .await
         .expect("the retriever ServiceAccount the operator builds is allowed");
     let denied_account = |what: &'static str, account: ServiceAccount| {
-        let (accounts, dry_run) = (&accounts, &dry_run);
+        let accounts = &accounts;
         async move {
-            let err = accounts.create(dry_run, &account).await.unwrap_err();
-            assert!(
-                err.to_string()
-                    .contains("retriever ServiceAccount is named <connection>-retriever"),
-                "{what}: {err}"
-            );
+            assert_denied(
+                accounts,
+                what,
+                &account,
+                "retriever ServiceAccount is named <connection>-retriever",
+            )
+            .await
         }
     };
     let mut bad = account.clone();
@@ -562,12 +572,8 @@ async fn the_operator_identity_cannot_mint_service_account_tokens_or_bind_other_
         .expect("the retriever RoleBinding the operator builds is allowed");
     let mut bad = binding.clone();
     bad.subjects.as_mut().unwrap()[0].name = "default".into();
-    let err = bindings.create(&dry_run, &bad).await.unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("binds the retriever ClusterRole to the ServiceAccount"),
-        "another subject: {err}"
-    );
+    let only_ours = "binds the retriever ClusterRole to the ServiceAccount";
+    assert_denied(&bindings, "another subject", &bad, only_ours).await;
     let mut bad = binding.clone();
     bad.subjects
         .as_mut()
@@ -578,10 +584,5 @@ async fn the_operator_identity_cannot_mint_service_account_tokens_or_bind_other_
             api_group: Some("rbac.authorization.k8s.io".into()),
             ..Default::default()
         });
-    let err = bindings.create(&dry_run, &bad).await.unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("binds the retriever ClusterRole to the ServiceAccount"),
-        "a second subject: {err}"
-    );
+    assert_denied(&bindings, "a second subject", &bad, only_ours).await;
 }

@@ -408,11 +408,7 @@ async fn start(
         // Given back for want of a template: rechecked on a timer (and when a template appears);
         // once it exists the condition says so, and the retriever claims the type again.
         let template_name = template_name(&run.spec.job_type);
-        let found = Api::<JobTemplate>::all(ctx.client.clone())
-            .get_opt(&template_name)
-            .await?
-            .is_some_and(|t| t.spec.providers.is_empty() || t.spec.providers.contains(&run.spec.provider));
-        if !found {
+        if usable_template(ctx, run).await?.is_none() {
             return Ok(Action::requeue(RECHECK_TEMPLATE));
         }
         let mut next = status.clone();
@@ -438,11 +434,7 @@ async fn start(
         return Ok(Action::await_change());
     };
     let template_name = template_name(&run.spec.job_type);
-    let template = Api::<JobTemplate>::all(ctx.client.clone())
-        .get_opt(&template_name)
-        .await?
-        .filter(|t| t.spec.providers.is_empty() || t.spec.providers.contains(&run.spec.provider));
-    let Some(template) = template else {
+    let Some(template) = usable_template(ctx, run).await? else {
         // Nothing can run it: it holds no slot, and the retriever claims no more jobs of its type
         // (the condition says so); once its claim's lease is over, the job is given back to the
         // CRM queue (Holding) for any processor.
@@ -747,6 +739,14 @@ async fn fence(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership
         }
     }
     Err("the CRM job record kept changing".into())
+}
+
+/// The JobTemplate of the run's type, if it exists and allows the run's provider.
+async fn usable_template(ctx: &Ctx, run: &JobRun) -> Result<Option<JobTemplate>, Error> {
+    Ok(Api::<JobTemplate>::all(ctx.client.clone())
+        .get_opt(&template_name(&run.spec.job_type))
+        .await?
+        .filter(|t| t.spec.providers.is_empty() || t.spec.providers.contains(&run.spec.provider)))
 }
 
 /// Gives a claimed job that has not started back to the CRM queue (Holding, claim cleared): `next`
