@@ -107,6 +107,11 @@ pub struct RunArgs {
     /// deleted in the CRM (one read per running job per interval).
     #[arg(long, env = "JOB_ABORT_CHECK", default_value = "60s", value_parser = parse_duration)]
     pub job_abort_check: std::time::Duration,
+    /// How long a finished job's batch Job (and its JobRun) is kept when its JobTemplate sets no
+    /// ttlSecondsAfterFinished, and how long a JobRun that ended without a Job (aborted before it
+    /// started, given back to the CRM queue) is kept. The org's history keeps every outcome.
+    #[arg(long, env = "JOB_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub job_ttl: std::time::Duration,
     /// Require every connection to accept this version of a data processing agreement
     /// (spec.agreement.version) before its tokens are used; until then it stays Pending
     /// (AgreementNotAccepted). Off when empty.
@@ -234,6 +239,7 @@ impl RunArgs {
                         .unwrap_or_else(|| dir.with_extension("key")),
                 }),
             job_abort_check: self.job_abort_check,
+            job_ttl: self.job_ttl,
             agreement: self.agreement()?,
         })
     }

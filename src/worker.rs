@@ -62,6 +62,28 @@ pub fn no_such_object(provider: Provider, status: u16, body: &str) -> bool {
     }
 }
 
+/// The largest answer read from the CRM: a count is a few bytes, an error a few hundred.
+pub const MAX_ANSWER: usize = 64 << 10;
+
+/// Reads a body of at most `max` bytes as text; a longer one is refused without reading it all.
+async fn read_body(mut response: reqwest::Response, max: usize) -> Result<String, String> {
+    if response.content_length().is_some_and(|len| len > max as u64) {
+        return Err(format!("the CRM's answer is larger than {max} bytes: refused"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("cannot read the answer: {e}"))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(format!("the CRM's answer is larger than {max} bytes: refused"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| "the CRM's answer is not UTF-8 text".to_string())
+}
+
 /// Counts, prints and records. `Err((message, exit code))`. Either way the message is the
 /// container's termination message, which becomes the job's result in the CRM.
 pub async fn record_count(args: &RecordCountArgs) -> Result<String, (String, i32)> {
@@ -134,7 +156,7 @@ async fn count(args: &RecordCountArgs) -> Result<String, (String, i32)> {
             ));
         }
         if !(200..300).contains(&status) {
-            let body = response.text().await.unwrap_or_default();
+            let body = read_body(response, MAX_ANSWER).await.unwrap_or_default();
             if no_such_object(current.provider, status, &body) {
                 return Err((
                     format!(
@@ -145,10 +167,7 @@ async fn count(args: &RecordCountArgs) -> Result<String, (String, i32)> {
             }
             return Err(fail(format!("the CRM answered HTTP {status}")));
         }
-        let body = response
-            .text()
-            .await
-            .map_err(|e| fail(format!("cannot read the answer: {e}")))?;
+        let body = read_body(response, MAX_ANSWER).await.map_err(fail)?;
         let count = match current.provider {
             Provider::Dynamics365 => body.trim().trim_start_matches('\u{feff}').parse::<u64>().ok(),
             _ => serde_json::from_str::<serde_json::Value>(&body)

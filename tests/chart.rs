@@ -297,6 +297,11 @@ fn operator_identity_gets_exactly_the_chart_permissions() {
     );
     assert!(!can("delete", "secrets"));
     assert!(!can("delete", "deployments.apps"));
+    assert!(!can("delete", "jobs.batch"), "a Job's TTL removes it");
+    assert!(
+        can("delete", "jobruns.crmconnect.io"),
+        "runs that ended without a Job are collected"
+    );
     assert!(!can("create", "pods"));
 }
 

@@ -339,10 +339,29 @@ async fn a_job_aborted_in_the_crm_is_stopped_and_stays_aborted() {
     assert_eq!(run.status.unwrap().reported, Some(JobPhase::Aborted));
     let jobs: Api<Job> = Api::namespaced(env.client.clone(), env.ns());
     assert_eq!(
-        jobs.get(&job).await.unwrap().spec.unwrap().suspend,
-        Some(true),
-        "the Job is suspended"
+        jobs.get(&job)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .active_deadline_seconds,
+        Some(1),
+        "the Job is stopped by its deadline"
     );
+    // Stopped, the Job is finished (a suspended one never would be), so the job TTL collects it.
+    eventually(
+        "the Job failed by its deadline, with the job TTL",
+        WAIT,
+        || async {
+            let job = jobs.get(&job).await.ok()?;
+            let failed = job.status?.conditions?.iter().any(|c| {
+                c.type_ == "Failed" && c.status == "True" && c.reason.as_deref() == Some("DeadlineExceeded")
+            });
+            let ttl = job.spec?.ttl_seconds_after_finished;
+            (failed && ttl == Some(24 * 3600)).then_some(())
+        },
+    )
+    .await;
     eventually("the worker pod deleted", WAIT, || async {
         pods.list(&ListParams::default().labels(&selector))
             .await

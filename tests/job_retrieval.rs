@@ -744,3 +744,68 @@ async fn runs_without_a_template_hold_no_slot_and_give_their_job_back() {
     }
     env.op.stop().await;
 }
+
+/// Issue 30: runs that ended without a Job of their own (given back to Holding, never given a
+/// status by a retriever that stopped) are collected once they are the job TTL old; the CRM job
+/// and the org's history are untouched.
+#[tokio::test]
+async fn runs_that_ended_without_a_job_are_collected_after_the_job_ttl() {
+    let ttl = Duration::from_secs(8);
+    let env = Env::configured(|config| config.job_ttl = ttl).await;
+    env.connect("acme", true).await;
+    let ids = seed_aged(&env.fake, D365_ENV, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
+    let session = env.session_dir("acme", dir.path()).await;
+    let out = retrieve_once(&kubeconfig, &session, env.ns(), "acme", D365_KEY, &[]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("claimed 1,"),
+        "{}",
+        text(&out)
+    );
+    // A run a retriever created and never wrote a status for (it stopped in between).
+    let before = std::time::Instant::now();
+    let orphan = connection_operator::api::jobrun_name(D365_KEY, "orphan", 1);
+    let manifest = json!({
+        "apiVersion": "crmconnect.io/v1alpha1", "kind": "JobRun",
+        "metadata": {"name": orphan, "namespace": env.ns(),
+                     "labels": {"crmconnect.io/connection": "acme", "crmconnect.io/org": D365_KEY}},
+        "spec": {"connection": "acme", "crmJobId": "orphan", "type": "export", "provider": "Dynamics365"}
+    });
+    run_ok(kubectl().args(["apply", "-f", "-"]), Some(&manifest.to_string()));
+
+    let connections: Api<Connection> = Api::namespaced(env.client.clone(), env.ns());
+    connections
+        .patch(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .unwrap();
+    let claimed = connection_operator::api::jobrun_name(D365_KEY, &ids[0], 1);
+    let jobruns: Api<JobRun> = Api::namespaced(env.client.clone(), env.ns());
+    eventually(
+        "the run given back (Holding)",
+        Duration::from_secs(60),
+        || async {
+            let status = jobruns.get(&claimed).await.ok()?.status?;
+            (status.reported == Some(JobPhase::Holding)).then_some(())
+        },
+    )
+    .await;
+    eventually("both runs collected", Duration::from_secs(60), || async {
+        (jobruns.get_opt(&claimed).await.ok()?.is_none() && jobruns.get_opt(&orphan).await.ok()?.is_none())
+            .then_some(())
+    })
+    .await;
+    // Not before its TTL (from its creation, which came after `before`; whole seconds).
+    assert!(
+        before.elapsed() + Duration::from_secs(1) >= ttl,
+        "collected after {:?}",
+        before.elapsed()
+    );
+    let job = env.fake.job(D365_ENV, &ids[0]).unwrap();
+    assert_eq!((job.status, job.claimed_by), (JobStatus::Holding, None));
+    env.op.stop().await;
+}

@@ -4,64 +4,10 @@
 use std::path::Path;
 use std::process::Output;
 
-use fake_providers::{DynamicsEnvironment, FakeProviders, SalesforceOrg};
+mod fake_crm;
 
-const ORG: &str = "00D000000000041AAA";
-const ENV: &str = "41414141-4141-4141-4141-414141414141";
-
-/// The fake CRMs with the org `ORG` and the environment `ENV`.
-async fn fake_crms() -> FakeProviders {
-    let fake = FakeProviders::start().await;
-    fake.add_salesforce_org(SalesforceOrg::new(ORG, "005000000000041AAA", "u@x", "cid"));
-    fake.add_dynamics_environment(DynamicsEnvironment::new(
-        ENV,
-        "42424242-4242-4242-4242-424242424242",
-        "cid",
-    ));
-    fake
-}
-
-/// An access token for `remote` from the fake's token endpoint (Salesforce or Entra).
-async fn access_token(fake: &FakeProviders, remote: &str, dynamics: bool) -> String {
-    let refresh = fake.issue_refresh_token(remote);
-    let client = reqwest::Client::new();
-    let (url, form) = if dynamics {
-        (
-            format!("{}/organizations/oauth2/v2.0/token", fake.url()),
-            vec![
-                ("grant_type", "refresh_token".to_string()),
-                ("refresh_token", refresh),
-                ("client_id", "cid".to_string()),
-                (
-                    "scope",
-                    format!("{}/user_impersonation offline_access", fake.environment_url()),
-                ),
-            ],
-        )
-    } else {
-        (
-            format!("{}/services/oauth2/token", fake.url()),
-            vec![
-                ("grant_type", "refresh_token".to_string()),
-                ("refresh_token", refresh),
-                ("client_id", "cid".to_string()),
-            ],
-        )
-    };
-    let answer: serde_json::Value = client
-        .post(url)
-        .form(&form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    answer["access_token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{answer}"))
-        .to_string()
-}
+use fake_crm::{ENV, ORG, access_token, fake_crms};
+use fake_providers::{FakeProviders, SalesforceOrg};
 
 fn session(dir: &Path, token: &str, url: &str, provider: &str) {
     for (key, value) in [
@@ -180,4 +126,42 @@ async fn an_object_the_org_does_not_have_exits_42_with_the_reason_as_its_result(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// An answer far larger than a count is refused, not read into memory: a clear failure (exit 1).
+#[tokio::test]
+async fn a_huge_answer_is_refused() {
+    let fake = fake_crms().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("termination-log");
+    for (remote, dynamics, url, provider, flag, name) in [
+        (
+            ORG,
+            false,
+            fake.url(),
+            "SalesforceProduction",
+            "--object",
+            fake_providers::HUGE_ANSWER_OBJECT,
+        ),
+        (
+            ENV,
+            true,
+            fake.environment_url(),
+            "Dynamics365",
+            "--entity-set",
+            fake_providers::HUGE_ANSWER_ENTITY_SET,
+        ),
+    ] {
+        let token = access_token(&fake, remote, dynamics).await;
+        session(dir.path(), &token, &url, provider);
+        let out = worker_with(dir.path(), &log, &[flag, name]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result = std::fs::read_to_string(&log).unwrap();
+        assert!(result.contains("larger than 65536 bytes"), "{provider}: {result}");
+    }
 }

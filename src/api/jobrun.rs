@@ -84,10 +84,12 @@ pub struct JobRunStatus {
 
     /// Which attempt this is (the CRM job's attempt counter after the claim; 1 for the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub attempt: Option<i64>,
 
     /// The batch Job that runs it (same name), once created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
     pub job: Option<String>,
 
     /// When the Job started.
@@ -105,11 +107,13 @@ pub struct JobRunStatus {
     /// The worker's result (its termination message), at most 256 characters here; the CRM
     /// record holds up to 4 KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub result: Option<String>,
 
-    /// Conditions about the run.
+    /// Conditions about the run (TemplateFound, Started, JobDeleted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    #[schemars(length(max = 8))]
     pub conditions: Vec<Condition>,
 }
 
@@ -117,7 +121,9 @@ pub struct JobRunStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobClaim {
-    /// Who claimed it: `<namespace>/<connection>/<pod>` (the CRM job's claimed-by field).
+    /// Who claimed it: `<namespace>/<connection>/<pod>` (the CRM job's claimed-by field, a
+    /// Text(255); longer ones are cut and end in a hash).
+    #[schemars(length(min = 1, max = 255))]
     pub by: String,
     /// When it was claimed.
     pub at: Time,

@@ -143,6 +143,7 @@ pub struct RunRecord {
     pub finished: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     /// The worker's result, shortened to 256 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub summary: Option<String>,
 }
 

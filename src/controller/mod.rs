@@ -64,6 +64,8 @@ pub struct Config {
     pub journal: Option<JournalConfig>,
     /// How often a running job's CRM record is read for an abort.
     pub job_abort_check: std::time::Duration,
+    /// How long finished runs without a template TTL, and runs that ended without a Job, are kept.
+    pub job_ttl: std::time::Duration,
     /// The data processing agreement every connection must accept first; none when `None`.
     pub agreement: Option<crate::api::RequiredAgreement>,
 }
@@ -89,6 +91,7 @@ impl Default for Config {
             leader_election: None,
             metrics_addr: None,
             job_abort_check: crate::jobruns::Settings::default().abort_check,
+            job_ttl: crate::jobruns::DEFAULT_TTL,
             agreement: None,
             journal: None,
         }
@@ -662,6 +665,8 @@ pub async fn run(
         crate::jobruns::Settings {
             abort_check: config.job_abort_check,
             host_aliases: config.retriever.host_aliases.clone(),
+            ttl: config.job_ttl,
+            concurrency: config.concurrency,
         },
         ctx.metrics.jobs.clone(),
         config.instance.clone(),

@@ -512,6 +512,39 @@ pub fn record_url(api: Api, base: &Url, id: &str) -> Result<Url, String> {
     base.join(&path).map_err(|e| e.to_string())
 }
 
+/// The URL that reads one job record: only the fields a report or a fence looks at (never the
+/// result, which a CRM user may fill with up to 128 KiB), so an answer stays under
+/// [`MAX_RECORD_BODY`]. Salesforce: `GET …/sobjects/CrmJob__c/{id}?fields=…` ("Get Field Values
+/// from a Standard Object Record", REST API Developer Guide); Dataverse: `$select` (its
+/// `@odata.etag` comes with every row).
+pub fn read_url(api: Api, base: &Url, id: &str) -> Result<Url, String> {
+    let mut url = record_url(api, base, id)?;
+    match api {
+        Api::Salesforce => url.query_pairs_mut().append_pair(
+            "fields",
+            &[
+                sf::STATUS,
+                sf::CLAIMED_BY,
+                sf::CLAIM_EXPIRES,
+                sf::ATTEMPT,
+                sf::LAST_MODIFIED,
+            ]
+            .join(","),
+        ),
+        Api::Dataverse => url.query_pairs_mut().append_pair(
+            "$select",
+            &[dv::STATUS, dv::CLAIMED_BY, dv::CLAIM_EXPIRES, dv::ATTEMPT].join(","),
+        ),
+    };
+    Ok(url)
+}
+
+/// The largest answer to a record read ([`read_url`]: five short fields) accepted.
+pub const MAX_RECORD_BODY: usize = 64 << 10;
+/// The largest page of the queue accepted ([`discover_url`]: at most 100 rows of five fields per
+/// page as asked, with room for a CRM that pads).
+pub const MAX_PAGE_BODY: usize = 1 << 20;
+
 /// A job record as read before a report: its status and the version a conditional write names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
@@ -525,7 +558,7 @@ pub struct Record {
     pub attempt: Option<i64>,
 }
 
-/// Parses a job record (the answer to a GET of [`record_url`]).
+/// Parses a job record (the answer to a GET of [`read_url`]).
 pub fn parse_record(api: Api, body: &[u8]) -> Result<Record, String> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| format!("not JSON (line {}, column {})", e.line(), e.column()))?;
@@ -770,7 +803,6 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> CrmE
 #[derive(Clone)]
 pub struct JobQueue {
     client: reqwest::Client,
-    max_body: usize,
 }
 
 impl JobQueue {
@@ -792,10 +824,7 @@ impl JobQueue {
                 env!("CARGO_PKG_VERSION")
             ))
             .build()?;
-        Ok(JobQueue {
-            client,
-            max_body: 4 << 20,
-        })
+        Ok(JobQueue { client })
     }
 
     /// The first page of the queue.
@@ -829,7 +858,7 @@ impl JobQueue {
                 .headers
                 .push(("Prefer", format!("odata.maxpagesize={}", page_size.max(1))));
         }
-        let (status, meta, body) = self.send(target, prepared).await?;
+        let (status, meta, body) = self.send(target, prepared, MAX_PAGE_BODY).await?;
         if !(200..300).contains(&status) {
             return Err(classify(status, meta.retry_after, &body));
         }
@@ -850,7 +879,7 @@ impl JobQueue {
         claim: &Claim,
     ) -> Result<Answer<ClaimOutcome>, CrmError> {
         let prepared = claim_request(target.api, target.base, job, claim).map_err(CrmError::Malformed)?;
-        let (status, meta, body) = self.send(target, prepared).await?;
+        let (status, meta, body) = self.send(target, prepared, MAX_RECORD_BODY).await?;
         match claim_outcome(status) {
             Some(outcome) => Ok(Answer {
                 value: outcome,
@@ -864,14 +893,14 @@ impl JobQueue {
 
     /// Reads one job record; `None` when it is gone (404).
     pub async fn read(&self, target: &Target<'_>, id: &str) -> Result<Answer<Option<Record>>, CrmError> {
-        let url = record_url(target.api, target.base, id).map_err(CrmError::Malformed)?;
+        let url = read_url(target.api, target.base, id).map_err(CrmError::Malformed)?;
         let prepared = Prepared {
             method: reqwest::Method::GET,
             url,
             headers: vec![],
             body: None,
         };
-        let (status, meta, body) = self.send(target, prepared).await?;
+        let (status, meta, body) = self.send(target, prepared, MAX_RECORD_BODY).await?;
         let value = match status {
             200 => Some(parse_record(target.api, &body).map_err(CrmError::Malformed)?),
             404 => None,
@@ -896,11 +925,16 @@ impl JobQueue {
     ) -> Result<ClaimOutcome, CrmError> {
         let prepared = report_request(target.api, target.base, id, &record.version, report)
             .map_err(CrmError::Malformed)?;
-        let (status, meta, body) = self.send(target, prepared).await?;
+        let (status, meta, body) = self.send(target, prepared, MAX_RECORD_BODY).await?;
         claim_outcome(status).ok_or_else(|| classify(status, meta.retry_after, &body))
     }
 
-    async fn send(&self, target: &Target<'_>, prepared: Prepared) -> Result<(u16, Meta, Vec<u8>), CrmError> {
+    async fn send(
+        &self,
+        target: &Target<'_>,
+        prepared: Prepared,
+        max_body: usize,
+    ) -> Result<(u16, Meta, Vec<u8>), CrmError> {
         let host = host_of(&prepared.url);
         if !is_allowed_transport(&prepared.url) || prepared.url.origin() != target.base.origin() {
             return Err(CrmError::Refused(host));
@@ -946,13 +980,10 @@ impl JobQueue {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| parse_retry_after(v, now)),
         };
-        if response
-            .content_length()
-            .is_some_and(|len| len > self.max_body as u64)
-        {
+        if response.content_length().is_some_and(|len| len > max_body as u64) {
             return Err(CrmError::Transport(format!(
                 "{host}: answer larger than {} bytes refused",
-                self.max_body
+                max_body
             )));
         }
         let mut body = Vec::new();
@@ -961,10 +992,10 @@ impl JobQueue {
             .await
             .map_err(|e| CrmError::Transport(describe(&host, &e)))?
         {
-            if body.len() + chunk.len() > self.max_body {
+            if body.len() + chunk.len() > max_body {
                 return Err(CrmError::Transport(format!(
                     "{host}: answer larger than {} bytes refused",
-                    self.max_body
+                    max_body
                 )));
             }
             body.extend_from_slice(&chunk);

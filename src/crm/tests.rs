@@ -376,3 +376,32 @@ fn a_release_gives_the_job_back_to_the_queue() {
         json!({"Status__c": "Holding", "ClaimedBy__c": null, "ClaimExpires__c": null})
     );
 }
+
+#[test]
+fn a_record_read_names_only_the_fields_a_report_looks_at() {
+    let url = read_url(Api::Salesforce, &base(), "a0B000000000001AAA").unwrap();
+    assert_eq!(
+        url.path(),
+        "/services/data/v62.0/sobjects/CrmJob__c/a0B000000000001AAA"
+    );
+    let fields: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    assert_eq!(
+        fields,
+        [(
+            "fields".to_string(),
+            "Status__c,ClaimedBy__c,ClaimExpires__c,Attempt__c,LastModifiedDate".to_string()
+        )]
+    );
+    let url = read_url(Api::Dataverse, &base(), "0b0b0b0b-0000-0000-0000-000000000001").unwrap();
+    let select: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    assert_eq!(
+        select,
+        [(
+            "$select".to_string(),
+            "crmc_status,crmc_claimedby,crmc_claimexpires,crmc_attempt".to_string()
+        )]
+    );
+    // The result is never read back: a CRM user may fill it to the field's limit.
+    assert!(!url.as_str().contains("result"));
+    assert!(read_url(Api::Salesforce, &base(), "a0B/../x").is_err());
+}

@@ -6,7 +6,8 @@
 //! - `connection_operator_job_reports_total{phase,outcome}`: writes to the CRM job record, by the
 //!   phase written and the outcome (`written`, `aborted`: the CRM job was aborted or deleted,
 //!   `later`: no session, or the CRM unreachable or busy);
-//! - `connection_operator_job_run_duration_seconds{type,outcome}`: start to finish of reported runs.
+//! - `connection_operator_job_run_duration_seconds{type,outcome}`: start to finish of reported runs,
+//!   by the name of the JobTemplate that ran them (`type`) and the outcome.
 
 use std::sync::{Arc, Mutex};
 
@@ -33,7 +34,9 @@ struct ReportLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DurationLabels {
-    /// The job type (one JobTemplate each: a bounded set chosen by the cluster administrator).
+    /// The JobTemplate's name that ran the job (a bounded set chosen by the cluster
+    /// administrator), never the CRM's raw type text: CRM users may write any number of spellings
+    /// (`Export`, `export`, `EXPORT`) that run from one template.
     r#type: String,
     outcome: &'static str,
 }
@@ -124,7 +127,7 @@ impl JobMetrics {
     pub(crate) fn finished(&self, job_type: &str, phase: JobPhase, seconds: f64) {
         self.durations
             .get_or_create(&DurationLabels {
-                r#type: job_type.to_string(),
+                r#type: crate::api::template_name(job_type),
                 outcome: phase.as_str(),
             })
             .observe(seconds.max(0.0));
@@ -202,15 +205,19 @@ mod tests {
         metrics.register(&mut registry);
         metrics.reported(JobPhase::Running, ReportOutcome::Written);
         metrics.finished("record-count", JobPhase::Succeeded, 3.0);
+        // Spellings of one type that run from one template are one series.
+        metrics.finished("Record_Count", JobPhase::Succeeded, 3.0);
+        metrics.finished("RECORD.COUNT", JobPhase::Succeeded, 3.0);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         for series in [
             "connection_operator_jobruns{phase=\"Holding\"} 0",
             "connection_operator_job_reports_pending 0",
             "connection_operator_job_reports_total{phase=\"Running\",outcome=\"written\"} 1",
-            "connection_operator_job_run_duration_seconds_count{type=\"record-count\",outcome=\"Succeeded\"} 1",
+            "connection_operator_job_run_duration_seconds_count{type=\"record-count\",outcome=\"Succeeded\"} 3",
         ] {
             assert!(out.contains(series), "{series} in\n{out}");
         }
+        assert_eq!(out.matches("job_run_duration_seconds_count{").count(), 1, "{out}");
     }
 }

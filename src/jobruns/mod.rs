@@ -26,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -61,6 +62,14 @@ pub struct Settings {
     pub abort_check: Duration,
     /// `/etc/hosts` entries of Job pods (the retrievers' own).
     pub host_aliases: Vec<k8s_openapi::api::core::v1::HostAlias>,
+    /// How long a finished Job (and with it its JobRun) is kept when its JobTemplate sets no
+    /// `ttlSecondsAfterFinished`, and how long a run that ended without a Job of its own (aborted
+    /// before it started, given back to the CRM queue, its Job deleted) is kept (`--job-ttl`). The
+    /// org's history keeps every outcome.
+    pub ttl: Duration,
+    /// JobRuns reconciled at once (`--concurrency`): one namespace's flood of runs waits its turn
+    /// instead of taking every connection to the API server and the CRMs.
+    pub concurrency: u16,
 }
 
 impl Default for Settings {
@@ -68,9 +77,14 @@ impl Default for Settings {
         Self {
             abort_check: Duration::from_secs(60),
             host_aliases: Vec::new(),
+            ttl: DEFAULT_TTL,
+            concurrency: 16,
         }
     }
 }
+
+/// The default of [`Settings::ttl`]: a day.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 struct Ctx {
     client: Client,
@@ -141,7 +155,16 @@ pub async fn run(
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     futures::future::join_all(apis.into_iter().map(|(runs, jobs, connections)| {
-        let controller = Controller::new(runs, crate::controller::list_config());
+        // The cache drops what no decision reads (`managedFields`, kubectl's last-applied copy):
+        // most of a JobRun's size.
+        let (reader, writer) = kube::runtime::reflector::store();
+        let stream = kube::runtime::watcher(runs, crate::controller::list_config())
+            .default_backoff()
+            .modify(trim)
+            .reflect(writer)
+            .touched_objects();
+        let controller = Controller::for_stream(stream, reader)
+            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency));
         let store = controller.store();
         ctx.metrics.watch(store.clone());
         let (by_connection, by_template) = (store.clone(), store);
@@ -194,6 +217,15 @@ pub async fn run(
     }))
     .await;
     Ok(())
+}
+
+/// What the JobRun cache keeps of a run: all but `managedFields` and kubectl's
+/// `last-applied-configuration` annotation (a copy of the whole object).
+fn trim(run: &mut JobRun) {
+    run.metadata.managed_fields = None;
+    if let Some(annotations) = run.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 /// The org key of a connection that has recorded its org.
@@ -259,16 +291,66 @@ fn error_policy(run: Arc<JobRun>, error: &Error, _ctx: Arc<Ctx>) -> Action {
     Action::requeue(Duration::from_secs(15))
 }
 
+/// A run nothing more happens to: its outcome reported (Succeeded, Failed, Aborted), or given back
+/// to the CRM queue (Holding; a new claim is a new run), or left without a claim by a retriever
+/// that stopped between creating it and writing its status.
+fn settled(status: &JobRunStatus) -> bool {
+    let reported = status.reported.is_some() && status.reported == status.phase;
+    let done = status
+        .phase
+        .is_some_and(|p| p.is_terminal() || p == JobPhase::Holding);
+    ((done && reported) || (status.phase.is_none() && status.claim.is_none())) && !waits_for_template(status)
+}
+
+/// How long until a run is `ttl` old (by its creation, a deterministic moment); `None` once it is.
+fn ttl_left(ctx: &Ctx, run: &JobRun) -> Option<Duration> {
+    let created = run.metadata.creation_timestamp.as_ref().map(|t| t.0)?;
+    let age = Duration::try_from(Timestamp::now().duration_since(created)).unwrap_or_default();
+    ctx.settings.ttl.checked_sub(age).filter(|left| !left.is_zero())
+}
+
+/// Deletes a settled run that has no Job of its own once it is `ttl` old (by its creation: a
+/// deterministic moment); before that, comes back then. A precondition on its UID and version:
+/// a run changed meanwhile is looked at again instead.
+async fn collect(ctx: &Ctx, run: &JobRun, ns: &str) -> Result<Action, Error> {
+    if let Some(left) = ttl_left(ctx, run) {
+        return Ok(Action::requeue(left + Duration::from_secs(1)));
+    }
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: run.uid(),
+            resource_version: run.resource_version(),
+        }),
+        ..Default::default()
+    };
+    match Api::<JobRun>::namespaced(ctx.client.clone(), ns)
+        .delete(&run.name_any(), &params)
+        .await
+    {
+        Ok(_) => {
+            info!(jobrun = %run.name_any(), "collected: ended without a Job of its own, and older than the job TTL")
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::await_change())
+}
+
 async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let status = run.status.clone().unwrap_or_default();
-    if status.phase.is_some_and(JobPhase::is_terminal) && status.reported == status.phase {
-        // Done. A run whose Job outlived the report without owning it (the write after the
-        // report failed) is handed to the Job now.
-        if run.owner_references().is_empty() && status.job.is_some() {
-            finish(&ctx, &ns, &build::job_name(&run.name_any()), &run).await?;
+    if settled(&status) && run.owner_references().is_empty() {
+        // Done, and not (yet) its Job's. A run whose Job outlived the report without owning it
+        // (the write after the report failed) is handed to the Job now; one without a Job (it
+        // ended before one was made, or its Job was deleted) is collected once it is `ttl` old.
+        if status.job.is_some() && finish(&ctx, &ns, &build::job_name(&name), &run).await? {
+            return Ok(Action::await_change());
         }
+        return collect(&ctx, &run, &ns).await;
+    }
+    if status.phase.is_some_and(JobPhase::is_terminal) && status.reported == status.phase {
+        // Done, and its Job's: the Job's TTL collects both.
         return Ok(Action::await_change());
     }
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
@@ -409,7 +491,13 @@ async fn start(
         // once it exists the condition says so, and the retriever claims the type again.
         let template_name = template_name(&run.spec.job_type);
         if usable_template(ctx, run).await?.is_none() {
-            return Ok(Action::requeue(RECHECK_TEMPLATE));
+            // Collected once `ttl` old like any settled run (its type is then claimed once more).
+            return match ttl_left(ctx, run) {
+                None => collect(ctx, run, ns).await,
+                Some(left) => Ok(Action::requeue(
+                    RECHECK_TEMPLATE.min(left + Duration::from_secs(1)),
+                )),
+            };
         }
         let mut next = status.clone();
         set_condition(
@@ -427,12 +515,12 @@ async fn start(
     let active = connection
         .and_then(|c| c.status.as_ref())
         .filter(|s| s.state == Some(State::Active) && status.phase != Some(JobPhase::Holding));
-    let Some(connection_status) = active else {
+    if active.is_none() {
         // Not started while the connection is not Active (inactive: its token is dead, so the CRM
         // cannot be told; deleted), nor while Holding (the retriever claims it again): the
         // connection's change, or the retriever's new claim, wakes this up.
         return Ok(Action::await_change());
-    };
+    }
     let template_name = template_name(&run.spec.job_type);
     let Some(template) = usable_template(ctx, run).await? else {
         // Nothing can run it: it holds no slot, and the retriever claims no more jobs of its type
@@ -494,19 +582,21 @@ async fn start(
                 base: &base,
                 token: &token,
             };
-            fence(ctx, run, &target).await
+            fence(ctx, run, &target).await.map(|o| (o, base))
         }
         Err(why) => Err(why),
     };
-    match verdict {
-        Ok(Ownership::Ours) => {}
-        Ok(Ownership::Queued) => {
+    // The worker's CRM_INSTANCE_URL is the session's (the URL the token is for, checked against
+    // the provider-host policy), never the Connection's status, which its editors can write.
+    let instance_url = match verdict {
+        Ok((Ownership::Ours, base)) => base.as_str().trim_end_matches('/').to_string(),
+        Ok((Ownership::Queued, _)) => {
             let mut next = status.clone();
             next.phase = Some(JobPhase::Holding);
             write_status(ctx, run, status, next).await?;
             return Ok(Action::await_change());
         }
-        Ok(Ownership::Lost(why)) => {
+        Ok((Ownership::Lost(why), _)) => {
             info!(jobrun = %name, "not started: {why}");
             let mut next = status.clone();
             next.phase = Some(JobPhase::Aborted);
@@ -519,8 +609,7 @@ async fn start(
             warn!(jobrun = %name, "cannot check the CRM job before starting it: {why}");
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
-    }
-    let instance_url = connection_status.instance_url.clone().unwrap_or_default();
+    };
     let desired = build::batch_job(
         run,
         &template.spec,
@@ -556,13 +645,14 @@ async fn start(
     Ok(Action::await_change())
 }
 
-/// The CRM job was aborted or deleted: the Job is suspended (its pods are deleted) and the run is
-/// `Aborted`.
+/// The CRM job was aborted or deleted: the Job is stopped (an active deadline of one second: the
+/// Job controller deletes its pods and fails it with `DeadlineExceeded`, so the Job is finished and
+/// its TTL collects it, as a suspended Job never would be) and the run is `Aborted`.
 async fn abort(jobs: &Api<Job>, job_name: &str, next: &mut JobRunStatus) -> Result<(), Error> {
     jobs.patch(
         job_name,
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+        &Patch::Merge(serde_json::json!({"spec": {"activeDeadlineSeconds": 1}})),
     )
     .await?;
     next.phase = Some(JobPhase::Aborted);
@@ -572,11 +662,12 @@ async fn abort(jobs: &Api<Job>, job_name: &str, next: &mut JobRunStatus) -> Resu
 
 /// After the final report: the JobRun becomes its Job's, and the Job gets its TTL (the TTL
 /// controller then deletes it, and garbage collection the JobRun). No delete verb is needed.
-async fn finish(ctx: &Ctx, ns: &str, name: &str, run: &JobRun) -> Result<(), Error> {
+/// `false` when the Job is gone (nothing to hand over).
+async fn finish(ctx: &Ctx, ns: &str, name: &str, run: &JobRun) -> Result<bool, Error> {
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), ns);
     // Gone already (deleted before the outcome was written, or collected): nothing to hand over.
     let Some(job) = jobs.get_opt(name).await? else {
-        return Ok(());
+        return Ok(false);
     };
     let owner = OwnerReference {
         api_version: "batch/v1".into(),
@@ -596,8 +687,9 @@ async fn finish(ctx: &Ctx, ns: &str, name: &str, run: &JobRun) -> Result<(), Err
     let ttl = Api::<JobTemplate>::all(ctx.client.clone())
         .get_opt(&template_name(&run.spec.job_type))
         .await?
-        .and_then(|t| t.spec.ttl_seconds_after_finished);
-    if let Some(ttl) = ttl {
+        .and_then(|t| t.spec.ttl_seconds_after_finished)
+        .unwrap_or(i32::try_from(ctx.settings.ttl.as_secs()).unwrap_or(i32::MAX));
+    if job.spec.as_ref().and_then(|s| s.ttl_seconds_after_finished) != Some(ttl) {
         jobs.patch(
             name,
             &PatchParams::default(),
@@ -605,7 +697,7 @@ async fn finish(ctx: &Ctx, ns: &str, name: &str, run: &JobRun) -> Result<(), Err
         )
         .await?;
     }
-    Ok(())
+    Ok(true)
 }
 
 enum Reported {

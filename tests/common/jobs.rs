@@ -32,6 +32,11 @@ impl Env {
         Self::serving(FakeProviders::start().await, |_| {}).await
     }
 
+    /// [`Env::new`] with the operator's configuration changed by `configure`.
+    pub async fn configured(configure: impl FnOnce(&mut Config)) -> Env {
+        Self::serving(FakeProviders::start().await, configure).await
+    }
+
     /// The fake CRMs over https (a test CA) on the test node's bridge address, which pods reach,
     /// and an operator that trusts that CA and may send tokens there: for runs of real pods. It
     /// reads running jobs' CRM records every 2 s.

@@ -279,6 +279,8 @@ pub(crate) struct JobQueues {
     /// Salesforce job IDs (lowercase) that a rival processor claims right after the next read of
     /// their record is answered, and the rival's `ClaimedBy`.
     rival_after_read: HashMap<String, String>,
+    /// Reads of single job records (either API) answered so far.
+    record_reads: u64,
 }
 
 impl JobQueues {
@@ -694,6 +696,24 @@ impl FakeProviders {
             .jobs
             .rival_after_read
             .insert(id.to_ascii_lowercase(), by.to_string());
+    }
+
+    /// Sets a job's result as a CRM user may (Salesforce's Long Text Area holds 131,072
+    /// characters, Dataverse's multiline text 1,048,576). False if unknown.
+    pub fn set_job_result(&self, remote_id: &str, id: &str, result: &str) -> bool {
+        with_job(&mut self.shared.lock(), remote_id, id, |queues, i| {
+            let version = queues.bump_version();
+            let job = &mut queues.jobs[i];
+            job.result = Some(result.to_string());
+            job.modified = now_secs();
+            job.version = version;
+        })
+        .is_some()
+    }
+
+    /// How many single job records (either API) were read so far.
+    pub fn record_reads(&self) -> u64 {
+        self.shared.lock().jobs.record_reads
     }
 
     /// Queues a job again (as a CRM user would): Holding, no claim, modified `modified`, new
@@ -1122,6 +1142,9 @@ pub(crate) async fn sf_query(
     let words: Vec<String> = q.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
     if words.len() == 4 && words[0] == "SELECT" && words[1] == "COUNT()" && words[2] == "FROM" {
         count_delay(&shared).await;
+        if words[3].eq_ignore_ascii_case(HUGE_ANSWER_OBJECT) {
+            return finish(json_response(200, huge_count_answer()), &ctx);
+        }
         if words[3].eq_ignore_ascii_case(NO_SUCH_OBJECT) {
             // What Salesforce answers for an object the org does not have.
             let object = q.split_whitespace().nth(3).unwrap_or_default();
@@ -1227,17 +1250,42 @@ fn sf_not_found() -> Response {
 pub(crate) async fn sf_read(
     AxState(shared): Shared_,
     Path((object, id)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
     let ctx = match gate(&shared, CrmApi::Salesforce, Kind::Read, &headers).await {
         Ok(ctx) => ctx,
         Err(response) => return response,
     };
+    // `?fields=A,B`: only those (Salesforce answers 400 INVALID_FIELD for one it does not know).
+    let fields: Vec<&'static str> = match params.get("fields") {
+        None => SF_FIELDS.to_vec(),
+        Some(list) => {
+            let mut fields = Vec::new();
+            for name in list.split(',').map(str::trim) {
+                match sf_field(name) {
+                    Some(field) => fields.push(field),
+                    None => {
+                        return finish(
+                            sf_error(
+                                400,
+                                "INVALID_FIELD",
+                                &format!("No such column '{name}' on sobject of type {SF_OBJECT}"),
+                            ),
+                            &ctx,
+                        );
+                    }
+                }
+            }
+            fields
+        }
+    };
     let mut state = shared.lock();
+    state.jobs.record_reads += 1;
     let index = (object == SF_OBJECT)
         .then(|| state.jobs.find(&ctx.key, &id))
         .flatten();
-    let record = index.map(|i| sf_record(&state.jobs.jobs[i], &SF_FIELDS));
+    let record = index.map(|i| sf_record(&state.jobs.jobs[i], &fields));
     if let Some(i) = index
         && let Some(by) = state.jobs.rival_after_read.remove(&id.to_ascii_lowercase())
     {
@@ -1490,8 +1538,8 @@ fn dv_row(job: &Job, columns: &[&str]) -> Map<String, Value> {
     row
 }
 
-fn dv_entity(shared: &Shared, job: &Job) -> Value {
-    let mut row = dv_row(job, &DV_COLUMNS);
+fn dv_entity(shared: &Shared, job: &Job, columns: &[&str]) -> Value {
+    let mut row = dv_row(job, columns);
     row.insert(
         "@odata.context".into(),
         json!(format!("{}{DV_BASE}/$metadata#{DV_SET}/$entity", shared.url)),
@@ -1610,6 +1658,17 @@ pub const RECORD_COUNT: u64 = 42;
 pub const NO_SUCH_OBJECT: &str = "NoSuchObject__c";
 /// See [`NO_SUCH_OBJECT`].
 pub const NO_SUCH_ENTITY_SET: &str = "nosuchobjects";
+/// The Salesforce object (and, [`HUGE_ANSWER_ENTITY_SET`], the Dataverse entity set) whose count
+/// answers with [`HUGE_ANSWER_BYTES`] bytes: a CRM (or a proxy) that sends far more than asked.
+pub const HUGE_ANSWER_OBJECT: &str = "HugeAnswer__c";
+/// See [`HUGE_ANSWER_OBJECT`].
+pub const HUGE_ANSWER_ENTITY_SET: &str = "hugeanswers";
+/// See [`HUGE_ANSWER_OBJECT`].
+pub const HUGE_ANSWER_BYTES: usize = 8 << 20;
+
+fn huge_count_answer() -> Value {
+    json!({"totalSize": RECORD_COUNT, "done": true, "records": [], "padding": "x".repeat(HUGE_ANSWER_BYTES)})
+}
 
 async fn count_delay(shared: &Shared) {
     let delay = shared.lock().jobs.count_delay;
@@ -1629,6 +1688,16 @@ pub(crate) async fn dv_count(
         Err(response) => return response,
     };
     count_delay(&shared).await;
+    if set == HUGE_ANSWER_ENTITY_SET {
+        return finish(
+            (
+                [(header::CONTENT_TYPE, "text/plain")],
+                "4".repeat(HUGE_ANSWER_BYTES),
+            )
+                .into_response(),
+            &ctx,
+        );
+    }
     if set == NO_SUCH_ENTITY_SET {
         return finish(
             dv_error(
@@ -1653,7 +1722,7 @@ pub(crate) async fn dv_get(
 ) -> Response {
     match segment(&text) {
         Some(Segment::Collection) => dv_query(shared, params, headers).await,
-        Some(Segment::Row(id)) => dv_read(shared, id, headers).await,
+        Some(Segment::Row(id)) => dv_read(shared, id, params, headers).await,
         None => dv_segment_not_found(&text),
     }
 }
@@ -1778,16 +1847,43 @@ fn dv_missing(id: &str) -> Response {
     )
 }
 
-async fn dv_read(AxState(shared): Shared_, id: String, headers: HeaderMap) -> Response {
+async fn dv_read(
+    AxState(shared): Shared_,
+    id: String,
+    params: Vec<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     let ctx = match gate(&shared, CrmApi::Dataverse, Kind::Read, &headers).await {
         Ok(ctx) => ctx,
         Err(response) => return response,
     };
-    let state = shared.lock();
+    let columns: Vec<&str> = match params.iter().find(|(k, _)| k == "$select") {
+        None => DV_COLUMNS.to_vec(),
+        Some((_, select)) => {
+            let mut columns = Vec::new();
+            for name in select.split(',').map(str::trim) {
+                match DV_COLUMNS.iter().find(|c| **c == name) {
+                    Some(column) => columns.push(*column),
+                    None => {
+                        return dv_error(
+                            400,
+                            DV_QUERY_ERROR,
+                            &format!(
+                                "Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.crmc_crmjob'."
+                            ),
+                        );
+                    }
+                }
+            }
+            columns
+        }
+    };
+    let mut state = shared.lock();
+    state.jobs.record_reads += 1;
     let row = state
         .jobs
         .find(&ctx.key, &id)
-        .map(|i| dv_entity(&shared, &state.jobs.jobs[i]));
+        .map(|i| dv_entity(&shared, &state.jobs.jobs[i], &columns));
     drop(state);
     match row {
         Some(row) => json_response(200, row),
@@ -1911,7 +2007,7 @@ pub(crate) async fn dv_patch(
     drop(state);
     let entity_id = format!("{}{DV_BASE}/{DV_SET}({})", shared.url, job.id);
     let mut response = if representation {
-        let mut response = json_response(200, dv_entity(&shared, &job));
+        let mut response = json_response(200, dv_entity(&shared, &job, &DV_COLUMNS));
         if let Ok(value) = HeaderValue::from_str(&job.etag()) {
             response.headers_mut().insert(header::ETAG, value);
         }

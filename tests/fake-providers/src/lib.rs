@@ -129,8 +129,9 @@ mod jobs;
 mod login;
 mod tls;
 pub use jobs::{
-    CrmApi, FakeJob, JobStatus, NO_SUCH_ENTITY_SET, NO_SUCH_OBJECT, NewJob, RECORD_COUNT, SeedJob,
-    format_http_date, iso_datetime, parse_http_date,
+    CrmApi, FakeJob, HUGE_ANSWER_BYTES, HUGE_ANSWER_ENTITY_SET, HUGE_ANSWER_OBJECT, JobStatus,
+    NO_SUCH_ENTITY_SET, NO_SUCH_OBJECT, NewJob, RECORD_COUNT, SeedJob, format_http_date, iso_datetime,
+    parse_http_date,
 };
 pub use login::{DEVICE_INTERVAL_SECS, LoginDecision, LoginProvider, PendingDeviceCode};
 use serde::{Deserialize, Serialize};
