@@ -328,6 +328,34 @@ async fn throttling_and_bad_answers_are_clear_errors_and_never_change_the_connec
     );
     assert!(text(&row).contains("skipped a job queue row"), "{}", text(&row));
 
+    // A CRM that answers `done: false` with empty pages for ever: the poll ends after MAX_PAGES
+    // pages (one first page and nine next pages), claims nothing and is not an error.
+    let endless = json!({"totalSize": 1, "done": false, "records": [],
+                         "nextRecordsUrl": "/services/data/v62.0/query/01gEndless-1"});
+    env.fake.push_fault(
+        fake_providers::Fault::status(
+            fake_providers::FaultTarget::SalesforceData,
+            200,
+            &endless.to_string(),
+        )
+        .always(),
+    );
+    let queries = env.fake.stats().job_queries;
+    let out = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
+    env.fake.clear_faults();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("claimed 0,"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        env.fake.stats().job_queries - queries,
+        connection_operator::retriever::plan::MAX_PAGES as u64,
+        "{}",
+        text(&out)
+    );
+
     // An access token the CRM no longer accepts: a clear error (the operator renews the session).
     env.fake.expire_access_tokens();
     let stale = retrieve_once(&kubeconfig, &session, env.ns(), "acme", SF_KEY, &[]).await;
@@ -429,19 +457,25 @@ async fn a_retriever_may_write_only_its_own_connections_jobruns() {
     ] {
         assert_eq!(can(verb, resource), "no", "{verb} {resource}");
     }
-    let jobrun = |connection: &str| {
+    let jobrun = |connection: &str, name: &str, org: &str| {
         json!({
             "apiVersion": "crmconnect.io/v1alpha1", "kind": "JobRun",
-            "metadata": {"name": format!("{SF_KEY}-a0b00000000000{connection}"), "namespace": env.ns(),
-                         "labels": {"crmconnect.io/connection": connection, "crmconnect.io/org": SF_KEY}},
+            "metadata": {"name": name, "namespace": env.ns(),
+                         "labels": {"crmconnect.io/connection": connection, "crmconnect.io/org": org}},
             "spec": {"connection": connection, "crmJobId": "a0B000000000001AAA", "type": "export", "provider": "SalesforceProduction"},
         })
         .to_string()
     };
-    let theirs = run(
-        kubectl().args(["create", "-f", "-", "--as", &sa]),
-        Some(&jobrun("other")),
-    );
+    let create_as = |who: Option<&str>, manifest: String| {
+        let mut cmd = kubectl();
+        cmd.args(["create", "-f", "-"]);
+        if let Some(who) = who {
+            cmd.args(["--as", who]);
+        }
+        run(&mut cmd, Some(&manifest))
+    };
+    let name = connection_operator::api::jobrun_name(SF_KEY, "a0B000000000001AAA", 1);
+    let theirs = create_as(Some(&sa), jobrun("other", &name, SF_KEY));
     assert!(!theirs.success, "another connection's JobRun was accepted");
     assert!(
         theirs
@@ -450,11 +484,70 @@ async fn a_retriever_may_write_only_its_own_connections_jobruns() {
         "{}",
         theirs.stderr
     );
-    let own = run(
-        kubectl().args(["create", "-f", "-", "--as", &sa]),
-        Some(&jobrun("acme")),
+    // Its org label must start its name (a run forged for another org is refused)...
+    let forged = create_as(Some(&sa), jobrun("acme", &name, "sf-00d000000000099aaa"));
+    assert!(!forged.success, "a run named for another org was accepted");
+    assert!(
+        forged
+            .stderr
+            .contains("carries its org in the crmconnect.io/org label"),
+        "{}",
+        forged.stderr
     );
+    // ... and its name is <org>-<CRM job ID>-<attempt>, for anyone (the CRD's rule).
+    for bad in [
+        format!("{SF_KEY}-a0b000000000002aaa-1"),
+        format!("{SF_KEY}-a0b000000000001aaa"),
+        format!("{SF_KEY}-a0b000000000001aaa-0"),
+    ] {
+        let refused = create_as(None, jobrun("acme", &bad, SF_KEY));
+        assert!(!refused.success, "{bad} was accepted");
+        assert!(
+            refused
+                .stderr
+                .contains("a JobRun is named <org key>-<spec.crmJobId"),
+            "{}",
+            refused.stderr
+        );
+    }
+    let own = create_as(Some(&sa), jobrun("acme", &name, SF_KEY));
     assert!(own.success, "{}", own.stderr);
+
+    // A run whose org is not its connection's (made by someone who may write JobRuns) is never
+    // served with the connection's session: no Job, no CRM call, a condition and an event.
+    let other_org = "sf-00d000000000099aaa";
+    let stray = connection_operator::api::jobrun_name(other_org, "a0B000000000001AAA", 1);
+    assert!(create_as(None, jobrun("acme", &stray, other_org)).success);
+    let reads = env.fake.stats().job_reads;
+    let claim = json!({"status": {"phase": "Claimed", "attempt": 1, "claim": {
+        "by": format!("{}/acme/x", env.ns()), "at": "2026-12-08T00:00:00Z", "expires": "2099-01-01T00:00:00Z"}}});
+    run_ok(
+        kubectl().args([
+            "patch",
+            "jobrun",
+            &stray,
+            "-n",
+            env.ns(),
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &claim.to_string(),
+        ]),
+        None,
+    );
+    let jobruns: Api<JobRun> = Api::namespaced(env.client.clone(), env.ns());
+    let condition = eventually("Started=False OrgMismatch", Duration::from_secs(30), || async {
+        let status = jobruns.get(&stray).await.ok()?.status?;
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Started" && c.reason == "OrgMismatch")
+    })
+    .await;
+    assert!(condition.message.contains(other_org), "{}", condition.message);
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(env.client.clone(), env.ns());
+    assert!(jobs.get_opt(&stray).await.unwrap().is_none(), "no Job");
+    assert_eq!(env.fake.stats().job_reads, reads, "no CRM call");
     env.op.stop().await;
 }
 
@@ -725,6 +818,17 @@ async fn runs_without_a_template_hold_no_slot_and_give_their_job_back() {
         })
         .await;
     }
+    // The Jobs of the runs claimed next get the session's instance URL, not the Connection status's (which anyone who may
+    // write the status can forge; the operator only wrote it, so nothing rewrites it here).
+    let forged = "https://forged.example.com";
+    Api::<Connection>::namespaced(env.client.clone(), env.ns())
+        .patch_status(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"instanceUrl": forged}})),
+        )
+        .await
+        .unwrap();
     let fourth = retrieve_once(
         &kubeconfig,
         &session,
@@ -742,6 +846,40 @@ async fn runs_without_a_template_hold_no_slot_and_give_their_job_back() {
     for id in &ids[..2] {
         assert_eq!(env.fake.job(SF_ORG, id).unwrap().attempt, 2);
     }
+
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(env.client.clone(), env.ns());
+    let name = connection_operator::jobruns::build::job_name(&connection_operator::api::jobrun_name(
+        SF_KEY, &ids[2], 1,
+    ));
+    let job = eventually("the Job of the third run", Duration::from_secs(60), || async {
+        jobs.get_opt(&name).await.ok()?
+    })
+    .await;
+    let env_var = |key: &str| {
+        job.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == key)
+            .and_then(|e| e.value.clone())
+    };
+    let session: k8s_openapi::api::core::v1::Secret = Api::namespaced(env.client.clone(), env.ns())
+        .get("acme-session")
+        .await
+        .unwrap();
+    let session_url = String::from_utf8(session.data.unwrap()["instance_url"].0.clone()).unwrap();
+    assert_ne!(session_url.trim(), forged);
+    assert_eq!(
+        env_var("CRM_INSTANCE_URL").as_deref(),
+        Some(session_url.trim().trim_end_matches('/'))
+    );
     env.op.stop().await;
 }
 

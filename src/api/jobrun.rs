@@ -47,7 +47,10 @@ use super::Provider;
         json_path = ".spec.crmJobId",
         description = "The job's record ID in the CRM"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(
+        "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?-[1-9][0-9]*$') && self.metadata.name.substring(0, self.metadata.name.lastIndexOf('-')).endsWith('-' + self.spec.crmJobId.lowerAscii())"
+    ).message("a JobRun is named <org key>-<spec.crmJobId, lowercased>-<attempt>")
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a JobRun's spec is immutable"))]
 #[serde(rename_all = "camelCase")]

@@ -181,6 +181,12 @@ pub enum CrmError {
     /// The session's URL would send the token in clear text or to another origin.
     #[error("refusing to send the access token to {0}")]
     Refused(String),
+    /// Not sent: the caller's budget for the CRM is spent for now (see `jobruns::budget`).
+    #[error("not sent: {why} (again in {retry_after:?})")]
+    OverBudget {
+        why: &'static str,
+        retry_after: Duration,
+    },
 }
 
 fn code_suffix(code: &Option<String>) -> String {
@@ -197,6 +203,7 @@ impl CrmError {
             CrmError::Malformed(_) => "malformed",
             CrmError::Transport(_) => "transport",
             CrmError::Refused(_) => "refused",
+            CrmError::OverBudget { .. } => "over_budget",
         }
     }
 
@@ -206,6 +213,7 @@ impl CrmError {
             CrmError::Throttled { retry_after, .. } | CrmError::Unexpected { retry_after, .. } => {
                 *retry_after
             }
+            CrmError::OverBudget { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

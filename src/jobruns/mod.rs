@@ -12,6 +12,7 @@
 //! once the outcome is written). Finished runs go into the
 //! org's history (`OrgSettings.status`). See `docs/jobs.md`.
 
+pub mod budget;
 pub mod build;
 pub mod metrics;
 
@@ -93,6 +94,7 @@ struct Ctx {
     hosts: crate::providers::rules::HostPolicy,
     settings: Settings,
     metrics: metrics::JobMetrics,
+    budget: budget::Budget,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +151,7 @@ pub async fn run(
         hosts: validator.hosts.clone(),
         settings,
         metrics,
+        budget: budget::Budget::default(),
         client,
     });
     // One controller per watched namespace, or one for the whole cluster.
@@ -262,6 +265,28 @@ async fn serving_connection(ctx: &Ctx, run: &JobRun, ns: &str) -> Result<Option<
     Ok(adopter)
 }
 
+/// Reason (condition `Started`, event): the run's org is not its connection's.
+pub const ORG_MISMATCH: &str = "OrgMismatch";
+
+/// Why `connection` must not serve `run`: the run names another org (its `crmconnect.io/org`
+/// label) than the one the connection holds, or names none. `None`: it may (a connection that has
+/// not recorded its org yet is not Active, and serves nothing anyway).
+fn org_mismatch(run: &JobRun, connection: &Connection) -> Option<String> {
+    let held = org_of(connection)?;
+    match run.labels().get(crate::api::labels::ORG) {
+        Some(org) if *org == held => None,
+        Some(org) => Some(format!(
+            "the run is for org {org}, but its connection {} holds org {held}: it is never run with that connection's session",
+            connection.name_any()
+        )),
+        None => Some(format!(
+            "the run names no org (label {}): it is never run with connection {}'s session",
+            crate::api::labels::ORG,
+            connection.name_any()
+        )),
+    }
+}
+
 /// True when a connection's session may be used to write to the CRM: Active or Paused (a paused
 /// connection's token is valid). An inactive one's is dead: its runs' reports wait for it.
 fn can_report(connection: Option<&Connection>) -> bool {
@@ -355,6 +380,17 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     }
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let connection = serving_connection(&ctx, &run, &ns).await?;
+    if let Some(why) = connection.as_ref().and_then(|c| org_mismatch(&run, c)) {
+        // Never served with a session of another org than the run's (a forged or stale run): no
+        // Job, no CRM write; the condition says why.
+        let mut next = status.clone();
+        if set_condition(&mut next.conditions, "Started", "False", ORG_MISMATCH, &why) {
+            warn!(jobrun = %name, "{why}");
+            publish(&ctx, &run, EventType::Warning, ORG_MISMATCH, &why).await;
+        }
+        write_status(&ctx, &run, &status, next).await?;
+        return Ok(Action::await_change());
+    }
     let serving = connection
         .as_ref()
         .map(|c| c.name_any())
@@ -439,7 +475,7 @@ async fn reconcile(run: Arc<JobRun>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             }
         }
         if matches!(next.phase, Some(JobPhase::Running | JobPhase::Claimed)) {
-            action = Action::requeue(ctx.settings.abort_check);
+            action = Action::requeue(ctx.budget.abort_check(&org_key(&run), ctx.settings.abort_check));
         }
     }
     let finished = next.reported.is_some_and(JobPhase::is_terminal);
@@ -787,11 +823,7 @@ fn crm_now<T>(read: &crm::Answer<T>) -> Timestamp {
 /// record is read again.
 async fn fence(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership, String> {
     for _ in 0..3 {
-        let read = ctx
-            .queue
-            .read(target, &run.spec.crm_job_id)
-            .await
-            .map_err(|e| e.to_string())?;
+        let read = read_record(ctx, run, target).await.map_err(|e| e.to_string())?;
         let record = match &read.value {
             None => return Ok(Ownership::Lost("the job was deleted in the CRM".into())),
             Some(r) => r,
@@ -819,11 +851,7 @@ async fn fence(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership
             status: JobStatus::Claimed,
             until,
         };
-        match ctx
-            .queue
-            .report(target, &run.spec.crm_job_id, record, &renew)
-            .await
-        {
+        match write_record(ctx, run, target, record, &renew).await {
             Ok(ClaimOutcome::Claimed) => return Ok(Ownership::Ours),
             Ok(ClaimOutcome::Gone) => return Ok(Ownership::Lost("the job was deleted in the CRM".into())),
             Ok(ClaimOutcome::Lost) => continue, // changed since the read: read again
@@ -831,6 +859,58 @@ async fn fence(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> Result<Ownership
         }
     }
     Err("the CRM job record kept changing".into())
+}
+
+/// The org a run's CRM calls count against (its org label; its connection's name without one).
+fn org_key(run: &JobRun) -> String {
+    run.labels()
+        .get(crate::api::labels::ORG)
+        .cloned()
+        .unwrap_or_else(|| run.spec.connection.clone())
+}
+
+/// Reads the run's CRM job record within the namespace's and the org's budget (see [`budget`]).
+async fn read_record(
+    ctx: &Ctx,
+    run: &JobRun,
+    target: &Target<'_>,
+) -> Result<crm::Answer<Option<crm::Record>>, crm::CrmError> {
+    let org = org_key(run);
+    ctx.budget.admit(
+        &run.namespace().unwrap_or_default(),
+        &org,
+        std::time::Instant::now(),
+    )?;
+    let answer = ctx.queue.read(target, &run.spec.crm_job_id).await;
+    let (usage, error) = match &answer {
+        Ok(read) => (read.usage, None),
+        Err(e) => (None, Some(e)),
+    };
+    ctx.budget.observe(&org, usage, error, std::time::Instant::now());
+    answer
+}
+
+/// Writes `report` into the run's CRM job record read as `record`, within the budget.
+async fn write_record(
+    ctx: &Ctx,
+    run: &JobRun,
+    target: &Target<'_>,
+    record: &crm::Record,
+    report: &Report,
+) -> Result<ClaimOutcome, crm::CrmError> {
+    let org = org_key(run);
+    ctx.budget.admit(
+        &run.namespace().unwrap_or_default(),
+        &org,
+        std::time::Instant::now(),
+    )?;
+    let outcome = ctx
+        .queue
+        .report(target, &run.spec.crm_job_id, record, report)
+        .await;
+    ctx.budget
+        .observe(&org, None, outcome.as_ref().err(), std::time::Instant::now());
+    outcome
 }
 
 /// The JobTemplate of the run's type, if it exists and allows the run's provider.
@@ -883,7 +963,7 @@ enum InFlight {
 /// Reads the record of a job in flight: aborted or gone, or still held; a lease with less than half
 /// of its length left is renewed (a conditional write; if it loses, the next look tries again).
 async fn check_in_flight(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> InFlight {
-    let read = match ctx.queue.read(target, &run.spec.crm_job_id).await {
+    let read = match read_record(ctx, run, target).await {
         Ok(read) => read,
         Err(e) => return InFlight::Unknown(e.to_string()),
     };
@@ -904,11 +984,7 @@ async fn check_in_flight(ctx: &Ctx, run: &JobRun, target: &Target<'_>) -> InFlig
             status: record.status,
             until: now.saturating_add(lease).unwrap_or(now),
         };
-        match ctx
-            .queue
-            .report(target, &run.spec.crm_job_id, record, &renew)
-            .await
-        {
+        match write_record(ctx, run, target, record, &renew).await {
             Ok(ClaimOutcome::Claimed | ClaimOutcome::Lost) => {}
             Ok(ClaimOutcome::Gone) => return InFlight::Aborted,
             Err(e) => return InFlight::Unknown(format!("cannot renew the lease: {e}")),
@@ -1043,7 +1119,7 @@ async fn write_report(
         None
     };
     for _ in 0..3 {
-        let read = match ctx.queue.read(&target, &run.spec.crm_job_id).await {
+        let read = match read_record(ctx, run, &target).await {
             Ok(read) => read,
             Err(e) => return Reported::Later(e.to_string()),
         };
@@ -1090,11 +1166,7 @@ async fn write_report(
             tokio::time::sleep(Duration::from_secs(2)).await;
             continue;
         }
-        match ctx
-            .queue
-            .report(&target, &run.spec.crm_job_id, record, &report)
-            .await
-        {
+        match write_record(ctx, run, &target, record, &report).await {
             Ok(ClaimOutcome::Claimed) => return Reported::Done(result),
             Ok(ClaimOutcome::Gone) => return Reported::Aborted,
             Ok(ClaimOutcome::Lost) => continue, // changed meanwhile: read again

@@ -279,8 +279,6 @@ pub(crate) struct JobQueues {
     /// Salesforce job IDs (lowercase) that a rival processor claims right after the next read of
     /// their record is answered, and the rival's `ClaimedBy`.
     rival_after_read: HashMap<String, String>,
-    /// Reads of single job records (either API) answered so far.
-    record_reads: u64,
 }
 
 impl JobQueues {
@@ -709,11 +707,6 @@ impl FakeProviders {
             job.version = version;
         })
         .is_some()
-    }
-
-    /// How many single job records (either API) were read so far.
-    pub fn record_reads(&self) -> u64 {
-        self.shared.lock().jobs.record_reads
     }
 
     /// Queues a job again (as a CRM user would): Holding, no claim, modified `modified`, new
@@ -1281,7 +1274,6 @@ pub(crate) async fn sf_read(
         }
     };
     let mut state = shared.lock();
-    state.jobs.record_reads += 1;
     let index = (object == SF_OBJECT)
         .then(|| state.jobs.find(&ctx.key, &id))
         .flatten();
@@ -1878,8 +1870,7 @@ async fn dv_read(
             columns
         }
     };
-    let mut state = shared.lock();
-    state.jobs.record_reads += 1;
+    let state = shared.lock();
     let row = state
         .jobs
         .find(&ctx.key, &id)
