@@ -311,9 +311,14 @@ pub struct RetrieveArgs {
     /// How many jobs one poll may claim.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_claims_per_poll: u32,
-    /// Claim only these job types (comma-separated; default: every type).
+    /// Claim only these job types (comma-separated; default: every type). The operator passes the
+    /// types a JobTemplate can run (of the org's allowedJobTypes, if set).
     #[arg(long, value_delimiter = ',')]
     pub allowed_job_types: Vec<String>,
+    /// No JobTemplate can run any of the org's job types: ask the CRM nothing, claim nothing (the
+    /// operator passes it; a template appearing rolls the retriever with the types it can run).
+    #[arg(long, conflicts_with = "allowed_job_types")]
+    pub no_job_templates: bool,
     /// How long a claim holds in the CRM.
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     pub claim_lease: std::time::Duration,
@@ -354,6 +359,7 @@ impl RetrieveArgs {
                 max_concurrent_jobs: self.max_concurrent_jobs,
                 max_claims_per_poll: self.max_claims_per_poll,
                 allowed_job_types: self.allowed_job_types.clone(),
+                no_job_templates: self.no_job_templates,
                 claim_lease: self.claim_lease.max(std::time::Duration::from_secs(1)),
             },
             probe_addr: self.metrics_addr,

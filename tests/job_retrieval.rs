@@ -947,3 +947,109 @@ async fn runs_that_ended_without_a_job_are_collected_after_the_job_ttl() {
     assert_eq!((job.status, job.claimed_by), (JobStatus::Holding, None));
     env.op.stop().await;
 }
+
+/// Issue 30: by default a retriever claims only the job types a JobTemplate can run. The operator
+/// passes them as its flags (every spelling of each template's type allowing the connection's
+/// provider; of the org's `allowedJobTypes`, those with a template); a template created or deleted
+/// re-decides them; with none, the retriever asks the CRM nothing and claims nothing.
+#[tokio::test]
+async fn only_types_with_a_job_template_are_claimed() {
+    let env = Env::new().await;
+    env.connect("acme", false).await;
+    let suffix = &env.ns()[2..];
+    let (mine, theirs) = (format!("mine-{suffix}"), format!("dv-only-{suffix}"));
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), env.ns());
+    let args = || async {
+        let d = deployments.get("acme-retriever").await.ok()?;
+        d.spec
+            .template
+            .spec
+            .as_ref()?
+            .containers
+            .first()?
+            .args
+            .as_ref()
+            .map(|a| a.join(" "))
+    };
+    let before = eventually("the retriever", Duration::from_secs(30), || args()).await;
+    assert!(!before.contains(&mine), "{before}");
+
+    let mut dv_only = JobTemplates::worker("absent.invalid/none:0", &["never"]);
+    dv_only["providers"] = json!(["Dynamics365"]);
+    let templates = JobTemplates::apply(&[
+        (&mine, JobTemplates::worker("absent.invalid/none:0", &["never"])),
+        (&theirs, dv_only),
+    ]);
+    let spellings = format!("{mine},{},{}", mine.replace('-', "_"), mine.replace('-', "."));
+    let with = eventually(
+        "the template's type in the retriever's flags",
+        Duration::from_secs(60),
+        || async {
+            let a = args().await?;
+            a.contains(&spellings).then_some(a)
+        },
+    )
+    .await;
+    assert!(
+        !with.contains(&theirs),
+        "a Dynamics-only template for a Salesforce org: {with}"
+    );
+    assert!(!with.contains("--no-job-templates"), "{with}");
+
+    // The org's allowedJobTypes: only those with a template.
+    let key = SF_KEY;
+    Api::<OrgSettings>::namespaced(env.client.clone(), env.ns())
+        .patch(
+            key,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"allowedJobTypes": [mine.to_uppercase(), "untemplated"]}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "only the allowed type with a template",
+        Duration::from_secs(60),
+        || async {
+            let a = args().await?;
+            a.contains(&format!("--allowed-job-types {}", mine.to_uppercase()))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The template deleted: no longer claimed.
+    drop(templates);
+    eventually(
+        "the deleted template's type gone",
+        Duration::from_secs(60),
+        || async {
+            let a = args().await?;
+            (!a.contains(&mine.to_uppercase())).then_some(())
+        },
+    )
+    .await;
+
+    // A retriever told that no template can run the org's jobs asks the CRM nothing.
+    seed_aged(&env.fake, SF_ORG, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
+    let session = env.session_dir("acme", dir.path()).await;
+    let queries = env.fake.stats().job_queries;
+    let out = retrieve_once(
+        &kubeconfig,
+        &session,
+        env.ns(),
+        "acme",
+        SF_KEY,
+        &["--no-job-templates"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("claimed 0,"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(env.fake.stats().job_queries, queries, "no query");
+    env.op.stop().await;
+}

@@ -74,11 +74,57 @@ pub struct RetrieverSettings {
 /// called `connection-operator`.
 pub const DEFAULT_RETRIEVER_CLUSTER_ROLE: &str = "crmconnect:connection-operator:retriever";
 
-/// The org a retriever works for: its key and its OrgSettings.
+/// The org a retriever works for: its key and its OrgSettings, and the names of the JobTemplates
+/// that can run its jobs (those allowing the connection's provider).
 #[derive(Clone, Debug, PartialEq)]
 pub struct OrgJobs<'a> {
     pub key: &'a str,
     pub settings: &'a OrgSettingsSpec,
+    pub templates: &'a [String],
+}
+
+/// The CRM job types the retriever claims: only those a JobTemplate can run. With the org's
+/// `allowedJobTypes` set, those of them whose template (by [`crate::api::template_name`]) is in
+/// `templates`; else, for each template, its name and the same with `_` or `.` for every `-` (the
+/// spellings whose template it is; the CRMs compare types case-insensitively, so `Record_Count`
+/// is found as `record_count`). Empty: no job can run, nothing is claimed.
+pub fn claimable_types(allowed: &[String], templates: &[String]) -> Vec<String> {
+    let mut types: Vec<String> = Vec::new();
+    let mut add = |t: String| {
+        if !types.contains(&t) {
+            types.push(t);
+        }
+    };
+    if allowed.is_empty() {
+        for name in templates {
+            add(name.clone());
+            add(name.replace('-', "_"));
+            add(name.replace('-', "."));
+        }
+    } else {
+        for t in allowed {
+            if templates.contains(&crate::api::template_name(t)) {
+                add(t.clone());
+            }
+        }
+    }
+    types
+}
+
+/// The names of the JobTemplates that can run `provider`'s jobs (sorted: the retriever's flags,
+/// and so its Deployment, do not change with the order templates are listed in).
+pub fn runnable_templates<'t>(
+    templates: impl IntoIterator<Item = &'t crate::api::JobTemplate>,
+    provider: crate::api::Provider,
+) -> Vec<String> {
+    let mut names: Vec<String> = templates
+        .into_iter()
+        .filter(|t| t.spec.providers.is_empty() || t.spec.providers.contains(&provider))
+        .filter_map(|t| t.metadata.name.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 impl Default for RetrieverSettings {
@@ -242,9 +288,12 @@ pub fn job_args(org: &OrgJobs<'_>) -> Vec<String> {
         "--claim-lease".into(),
         seconds(&s.claim_lease, &defaults.claim_lease),
     ];
-    if !s.allowed_job_types.is_empty() {
+    let types = claimable_types(&s.allowed_job_types, org.templates);
+    if types.is_empty() {
+        args.push("--no-job-templates".into());
+    } else {
         args.push("--allowed-job-types".into());
-        args.push(s.allowed_job_types.join(","));
+        args.push(types.join(","));
     }
     args
 }
@@ -824,7 +873,60 @@ mod tests {
         OrgJobs {
             key: "sf-00d000000000001eaa",
             settings: Box::leak(Box::default()),
+            templates: Box::leak(Box::new(["record-count".to_string()])),
         }
+    }
+
+    #[test]
+    fn only_types_a_job_template_can_run_are_claimed() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // No allowedJobTypes: every spelling of each template's type.
+        assert_eq!(
+            claimable_types(&[], &names(&["export", "record-count"])),
+            names(&["export", "record-count", "record_count", "record.count"])
+        );
+        // allowedJobTypes: only those with a template (matched by the template's name).
+        assert_eq!(
+            claimable_types(
+                &names(&["Export", "Record_Count", "import"]),
+                &names(&["export", "record-count"])
+            ),
+            names(&["Export", "Record_Count"])
+        );
+        // No template at all: nothing.
+        assert!(claimable_types(&[], &[]).is_empty());
+        assert!(claimable_types(&names(&["import"]), &names(&["export"])).is_empty());
+        let flags = |templates: &[String]| {
+            let org = OrgJobs {
+                key: "sf-00d000000000001eaa",
+                settings: Box::leak(Box::default()),
+                templates,
+            };
+            job_args(&org).join(" ")
+        };
+        assert!(flags(&[]).ends_with("--no-job-templates"), "{}", flags(&[]));
+        assert!(flags(&names(&["export"])).ends_with("--allowed-job-types export"));
+        // Templates by provider, sorted.
+        let template = |name: &str, providers: serde_json::Value| -> crate::api::JobTemplate {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "crmconnect.io/v1alpha1", "kind": "JobTemplate", "metadata": {"name": name},
+                "spec": {"providers": providers, "template": {"spec": {"containers": []}}}
+            }))
+            .unwrap()
+        };
+        let all = [
+            template("zeta", serde_json::json!([])),
+            template("dv-only", serde_json::json!(["Dynamics365"])),
+            template("alpha", serde_json::json!(["SalesforceProduction"])),
+        ];
+        assert_eq!(
+            runnable_templates(&all, crate::api::Provider::SalesforceProduction),
+            names(&["alpha", "zeta"])
+        );
+        assert_eq!(
+            runnable_templates(&all, crate::api::Provider::Dynamics365),
+            names(&["dv-only", "zeta"])
+        );
     }
 
     #[test]
@@ -836,9 +938,11 @@ mod tests {
             allowed_job_types: vec!["export".into(), "import".into()],
             ..Default::default()
         };
+        let templates = ["export".to_string(), "import".to_string()];
         let custom = OrgJobs {
             key: "sf-00d000000000001eaa",
             settings: &spec,
+            templates: &templates,
         };
         let d = retriever_deployment(&conn(), &RetrieverSettings::default(), Some(&custom), 1);
         let args = d.spec.template.spec.clone().unwrap().containers[0]

@@ -115,6 +115,8 @@ pub struct Context {
     pub(crate) stores: Vec<Store<DeserializeGuard<CachedConnection>>>,
     /// Prometheus metrics.
     pub(crate) metrics: metrics::Metrics,
+    /// The JobTemplates (cluster-scoped, few): which job types a retriever may claim.
+    pub(crate) templates: Store<crate::api::JobTemplate>,
 }
 
 /// Why the operator could not start.
@@ -389,11 +391,16 @@ async fn reconcile(
             _ => (None, read_settings.await?),
         };
         let defaults = crate::api::OrgSettingsSpec::default();
+        let runnable = children::runnable_templates(
+            ctx.templates.state().iter().map(|t| t.as_ref()),
+            conn.spec.provider,
+        );
         // 3. build the desired status and children (pure).
         let retriever = {
             let jobs = org_key.as_deref().map(|key| children::OrgJobs {
                 key,
                 settings: org.as_ref().map(|o| &o.spec).unwrap_or(&defaults),
+                templates: &runnable,
             });
             children::observe_retriever(
                 observed.deployment.as_ref(),
@@ -432,6 +439,7 @@ async fn reconcile(
         let jobs = org_key.as_deref().map(|key| children::OrgJobs {
             key,
             settings: org.as_ref().map(|o| &o.spec).unwrap_or(&defaults),
+            templates: &runnable,
         });
         let deployment = children::retriever_deployment(conn, &ctx.config.retriever, jobs.as_ref(), replicas);
         let session = validated
@@ -598,6 +606,7 @@ pub async fn run(
         controller: "connection-operator".into(),
         instance: config.instance.clone(),
     };
+    let (templates, templates_writer) = reflector::store::<crate::api::JobTemplate>();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
@@ -612,6 +621,7 @@ pub async fn run(
         stores,
         config: config.clone(),
         metrics: metrics::Metrics::default(),
+        templates: templates.clone(),
     });
     let server = match config.metrics_addr {
         Some(addr) => {
@@ -652,6 +662,34 @@ pub async fn run(
             }
         });
     }
+    // The JobTemplates decide which job types each retriever claims (its flags): read in full
+    // before the first reconcile (a reconcile before that would roll every retriever for nothing),
+    // and any change of one re-decides every connection (an unchanged one writes nothing).
+    let (template_changed, _) = tokio::sync::broadcast::channel::<()>(4);
+    let template_watch = {
+        let changed = template_changed.clone();
+        let stream = watcher(
+            Api::<crate::api::JobTemplate>::all(ctx.client.clone()),
+            list_config(),
+        )
+        .default_backoff()
+        .reflect(templates_writer)
+        .touched_objects();
+        let stop = stopped();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stream.for_each(|_| {
+                    let _ = changed.send(());
+                    std::future::ready(())
+                }) => {}
+                _ = stop => {}
+            }
+        })
+    };
+    tokio::select! {
+        _ = templates.wait_until_ready() => {}
+        _ = stopped() => {}
+    }
     let managed = format!("{}={}", children::MANAGED_BY.0, children::MANAGED_BY.1);
     info!(
         namespaces = %if config.namespaces.is_empty() { "<all>".to_string() } else { config.namespaces.join(",") },
@@ -690,8 +728,16 @@ pub async fn run(
         let deployments: Api<trigger::Meta<Deployment>> = scoped_api(&ctx.client, scope.as_deref());
         let org_settings: Api<trigger::Meta<crate::api::OrgSettings>> =
             scoped_api(&ctx.client, scope.as_deref());
+        let templates_changed = futures::stream::unfold(template_changed.subscribe(), |mut rx| async move {
+            match rx.recv().await {
+                Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Some(((), rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+            }
+        });
         controller
             .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+            // A JobTemplate created, changed or deleted: every connection's claimable types.
+            .reconcile_all_on(templates_changed)
             // Only labelled Secrets are watched (credentials the operator has seen, and its own
             // session Secrets): memory stays proportional to the connections, not to every
             // Secret in the cluster.
@@ -748,6 +794,7 @@ pub async fn run(
     }));
     let (_, job_runs) = futures::join!(connections_done, job_runs);
     rechecks.abort();
+    template_watch.abort();
     if let Err(e) = job_runs {
         warn!(error = %e, "the JobRun controller could not start");
     }

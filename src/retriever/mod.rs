@@ -337,6 +337,10 @@ impl Retriever {
 
     async fn poll_with(&self, session: &Session) -> Result<Report, PollError> {
         let jobs_settings = &self.settings.jobs;
+        if jobs_settings.no_job_templates {
+            info!(org = %self.settings.org_key, "no JobTemplate can run this org's jobs (kubectl get jobtemplates): asking the CRM nothing, claiming nothing");
+            return Ok(Report::default());
+        }
         let held = jobruns::held(&self.jobruns, &self.settings.org_key, jobs_settings.claim_lease).await?;
         let capacity = plan::capacity(jobs_settings, held.slots);
         let blocked = &held.blocked;

@@ -15,6 +15,9 @@ pub struct JobSettings {
     pub max_concurrent_jobs: u32,
     pub max_claims_per_poll: u32,
     pub allowed_job_types: Vec<String>,
+    /// No JobTemplate can run any of the org's jobs (`--no-job-templates`): the retriever asks the
+    /// CRM nothing and claims nothing.
+    pub no_job_templates: bool,
     pub claim_lease: Duration,
 }
 
@@ -26,6 +29,7 @@ impl Default for JobSettings {
             max_concurrent_jobs: 2,
             max_claims_per_poll: 5,
             allowed_job_types: Vec::new(),
+            no_job_templates: false,
             claim_lease: Duration::from_secs(900),
         }
     }
@@ -42,7 +46,7 @@ pub const QUERY_LIMIT: u32 = 100;
 /// How many jobs this poll may claim: none when auto-run is off, else up to the per-poll maximum
 /// and the org's free slots (`held`: its JobRuns that are claimed or running).
 pub fn capacity(settings: &JobSettings, held: usize) -> usize {
-    if !settings.auto_run_jobs {
+    if !settings.auto_run_jobs || settings.no_job_templates {
         return 0;
     }
     let free = (settings.max_concurrent_jobs as usize).saturating_sub(held);
@@ -170,9 +174,14 @@ mod tests {
         assert_eq!(capacity(&few, 0), 1);
         let off = JobSettings {
             auto_run_jobs: false,
-            ..s
+            ..s.clone()
         };
         assert_eq!(capacity(&off, 0), 0);
+        let untemplated = JobSettings {
+            no_job_templates: true,
+            ..s
+        };
+        assert_eq!(capacity(&untemplated, 0), 0, "no template can run any job");
     }
 
     #[test]
