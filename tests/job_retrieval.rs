@@ -971,7 +971,7 @@ async fn only_types_with_a_job_template_are_claimed() {
             .as_ref()
             .map(|a| a.join(" "))
     };
-    let before = eventually("the retriever", Duration::from_secs(30), || args()).await;
+    let before = eventually("the retriever", Duration::from_secs(30), &args).await;
     assert!(!before.contains(&mine), "{before}");
 
     let mut dv_only = JobTemplates::worker("absent.invalid/none:0", &["never"]);
