@@ -91,6 +91,7 @@ async fn one(client: Client, recorder: &Recorder, ns: &str, conn: Connection, i:
         Some(&OrgJobs {
             key: &key,
             settings: &org_settings,
+            templates: &[],
         }),
         1,
     );
