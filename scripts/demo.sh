@@ -73,7 +73,8 @@ salesforce:
 dynamics:
   - {organizationId: 6f1c2a9e-0000-4000-8000-00000000c0de, userId: 2b7d4e11-0000-4000-8000-0000000a11ce, clientId: demo-app, environmentUrl: "https://contoso.crm.microsoftdynamics.us", refreshTokens: [demo-dyn-token]}
 # Jobs queued for the cloud in each CRM (and one for a desktop processor, which is not ours). The
-# record-count jobs run with examples/jobtemplates/record-count.yaml; nightly-export has no template.
+# record-count jobs run with examples/jobtemplates/record-count.yaml; nightly-export has no template,
+# so no retriever claims it (they claim only the types a JobTemplate can run).
 jobs:
   - {remoteId: 00D5g000004ACMEAA1, count: 2, type: record-count}
   - {remoteId: 00D5g000004ACMEAA1, count: 1, type: nightly-export}
@@ -212,7 +213,7 @@ prod_jobs=$(curl -fsS --cacert "$state/pki/ca.crt" "$fake/_admin/jobs/00D5g00000
 echo "in acme-prod's org (the simulated Salesforce), one job record:"
 grep -o '{[^{}]*"status":"Completed"[^{}]*}' <<<"$prod_jobs" | head -1 | tr ',' '\n' |
 	grep -E '"(id|jobType|status|claimedBy|attempt|result)"' | sed 's/^/  /'
-echo "  ... and $(grep -o '"status":"Holding"' <<<"$prod_jobs" | wc -l) still Holding (one for a Desktop processor, never ours)"
+echo "  ... and $(grep -o '"status":"Holding"' <<<"$prod_jobs" | wc -l) still Holding (one for a Desktop processor, never ours; nightly-export, which no JobTemplate runs)"
 
 step "Revoking the UAT sandbox's refresh token at the provider (as an admin would in Salesforce)"
 curl -fsS --cacert "$state/pki/ca.crt" -X POST "$fake/_admin/revoke" -H 'content-type: application/json' -d '{"refreshToken":"demo-uat-token"}'
