@@ -548,6 +548,41 @@ async fn a_retriever_may_write_only_its_own_connections_jobruns() {
     let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(env.client.clone(), env.ns());
     assert!(jobs.get_opt(&stray).await.unwrap().is_none(), "no Job");
     assert_eq!(env.fake.stats().job_reads, reads, "no CRM call");
+
+    // The status is bounded: a result over 256 characters, a claimant over 255, or more than 8
+    // conditions is refused by the API server (nothing unbounded reaches the caches).
+    for (what, status) in [
+        ("result", json!({"result": "r".repeat(257)})),
+        (
+            "claim.by",
+            json!({"claim": {"by": "b".repeat(256), "at": "2026-12-08T00:00:00Z", "expires": "2099-01-01T00:00:00Z"}}),
+        ),
+        (
+            "conditions",
+            json!({"conditions": (0..9).map(|i| json!({"type": format!("T{i}"), "status": "True", "reason": "R", "message": "", "lastTransitionTime": "2026-12-08T00:00:00Z"})).collect::<Vec<_>>()}),
+        ),
+    ] {
+        let out = run(
+            kubectl().args([
+                "patch",
+                "jobrun",
+                &stray,
+                "-n",
+                env.ns(),
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &json!({"status": status}).to_string(),
+            ]),
+            None,
+        );
+        assert!(!out.success, "a {what} beyond its bound was accepted");
+        assert!(
+            out.stderr.contains("Too long") || out.stderr.contains("Too many"),
+            "{what}: {}",
+            out.stderr
+        );
+    }
     env.op.stop().await;
 }
 

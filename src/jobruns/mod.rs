@@ -1312,3 +1312,91 @@ async fn publish(ctx: &Ctx, run: &JobRun, type_: EventType, reason: &str, note: 
         warn!(error = %e, "could not publish event");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(labels: serde_json::Value, status: serde_json::Value) -> JobRun {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "crmconnect.io/v1alpha1", "kind": "JobRun",
+            "metadata": {
+                "name": "sf-00d000000000001aaa-a0b000000000001aaa-1", "namespace": "team",
+                "labels": labels,
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{…the whole run…}", "keep": "me"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {"connection": "acme", "crmJobId": "a0B000000000001AAA", "type": "export", "provider": "SalesforceProduction"},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    fn connection(org_id: Option<&str>) -> Connection {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "crmconnect.io/v1alpha1", "kind": "Connection",
+            "metadata": {"name": "acme", "namespace": "team"},
+            "spec": {"team": "t", "provider": "SalesforceProduction", "credentialsSecretRef": {"name": "s"}},
+            "status": {"orgId": org_id}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_cache_keeps_no_managed_fields_nor_the_last_applied_copy() {
+        let mut r = run(serde_json::json!({}), serde_json::json!({}));
+        trim(&mut r);
+        assert!(r.metadata.managed_fields.is_none());
+        let annotations = r.metadata.annotations.unwrap();
+        assert_eq!(annotations.len(), 1);
+        assert_eq!(annotations["keep"], "me");
+    }
+
+    #[test]
+    fn a_run_is_served_only_with_a_session_of_its_own_org() {
+        let ours = serde_json::json!({"crmconnect.io/org": "sf-00d000000000001aaa"});
+        let theirs = serde_json::json!({"crmconnect.io/org": "sf-00d000000000099aaa"});
+        let c = connection(Some("00D000000000001AAA"));
+        assert_eq!(org_mismatch(&run(ours.clone(), serde_json::json!({})), &c), None);
+        let why = org_mismatch(&run(theirs, serde_json::json!({})), &c).unwrap();
+        assert!(
+            why.contains("sf-00d000000000099aaa") && why.contains("sf-00d000000000001aaa"),
+            "{why}"
+        );
+        assert!(org_mismatch(&run(serde_json::json!({}), serde_json::json!({})), &c).is_some());
+        // A connection that has not recorded its org serves nothing anyway (not Active).
+        assert_eq!(
+            org_mismatch(&run(ours, serde_json::json!({})), &connection(None)),
+            None
+        );
+    }
+
+    #[test]
+    fn settled_runs_are_those_nothing_more_happens_to() {
+        let status = |v: serde_json::Value| -> JobRunStatus { serde_json::from_value(v).unwrap() };
+        assert!(settled(&status(
+            serde_json::json!({"phase": "Succeeded", "reported": "Succeeded"})
+        )));
+        assert!(settled(&status(
+            serde_json::json!({"phase": "Aborted", "reported": "Aborted"})
+        )));
+        assert!(settled(&status(
+            serde_json::json!({"phase": "Holding", "reported": "Holding"})
+        )));
+        assert!(settled(&status(serde_json::json!({}))), "never given a status");
+        // An outcome not reported yet (an inactive connection's), a claim, a run: not settled.
+        assert!(!settled(&status(
+            serde_json::json!({"phase": "Succeeded", "reported": "Running"})
+        )));
+        assert!(!settled(&status(
+            serde_json::json!({"phase": "Running", "reported": "Running"})
+        )));
+        assert!(!settled(&status(serde_json::json!({"phase": "Holding"}))));
+        let claimed = serde_json::json!({"phase": "Claimed", "claim": {"by": "a", "at": "2026-12-08T00:00:00Z", "expires": "2026-12-08T00:15:00Z"}});
+        assert!(!settled(&status(claimed)));
+        // Given back for want of a template: rechecked, not settled (collected by its own timer).
+        let waiting = serde_json::json!({"phase": "Holding", "reported": "Holding", "conditions": [{
+            "type": "TemplateFound", "status": "False", "reason": "TemplateMissing", "message": "", "lastTransitionTime": "2026-12-08T00:00:00Z"}]});
+        assert!(!settled(&status(waiting)));
+    }
+}
