@@ -13,18 +13,26 @@ fn queue() -> JobQueue {
     JobQueue::new(Duration::from_secs(10), None).unwrap()
 }
 
+/// A session for `remote` (the org or the environment) of the fake CRMs: its base URL and token.
+async fn session(fake: &fake_providers::FakeProviders, remote: &str, api: Api) -> (url::Url, SecretString) {
+    let dynamics = api == Api::Dataverse;
+    let base = if dynamics {
+        fake.environment_url()
+    } else {
+        fake.url()
+    };
+    let token = access_token(fake, remote, dynamics).await;
+    (url::Url::parse(&base).unwrap(), SecretString::from(token))
+}
+
 /// A record read asks only for the fields a fence or a report looks at: a result a CRM user filled
 /// to the field's limit (Salesforce 131,072 characters, Dataverse 1,048,576) does not travel, and
 /// the read stays under its 64 KiB cap.
 #[tokio::test]
 async fn a_record_read_fetches_only_the_fields_it_needs() {
     let fake = fake_crms().await;
-    for (remote, api, base, result_len) in [
-        (ORG, Api::Salesforce, fake.url(), 131_072),
-        (ENV, Api::Dataverse, fake.environment_url(), 1_048_576),
-    ] {
-        let token = SecretString::from(access_token(&fake, remote, api == Api::Dataverse).await);
-        let base = url::Url::parse(&base).unwrap();
+    for (remote, api, result_len) in [(ORG, Api::Salesforce, 131_072), (ENV, Api::Dataverse, 1_048_576)] {
+        let (base, token) = session(&fake, remote, api).await;
         let target = Target {
             api,
             base: &base,

@@ -927,15 +927,7 @@ async fn runs_that_ended_without_a_job_are_collected_after_the_job_ttl() {
     let env = Env::configured(|config| config.job_ttl = ttl).await;
     env.connect("acme", true).await;
     let ids = seed_aged(&env.fake, D365_ENV, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
-    let session = env.session_dir("acme", dir.path()).await;
-    let out = retrieve_once(&kubeconfig, &session, env.ns(), "acme", D365_KEY, &[]).await;
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("claimed 1,"),
-        "{}",
-        text(&out)
-    );
+    env.retriever("acme").await.claims(D365_KEY, &[], 1).await;
     // A run a retriever created and never wrote a status for (it stopped in between).
     let before = std::time::Instant::now();
     let orphan = connection_operator::api::jobrun_name(D365_KEY, "orphan", 1);
@@ -1066,25 +1058,9 @@ async fn only_types_with_a_job_template_are_claimed() {
 
     // A retriever told that no template can run the org's jobs asks the CRM nothing.
     seed_aged(&env.fake, SF_ORG, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = env.retriever_kubeconfig(dir.path(), "acme-retriever");
-    let session = env.session_dir("acme", dir.path()).await;
+    let retriever = env.retriever("acme").await;
     let queries = env.fake.stats().job_queries;
-    let out = retrieve_once(
-        &kubeconfig,
-        &session,
-        env.ns(),
-        "acme",
-        SF_KEY,
-        &["--no-job-templates"],
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("claimed 0,"),
-        "{}",
-        text(&out)
-    );
+    retriever.claims(SF_KEY, &["--no-job-templates"], 0).await;
     assert_eq!(env.fake.stats().job_queries, queries, "no query");
     env.op.stop().await;
 }

@@ -869,25 +869,37 @@ fn org_key(run: &JobRun) -> String {
         .unwrap_or_else(|| run.spec.connection.clone())
 }
 
-/// Reads the run's CRM job record within the namespace's and the org's budget (see [`budget`]).
-async fn read_record(
+/// Runs `call` (one CRM request for `run`) within the namespace's and the org's budget (see
+/// [`budget`]), and records what its answer said of the org's limits.
+async fn within_budget<T>(
     ctx: &Ctx,
     run: &JobRun,
-    target: &Target<'_>,
-) -> Result<crm::Answer<Option<crm::Record>>, crm::CrmError> {
+    call: impl std::future::Future<Output = Result<T, crm::CrmError>>,
+    usage: impl FnOnce(&T) -> Option<crm::ApiUsage>,
+) -> Result<T, crm::CrmError> {
     let org = org_key(run);
     ctx.budget.admit(
         &run.namespace().unwrap_or_default(),
         &org,
         std::time::Instant::now(),
     )?;
-    let answer = ctx.queue.read(target, &run.spec.crm_job_id).await;
-    let (usage, error) = match &answer {
-        Ok(read) => (read.usage, None),
+    let answer = call.await;
+    let (seen, error) = match &answer {
+        Ok(value) => (usage(value), None),
         Err(e) => (None, Some(e)),
     };
-    ctx.budget.observe(&org, usage, error, std::time::Instant::now());
+    ctx.budget.observe(&org, seen, error, std::time::Instant::now());
     answer
+}
+
+/// Reads the run's CRM job record, within the budget.
+async fn read_record(
+    ctx: &Ctx,
+    run: &JobRun,
+    target: &Target<'_>,
+) -> Result<crm::Answer<Option<crm::Record>>, crm::CrmError> {
+    let read = ctx.queue.read(target, &run.spec.crm_job_id);
+    within_budget(ctx, run, read, |answer| answer.usage).await
 }
 
 /// Writes `report` into the run's CRM job record read as `record`, within the budget.
@@ -898,19 +910,8 @@ async fn write_record(
     record: &crm::Record,
     report: &Report,
 ) -> Result<ClaimOutcome, crm::CrmError> {
-    let org = org_key(run);
-    ctx.budget.admit(
-        &run.namespace().unwrap_or_default(),
-        &org,
-        std::time::Instant::now(),
-    )?;
-    let outcome = ctx
-        .queue
-        .report(target, &run.spec.crm_job_id, record, report)
-        .await;
-    ctx.budget
-        .observe(&org, None, outcome.as_ref().err(), std::time::Instant::now());
-    outcome
+    let write = ctx.queue.report(target, &run.spec.crm_job_id, record, report);
+    within_budget(ctx, run, write, |_| None).await
 }
 
 /// The JobTemplate of the run's type, if it exists and allows the run's provider.

@@ -177,6 +177,58 @@ impl Env {
 
 /// `connection-operator retrieve --once` for `connection`, as its retriever pod would run it. On a
 /// blocking thread: the fake CRM serves from this test's runtime meanwhile.
+/// A connection's retriever, ready to run once at a time (`retrieve --once`) with its own
+/// ServiceAccount's token and the session the operator wrote.
+pub struct Retriever {
+    _dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+    session: std::path::PathBuf,
+    ns: String,
+    connection: String,
+}
+
+impl Env {
+    /// The retriever of connection `name` (its ServiceAccount `<name>-retriever`).
+    pub async fn retriever(&self, name: &str) -> Retriever {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = self.retriever_kubeconfig(dir.path(), &format!("{name}-retriever"));
+        let session = self.session_dir(name, dir.path()).await;
+        Retriever {
+            _dir: dir,
+            kubeconfig,
+            session,
+            ns: self.ns().to_string(),
+            connection: name.to_string(),
+        }
+    }
+}
+
+impl Retriever {
+    /// One poll for the org `org_key`, with `extra` flags; what it printed is asserted on success.
+    pub async fn once(&self, org_key: &str, extra: &[&str]) -> Output {
+        retrieve_once(
+            &self.kubeconfig,
+            &self.session,
+            &self.ns,
+            &self.connection,
+            org_key,
+            extra,
+        )
+        .await
+    }
+
+    /// One poll that must succeed and print `claimed N,`.
+    pub async fn claims(&self, org_key: &str, extra: &[&str], n: usize) -> Output {
+        let out = self.once(org_key, extra).await;
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&format!("claimed {n},")),
+            "{}",
+            text(&out)
+        );
+        out
+    }
+}
+
 pub async fn retrieve_once(
     kubeconfig: &Path,
     session: &Path,

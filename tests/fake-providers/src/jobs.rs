@@ -1541,6 +1541,24 @@ fn dv_entity(shared: &Shared, job: &Job, columns: &[&str]) -> Value {
 
 const DV_QUERY_ERROR: &str = "0x80060888";
 
+/// The columns a `$select` names (all without one); an unknown one is Dataverse's 400 (its message).
+fn dv_columns(select: Option<&str>) -> Result<Vec<&'static str>, String> {
+    let Some(select) = select else {
+        return Ok(DV_COLUMNS.to_vec());
+    };
+    select
+        .split(',')
+        .map(str::trim)
+        .map(|name| {
+            DV_COLUMNS.iter().find(|c| **c == name).copied().ok_or_else(|| {
+                format!(
+                    "Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.crmc_crmjob'."
+                )
+            })
+        })
+        .collect()
+}
+
 /// Parses just enough of the discover `$filter` (see the crate documentation).
 fn parse_filter(filter: &str) -> Result<Discover, String> {
     let norm = normalize(filter);
@@ -1732,26 +1750,9 @@ async fn dv_query(AxState(shared): Shared_, params: Vec<(String, String)>, heade
         Ok(discover) => discover,
         Err(message) => return dv_error(400, DV_QUERY_ERROR, &message),
     };
-    let columns: Vec<&str> = match param("$select") {
-        None => DV_COLUMNS.to_vec(),
-        Some(select) => {
-            let mut columns = Vec::new();
-            for name in select.split(',').map(str::trim) {
-                match DV_COLUMNS.iter().find(|c| **c == name) {
-                    Some(column) => columns.push(*column),
-                    None => {
-                        return dv_error(
-                            400,
-                            DV_QUERY_ERROR,
-                            &format!(
-                                "Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.crmc_crmjob'."
-                            ),
-                        );
-                    }
-                }
-            }
-            columns
-        }
+    let columns = match dv_columns(param("$select")) {
+        Ok(columns) => columns,
+        Err(message) => return dv_error(400, DV_QUERY_ERROR, &message),
     };
     if let Some(order) = param("$orderby")
         && !matches!(
@@ -1849,26 +1850,13 @@ async fn dv_read(
         Ok(ctx) => ctx,
         Err(response) => return response,
     };
-    let columns: Vec<&str> = match params.iter().find(|(k, _)| k == "$select") {
-        None => DV_COLUMNS.to_vec(),
-        Some((_, select)) => {
-            let mut columns = Vec::new();
-            for name in select.split(',').map(str::trim) {
-                match DV_COLUMNS.iter().find(|c| **c == name) {
-                    Some(column) => columns.push(*column),
-                    None => {
-                        return dv_error(
-                            400,
-                            DV_QUERY_ERROR,
-                            &format!(
-                                "Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.crmc_crmjob'."
-                            ),
-                        );
-                    }
-                }
-            }
-            columns
-        }
+    let select = params
+        .iter()
+        .find(|(k, _)| k == "$select")
+        .map(|(_, v)| v.as_str());
+    let columns = match dv_columns(select) {
+        Ok(columns) => columns,
+        Err(message) => return dv_error(400, DV_QUERY_ERROR, &message),
     };
     let state = shared.lock();
     let row = state
