@@ -12,7 +12,9 @@ demo-down:
 # All tests (unit + integration + e2e) against a real cluster with a node (root), started and
 # stopped around them; the operator image is built and loaded into the node first.
 # CLUSTER_NODE=0 make test: control plane only (no root needed; the e2e tests then say they are skipped).
+# Salesforce's metadata library (npm) is installed first, for tests/crm_schema.rs.
 test:
+	tests/salesforce-schema/install.sh
 	tests/cluster/with-cluster.sh sh -c 'scripts/image.sh --load && cargo test --workspace --all-targets'
 
 # The operator image (target/image/connection-operator.tar) from the release binary, without a
@@ -23,7 +25,8 @@ image:
 
 # Tests that need no cluster.
 unit:
-	cargo test --workspace --lib --test crd_schema --test cli --test providers_salesforce --test providers_dynamics --test providers_tls --test worker
+	tests/salesforce-schema/install.sh
+	cargo test --workspace --lib --test crm_schema --test crd_schema --test cli --test providers_salesforce --test providers_dynamics --test providers_tls --test worker
 
 # Regenerate the CRDs (and the chart's copies) from the Rust types.
 crds:

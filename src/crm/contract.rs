@@ -80,6 +80,20 @@ pub mod salesforce {
     pub const STARTED: &str = "Started__c";
     pub const ENDED: &str = "Ended__c";
     pub const RESULT: &str = "Result__c";
+    /// Every custom field of the object (the shipped schema, `crm/salesforce`, holds exactly these).
+    pub const FIELDS: [&str; 9] = [
+        STATUS,
+        TYPE,
+        PROCESSOR,
+        CLAIMED_BY,
+        CLAIM_EXPIRES,
+        ATTEMPT,
+        STARTED,
+        ENDED,
+        RESULT,
+    ];
+    /// The fields the cloud processor writes (claims, leases, outcomes); it only reads the others.
+    pub const WRITTEN: [&str; 7] = [STATUS, CLAIMED_BY, CLAIM_EXPIRES, ATTEMPT, STARTED, ENDED, RESULT];
     pub const LAST_MODIFIED: &str = "LastModifiedDate";
     /// Every answer carries the org's API usage: `api-usage=N/M`.
     pub const LIMIT_INFO_HEADER: &str = "Sforce-Limit-Info";
