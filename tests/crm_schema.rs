@@ -273,3 +273,88 @@ fn salesforces_own_library_converts_the_project_to_metadata_format() {
         "the converted object is well formed"
     );
 }
+
+/// The Dataverse definition (`crm/dataverse/table.json`, the Web API's EntityDefinitions bodies)
+/// against the contract, both ways.
+#[test]
+fn the_dataverse_table_holds_exactly_the_contracts_columns() {
+    use connection_operator::crm::contract::dataverse as dv;
+    let text = std::fs::read_to_string(root().join("crm/dataverse/table.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let prefix = doc["publisherPrefix"].as_str().unwrap();
+    assert!(dv::TABLE.starts_with(&format!("{prefix}_")));
+    let entity = &doc["entity"];
+    assert_eq!(entity["@odata.type"], "Microsoft.Dynamics.CRM.EntityMetadata");
+    let logical = |v: &serde_json::Value| v["SchemaName"].as_str().unwrap().to_ascii_lowercase();
+    assert_eq!(logical(entity), dv::TABLE);
+    // The entity set and key the Web API derives from the logical name are the contract's.
+    assert_eq!(format!("{}s", dv::TABLE), dv::ENTITY_SET);
+    assert_eq!(format!("{}id", dv::TABLE), dv::ID);
+    let primary = entity["Attributes"].as_array().unwrap();
+    assert_eq!(primary.len(), 1, "the primary name column only");
+    assert_eq!(primary[0]["IsPrimaryName"], true);
+    assert_eq!(
+        primary[0]["@odata.type"],
+        "Microsoft.Dynamics.CRM.StringAttributeMetadata"
+    );
+
+    let attributes = doc["attributes"].as_array().unwrap();
+    let by_name: std::collections::BTreeMap<String, &serde_json::Value> =
+        attributes.iter().map(|a| (logical(a), a)).collect();
+    assert_eq!(by_name.len(), attributes.len(), "no column twice");
+    let names: BTreeSet<String> = by_name.keys().cloned().collect();
+    let contract: BTreeSet<String> = dv::FIELDS.iter().map(|f| f.to_string()).collect();
+    assert_eq!(names, contract, "the table's columns are the contract's");
+    for a in attributes {
+        assert!(
+            a["SchemaName"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{prefix}_")),
+            "{a}"
+        );
+    }
+    let kind = |name: &str| {
+        by_name[name]["@odata.type"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("Microsoft.Dynamics.CRM.")
+    };
+    let max = |name: &str| by_name[name]["MaxLength"].as_u64().unwrap();
+
+    assert_eq!(kind(dv::STATUS), "PicklistAttributeMetadata");
+    let options = by_name[dv::STATUS]["OptionSet"]["Options"].as_array().unwrap();
+    let values: Vec<(i64, &str)> = options
+        .iter()
+        .map(|o| {
+            (
+                o["Value"].as_i64().unwrap(),
+                o["Label"]["LocalizedLabels"][0]["Label"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(i64, &str)> = JobStatus::ALL
+        .iter()
+        .map(|s| (s.dataverse(), s.salesforce()))
+        .collect();
+    assert_eq!(values, want, "the seven status choices, 1 to 7");
+    assert_eq!(
+        by_name[dv::STATUS]["DefaultFormValue"],
+        JobStatus::Holding.dataverse()
+    );
+
+    // The processor is compared as text (`crmc_processor eq 'Cloud'`).
+    assert_eq!(kind(dv::PROCESSOR), "StringAttributeMetadata");
+    assert!(max(dv::PROCESSOR) as usize >= PROCESSOR_CLOUD.len());
+    assert_eq!(kind(dv::TYPE), "StringAttributeMetadata");
+    assert!(max(dv::TYPE) >= 80);
+    assert_eq!(kind(dv::CLAIMED_BY), "StringAttributeMetadata");
+    assert!(max(dv::CLAIMED_BY) >= MAX_CLAIMANT as u64);
+    assert_eq!(kind(dv::RESULT), "MemoAttributeMetadata");
+    assert!(max(dv::RESULT) >= MAX_RESULT as u64);
+    for time in [dv::CLAIM_EXPIRES, dv::STARTED, dv::ENDED] {
+        assert_eq!(kind(time), "DateTimeAttributeMetadata", "{time}");
+        assert_eq!(by_name[time]["Format"], "DateAndTime", "{time}");
+    }
+    assert_eq!(kind(dv::ATTEMPT), "IntegerAttributeMetadata");
+}

@@ -117,6 +117,21 @@ pub mod dataverse {
     pub const STARTED: &str = "crmc_started";
     pub const ENDED: &str = "crmc_ended";
     pub const RESULT: &str = "crmc_result";
+    /// Every custom column of the table but its primary name (the shipped definition,
+    /// `crm/dataverse/table.json`, holds exactly these).
+    pub const FIELDS: [&str; 9] = [
+        STATUS,
+        TYPE,
+        PROCESSOR,
+        CLAIMED_BY,
+        CLAIM_EXPIRES,
+        ATTEMPT,
+        STARTED,
+        ENDED,
+        RESULT,
+    ];
+    /// The table's logical name (the entity set is its plural, the key its name and `id`).
+    pub const TABLE: &str = "crmc_crmjob";
     pub const CREATED_ON: &str = "createdon";
     pub const ETAG: &str = "@odata.etag";
     pub const NEXT_LINK: &str = "@odata.nextLink";
