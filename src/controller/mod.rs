@@ -686,8 +686,15 @@ pub async fn run(
             }
         })
     };
+    // At most a while: JobTemplates that cannot be listed (their CRD missing, RBAC) must not stop
+    // the connections from being served; until they can, retrievers claim no type (and the watch's
+    // first list re-decides every connection).
     tokio::select! {
-        _ = templates.wait_until_ready() => {}
+        ready = tokio::time::timeout(TEMPLATES_WAIT, templates.wait_until_ready()) => {
+            if ready.is_err() {
+                warn!(waited = ?TEMPLATES_WAIT, "cannot list JobTemplates yet: retrievers claim no job type until they can be read");
+            }
+        }
         _ = stopped() => {}
     }
     let managed = format!("{}={}", children::MANAGED_BY.0, children::MANAGED_BY.1);
@@ -810,6 +817,9 @@ pub async fn run(
     }
     Ok(())
 }
+
+/// How long the start waits for the first list of JobTemplates.
+const TEMPLATES_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `Api::namespaced` in `scope`, or `Api::all`.
 /// How the watches of children and related objects start: a paginated LIST (500 objects a page).
