@@ -423,8 +423,12 @@ async fn chart_runs_the_operator_and_retriever_pods_on_a_real_node() {
         },
     )
     .await;
-    let st = conn_status(&client, &ns, "acme").await;
-    assert_eq!(st["state"], "Paused");
+    // The operator scales the retriever down, then writes the status: the pod can be gone first.
+    let st = eventually("acme Paused", Duration::from_secs(30), || async {
+        let st = conn_status(&client, &ns, "acme").await;
+        (st["state"] == "Paused").then_some(st)
+    })
+    .await;
     assert_eq!(condition(&st, "RetrieverReady").unwrap()["reason"], "Holding");
     // A job queued while paused waits (Holding); room for it in the org's settings. (Of a type a
     // template runs: no other is claimed.)
