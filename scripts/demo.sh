@@ -201,8 +201,8 @@ done
 kubectl get deployments,pods -n "$ns"
 
 step "Retrievers claim the queued jobs; each runs as a Job; the outcome goes back to the CRM"
-echo "(first poll within 30 s of a retriever's start; each org's maxConcurrentJobs is 2, so acme-prod"
-echo " claims 2 of its 3 jobs for the cloud; the Conflict connection claims none)"
+echo "(first poll within 30 s of a retriever's start; retrievers claim only the types a JobTemplate runs,"
+echo " so acme-prod claims its 2 record-count jobs and leaves nightly-export; the Conflict connection claims none)"
 for _ in $(seq 240); do
 	[[ $(kubectl get jobruns -n "$ns" -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' 2>/dev/null | grep -c Succeeded) -ge 5 ]] && break
 	sleep 0.5
