@@ -152,10 +152,7 @@ impl From<Connection> for CachedConnection {
             spec,
             status,
         } = conn;
-        metadata.managed_fields = None;
-        if let Some(annotations) = metadata.annotations.as_mut() {
-            annotations.remove(LAST_APPLIED_ANNOTATION);
-        }
+        trim_meta(&mut metadata);
         CachedConnection {
             metadata,
             spec,
@@ -166,6 +163,15 @@ impl From<Connection> for CachedConnection {
 
 /// The annotation `kubectl apply` (client-side) keeps a full copy of the object in.
 const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what no decision reads from an object's metadata before it is cached: `managedFields` and
+/// kubectl's `last-applied-configuration` copy (together most of an object's size).
+pub(crate) fn trim_meta(metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    metadata.managed_fields = None;
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
+}
 
 impl CachedConnection {
     /// The Connection a reconcile works on: metadata and spec as cached, the slim status.

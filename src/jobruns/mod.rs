@@ -225,10 +225,7 @@ pub async fn run(
 /// What the JobRun cache keeps of a run: all but `managedFields` and kubectl's
 /// `last-applied-configuration` annotation (a copy of the whole object).
 fn trim(run: &mut JobRun) {
-    run.metadata.managed_fields = None;
-    if let Some(annotations) = run.metadata.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
+    crate::controller::cached::trim_meta(&mut run.metadata);
 }
 
 /// The org key of a connection that has recorded its org.
