@@ -61,6 +61,13 @@ pub struct JobTemplateSpec {
     pub template: PodTemplateSpec,
 }
 
+impl JobTemplateSpec {
+    /// Whether jobs of `provider` may run from this template (`providers` empty: every provider).
+    pub fn allows(&self, provider: Provider) -> bool {
+        self.providers.is_empty() || self.providers.contains(&provider)
+    }
+}
+
 /// The name of the JobTemplate of CRM job type `job_type`.
 pub fn template_name(job_type: &str) -> String {
     job_type.to_ascii_lowercase().replace(['_', '.'], "-")

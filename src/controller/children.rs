@@ -119,7 +119,7 @@ pub fn runnable_templates<'t>(
 ) -> Vec<String> {
     let mut names: Vec<String> = templates
         .into_iter()
-        .filter(|t| t.spec.providers.is_empty() || t.spec.providers.contains(&provider))
+        .filter(|t| t.spec.allows(provider))
         .filter_map(|t| t.metadata.name.clone())
         .collect();
     names.sort();

@@ -916,7 +916,7 @@ async fn usable_template(ctx: &Ctx, run: &JobRun) -> Result<Option<JobTemplate>,
     Ok(Api::<JobTemplate>::all(ctx.client.clone())
         .get_opt(&template_name(&run.spec.job_type))
         .await?
-        .filter(|t| t.spec.providers.is_empty() || t.spec.providers.contains(&run.spec.provider)))
+        .filter(|t| t.spec.allows(run.spec.provider)))
 }
 
 /// Gives a claimed job that has not started back to the CRM queue (Holding, claim cleared): `next`
